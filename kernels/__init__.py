@@ -1,0 +1,1 @@
+"""Triton kernels of fastmeta, installed as ``fastmeta.kernels``."""
