@@ -1,0 +1,310 @@
+"""Machinery shared by the algorithms of :func:`fastmeta.meta_step`.
+
+* :class:`StepContext` -- the arguments of one ``meta_step`` call, validated, plus
+  the phase timer and the :class:`Transaction` that commits the updates.
+* :class:`Transaction` -- "compute everything, validate, then commit": gradients are
+  computed with ``torch.autograd.grad`` (no ``.grad`` is written while computing);
+  a model is changed only through :meth:`Transaction.apply`, which first saves what
+  the step will overwrite (the stepped parameters, their ``.grad`` and the
+  optimizer's ``state_dict``) so that a failure later in the same ``meta_step``
+  (e.g. a non-finite student loss computed with the freshly updated teacher) puts
+  BOTH models and BOTH optimizers back exactly as they were (bitwise).
+* the student's real training step and the loss helpers every algorithm uses.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from fastmeta import batching
+
+
+def trainable(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` for every parameter of ``model`` that requires grad (``named_parameters`` order)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def all_finite(tensors) -> bool:
+    """True when every tensor (None entries skipped) holds only finite values (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    if not flags:
+        return True
+    return bool(torch.stack(flags).all())
+
+
+def check_finite_grads(grads: Dict[str, Optional[torch.Tensor]], what: str) -> None:
+    """``FloatingPointError`` naming the first parameter whose gradient has a NaN/inf."""
+    if all_finite(grads.values()):
+        return
+    for name, g in grads.items():
+        if g is not None and not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"{what} for parameter {name!r} is not finite")
+    raise FloatingPointError(f"{what} is not finite")
+
+
+class _Snapshot:
+    """What one optimizer step may overwrite: stepped params, their ``.grad``, the optimizer state."""
+
+    def __init__(self, params: List[torch.nn.Parameter], optimizer: torch.optim.Optimizer):
+        self.params = params
+        self.data = [p.detach().clone() for p in params]
+        self.grads = [p.grad for p in params]  # references: apply() replaces .grad, never writes into it
+        self.optimizer = optimizer
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, saved, grad in zip(self.params, self.data, self.grads):
+                p.copy_(saved)
+                p.grad = grad
+        self.optimizer.load_state_dict(self.optimizer_state)
+
+
+class Transaction:
+    """Applies parameter updates through the models' optimizers, undoable until :meth:`finish`.
+
+    ``apply(model_name, optimizer, named_grads)`` sets ``p.grad = g`` for every
+    ``(name, p)`` with a gradient (``p.grad = None`` for the parameters of the
+    optimizer that get none, so the optimizer skips them) and calls
+    ``optimizer.step()``.  With ``atomic=True`` (default) it first snapshots the
+    stepped parameters, their previous ``.grad`` and ``optimizer.state_dict()``;
+    :meth:`rollback` restores every snapshot in reverse order.  :meth:`finish`
+    steps the schedulers (after every check passed) and drops the snapshots.
+    Memory cost of ``atomic``: one copy of the stepped parameters plus the
+    optimizer state, alive from the first apply to the end of ``meta_step``.
+    """
+
+    def __init__(self, atomic: bool = True):
+        self.atomic = atomic
+        self._snapshots: List[_Snapshot] = []
+        self._schedulers: List[Any] = []
+
+    def apply(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: List[Tuple[str, torch.nn.Parameter]],
+        grads: Dict[str, Optional[torch.Tensor]],
+        scheduler: Any = None,
+    ) -> None:
+        stepped = [p for name, p in params if grads.get(name) is not None]
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        # parameters of the optimizer that receive no gradient this step get .grad = None
+        # (they must not be stepped with a stale .grad); they are snapshotted too
+        touched = stepped + [p for group in optimizer.param_groups for p in group["params"]
+                             if p.grad is not None and id(p) not in {id(q) for q in stepped}]
+        if self.atomic:
+            self._snapshots.append(_Snapshot(touched, optimizer))
+        for p in touched:
+            p.grad = None
+        for name, p in params:
+            g = grads.get(name)
+            if g is None:
+                continue
+            if id(p) not in in_optimizer:
+                raise ValueError(f"parameter {name!r} requires grad but is in no param group of its optimizer")
+            p.grad = g.detach().to(p.dtype)
+        optimizer.step()
+        if scheduler is not None:
+            self._schedulers.append(scheduler)
+
+    def rollback(self) -> None:
+        for snapshot in reversed(self._snapshots):
+            snapshot.restore()
+        self._snapshots.clear()
+        self._schedulers.clear()
+
+    def finish(self) -> None:
+        for scheduler in self._schedulers:
+            scheduler.step()
+        self._snapshots.clear()
+        self._schedulers.clear()
+
+
+@dataclass
+class StepContext:
+    """Everything one ``meta_step`` call needs, already validated by :func:`fastmeta.meta_step`."""
+
+    algorithm: str
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    batch: batching.SplitBatch
+    quiz: Optional[batching.SplitBatch]
+    raw_batch: Any
+    raw_quiz: Any
+    teacher_optimizer: Optional[torch.optim.Optimizer]
+    student_optimizer: torch.optim.Optimizer
+    hypergrad: str
+    temperature: float
+    kd_weight: float
+    kd_loss: str
+    inner_lr: float
+    shift_labels: bool
+    inner_steps: int
+    teacher_scheduler: Any
+    student_scheduler: Any
+    options: Dict[str, Any]
+    device: torch.device
+    transaction: Transaction
+    timings: Dict[str, float] = field(default_factory=dict)
+    settings: Dict[str, Any] = field(default_factory=dict)  # the algorithm's validated options
+
+    # ------------------------------------------------------------------ options
+    def option(self, name: str, default: Any) -> Any:
+        """Consume algorithm option ``name`` (unknown leftovers are an error in ``meta_step``)."""
+        return self.options.pop(name, default)
+
+    # ------------------------------------------------------------------ timing
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Add the wall time of the block to ``timings[name]`` (CUDA synchronised on both ends)."""
+        sync = self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if sync:
+                torch.cuda.synchronize(self.device)
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    # ------------------------------------------------------------------ models
+    def teacher_logits(self, split: Optional[batching.SplitBatch] = None, *, grad: bool = False) -> torch.Tensor:
+        """Aligned teacher logits on ``split`` (default: the training batch); no graph unless ``grad``."""
+        split = self.batch if split is None else split
+        with torch.set_grad_enabled(grad):
+            logits = batching.model_logits(self.teacher, split, name="teacher")
+        logits, _ = batching.align_logits_labels(logits, split.labels, shift_labels=self.shift_labels, name="teacher")
+        return logits
+
+    def student_logits(self, split: Optional[batching.SplitBatch] = None, *, grad: bool = True) -> torch.Tensor:
+        split = self.batch if split is None else split
+        with torch.set_grad_enabled(grad):
+            logits = batching.model_logits(self.student, split, name="student")
+        logits, _ = batching.align_logits_labels(logits, split.labels, shift_labels=self.shift_labels, name="student")
+        return logits
+
+    def labels(self, split: Optional[batching.SplitBatch] = None) -> torch.Tensor:
+        split = self.batch if split is None else split
+        if self.shift_labels:
+            return split.labels[:, 1:]
+        return split.labels
+
+    def student_objective(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """``LS = (1 − w)·CE(y, zs) + w·KD(zs, zt)`` on the training batch (teacher logits detached)."""
+        batching.check_logits_pair(student_logits, teacher_logits)
+        return batching.student_loss(
+            student_logits,
+            teacher_logits.detach(),
+            self.labels(),
+            temperature=self.temperature,
+            kd_weight=self.kd_weight,
+            kind=self.kd_loss,
+        )
+
+    def require_teacher_optimizer(self) -> torch.optim.Optimizer:
+        if self.teacher_optimizer is None:
+            raise ValueError(f"algorithm={self.algorithm!r} updates the teacher: teacher_optimizer must not be None")
+        return self.teacher_optimizer
+
+    # ------------------------------------------------------------------ the real student step
+    def student_step_gradients(
+        self, teacher_logits: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
+        """``(LS, ∇θS LS)`` at the current student, with ``teacher_logits`` (default: a fresh teacher forward).
+
+        One teacher forward (no graph) if ``teacher_logits`` is None, one student
+        forward and one backward (``torch.autograd.grad``: no ``.grad`` is written).
+        Raises ``FloatingPointError`` when the loss or a gradient is not finite.
+        """
+        if teacher_logits is None:
+            with self.phase("student_step.teacher_forward"):
+                teacher_logits = self.teacher_logits()
+        with self.phase("student_step.forward_backward"):
+            params = trainable(self.student)
+            if not params:
+                raise ValueError("student has no parameter that requires grad")
+            logits = self.student_logits()
+            loss = self.student_objective(logits, teacher_logits)
+            batching.check_finite(loss.detach(), "student loss")
+            grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+            named = {name: g for (name, _), g in zip(params, grads)}
+        check_finite_grads(named, "student gradient")
+        return loss.detach(), named
+
+    def apply_student(self, grads: Dict[str, Optional[torch.Tensor]]) -> None:
+        with self.phase("student_update"):
+            self.transaction.apply(self.student_optimizer, trainable(self.student), grads, self.student_scheduler)
+
+    def apply_teacher(self, grads: Dict[str, Optional[torch.Tensor]]) -> None:
+        optimizer = self.require_teacher_optimizer()
+        with self.phase("teacher_update"):
+            self.transaction.apply(optimizer, trainable(self.teacher), grads, self.teacher_scheduler)
+
+    # ------------------------------------------------------------------ the engine
+    def engine_meta_gradient(self, *, compute_influence: bool = False, hypergrad: Optional[str] = None):
+        """``fastmeta.engine.meta_gradient`` on this step's models, batches and hyper-parameters."""
+        from fastmeta import engine
+
+        with self.phase("meta_gradient"):
+            result = engine.meta_gradient(
+                self.teacher,
+                self.student,
+                self.raw_batch,
+                self.raw_quiz,
+                inner_lr=self.inner_lr,
+                temperature=self.temperature,
+                kd_weight=self.kd_weight,
+                kd_loss=self.kd_loss,
+                hypergrad=self.hypergrad if hypergrad is None else hypergrad,
+                inner_steps=self.inner_steps,
+                student_optimizer=self.student_optimizer,
+                compute_influence=compute_influence,
+                shift_labels=self.shift_labels,
+            )
+        for key, value in (getattr(result, "timings", None) or {}).items():
+            self.timings[f"meta_gradient.{key}"] = float(value)
+        batching.check_finite(result.student_loss.detach(), "pilot student loss")
+        batching.check_finite(result.quiz_loss.detach(), "quiz loss")
+        check_finite_grads(result.teacher_grads, "teacher meta-gradient")
+        if compute_influence and result.influences is not None:
+            batching.check_finite(result.influences, "influences")
+        return result
+
+
+def simulate_optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    params: List[Tuple[str, torch.nn.Parameter]],
+    grads: Dict[str, Optional[torch.Tensor]],
+    lr: Optional[float] = None,
+) -> Dict[str, torch.Tensor]:
+    """``θ'``: the parameters ONE ``optimizer.step()`` with ``grads`` would produce, leaving everything as it was.
+
+    Exact for any optimizer (its own update rule, state, momentum, weight decay):
+    the step is taken for real on the live parameters and then undone bitwise
+    (parameters, ``.grad``, ``optimizer.state_dict()``, which includes the param
+    groups' learning rates).  ``lr`` (if given) replaces every param group's
+    learning rate for this step.  Returns ``{name: θ'}`` (new tensors) for the
+    parameters with a gradient.  Cost: one copy of the parameters and of the
+    optimizer state while it runs.
+    """
+    seen = set()
+    everything = []
+    for p in [p for _, p in params] + [p for group in optimizer.param_groups for p in group["params"]]:
+        if id(p) not in seen:
+            seen.add(id(p))
+            everything.append(p)
+    snapshot = _Snapshot(everything, optimizer)
+    try:
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        Transaction(atomic=False).apply(optimizer, params, grads)
+        return {name: p.detach().clone() for name, p in params if grads.get(name) is not None}
+    finally:
+        snapshot.restore()

@@ -1,0 +1,271 @@
+"""``fastmeta.meta_step``: one full training step of a learning-to-teach distillation algorithm.
+
+Drop it into an existing loop::
+
+    for batch, quiz_batch in zip(train_loader, quiz_loader):
+        out = fastmeta.meta_step(teacher, student, batch, quiz_batch,
+                                 teacher_optimizer, student_optimizer,
+                                 algorithm="metadistil", temperature=2.0, kd_weight=0.5)
+        print(out.student_loss.item(), out.quiz_loss.item())
+
+Notation (as in ``shared/design/meta-gradient.md``)::
+
+    LS(x; θS, θT) = (1 − w)·CE(y, S(x; θS)) + w·KD(S(x; θS), T(x; θT))   (w = kd_weight)
+    θS' = θS − η·P ⊙ ∇θS LS                                             (pilot / course step)
+    LQ  = CE(yq, S(xq; θS'))                                             (quiz loss)
+
+``η`` is ``inner_lr`` (None: the student optimizer's current learning rate) and
+``P`` the student optimizer's diagonal preconditioner (1 for plain SGD; see
+``fastmeta.ops.precondition`` for momentum SGD and Adam/AdamW).
+
+Algorithms (``algorithm=``; one module each in ``fastmeta.algorithms``):
+
+``"kd"``          plain distillation: the student takes one optimizer step on LS with
+                  the teacher's logits; the teacher is not updated (``teacher_ce=True``:
+                  it also takes one step on its own ``CE(y, T(x))`` from the same
+                  forward, simultaneously). ``fastmeta.algorithms.kd``.
+``"metadistil"``  MetaDistil (Zhou et al., ACL 2022), Algorithm 1 with the pilot
+                  update: θT ← teacher_optimizer step with ``∇θT LQ(θS'(θT))``, then the
+                  real student step on the SAME batch with the UPDATED teacher.
+``"lgtm"``        LGTM (Ren et al., ACL 2023), Algorithm 1, teacher first: the teacher
+                  gradient is the distillation-influence term plus
+                  ``∇θT[α·CE(y, T(x)) + (1 − α)·KD_T]``, then the student step.
+``"reptile"``     ReptileDistil: pilot step, the teacher moved toward the updated
+                  student layer by layer (gradient ``θT − θS'`` through the teacher
+                  optimizer), then the student step.
+``"ikd"``         IKD (Liu et al., 2021): course step (the real student step with the
+                  current teacher), exam step (teacher updated from the student's
+                  quiz feedback).
+
+``hypergrad`` (how the teacher's meta-gradient is computed):
+``"exact"`` (JVP + closed-form cotangent + one teacher backward), ``"finite_diff"``,
+``"autograd"`` (double backward; the reference) for metadistil/lgtm/ikd;
+``"first_order"`` only for reptile (where ``"exact"`` means the same: Reptile is
+first order by construction) and ikd (its first-order feedback rule).  ``kd``
+computes no meta-gradient: it accepts exact/finite_diff/autograd and ignores them.
+
+Atomicity: ``meta_step`` computes every gradient with ``torch.autograd.grad``
+(writing no ``.grad``), checks the losses and gradients, and only then steps an
+optimizer.  Where an algorithm needs the updated teacher before it can finish
+(metadistil, lgtm, reptile: the real student step uses the updated teacher's
+logits; ikd: the exam needs the updated student), the first update is applied
+after saving what it overwrites, and any error later in the call (a non-finite
+loss, a bad shape, an exception from a model) restores both models and both
+optimizers bitwise before re-raising (``atomic=False`` skips the snapshot and its
+memory: one copy of the stepped parameters and of the optimizer state).
+Schedulers are stepped last, after every check.  On success each stepped
+parameter's ``.grad`` holds the gradient its optimizer used; trainable parameters
+that got no gradient have ``.grad = None``.  ``requires_grad=False`` parameters
+and buffers are never touched by the update (buffers such as BatchNorm running
+statistics change only through the models' own forwards, as in any training step);
+train/eval modes are left as the caller set them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+
+from fastmeta import batching
+from fastmeta.algorithms import ALGORITHMS, HYPERGRADS, check_hypergrad
+from fastmeta.algorithms._common import StepContext, Transaction
+
+__all__ = ["meta_step", "StepOutput"]
+
+
+@dataclass
+class StepOutput:
+    """What one :func:`meta_step` did.  Every tensor is detached.
+
+    Attributes:
+        algorithm: the algorithm that ran.
+        student_loss: ``LS`` of the student step that was applied, evaluated at the
+            student's parameters before the step and with the teacher whose logits
+            that step used (for metadistil/lgtm/reptile: the UPDATED teacher).
+        quiz_loss: ``LQ = CE(yq, S(xq; θS'))`` after the pilot (course) step; None for kd.
+        pilot_student_loss: ``LS`` at the pre-step student with the pre-update teacher
+            (the loss of the pilot/course step); None for kd.
+        teacher_loss: the teacher's own objective where the algorithm has one: lgtm's
+            auxiliary ``α·CE(y, T(x)) + (1 − α)·KD_T``, kd's ``CE(y, T(x))`` with
+            ``teacher_ce=True``, reptile's ``½‖θT − θS'‖²`` over the mapped parameters;
+            else None.
+        influences: LGTM's per-sample distillation influences ``w_i`` ``[batch size]``
+            where computed (lgtm; any algorithm with ``compute_influence=True`` that
+            calls the engine), else None.
+        teacher_updated: whether the teacher optimizer stepped.
+        timings: wall-clock seconds per phase (``"validate"``, ``"meta_gradient"`` and
+            the engine's own ``"meta_gradient.*"``, ``"teacher_gradient"``,
+            ``"teacher_update"``, ``"student_step.teacher_forward"``,
+            ``"student_step.forward_backward"``, ``"student_update"``, ``"total"``; an
+            algorithm only reports the phases it has).  CUDA is synchronised around
+            each phase.
+    """
+
+    algorithm: str
+    student_loss: torch.Tensor
+    quiz_loss: Optional[torch.Tensor] = None
+    pilot_student_loss: Optional[torch.Tensor] = None
+    teacher_loss: Optional[torch.Tensor] = None
+    influences: Optional[torch.Tensor] = None
+    teacher_updated: bool = False
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def _resolve_inner_lr(inner_lr: Optional[float], student_optimizer: torch.optim.Optimizer) -> float:
+    if inner_lr is None:
+        lrs = {float(group["lr"]) for group in student_optimizer.param_groups}
+        if len(lrs) != 1:
+            raise ValueError(
+                f"inner_lr=None takes the student optimizer's learning rate, but its param groups use several "
+                f"({sorted(lrs)}); pass inner_lr explicitly"
+            )
+        lr = lrs.pop()
+    else:
+        try:
+            lr = float(inner_lr)
+        except (TypeError, ValueError):
+            raise TypeError(f"inner_lr must be a number or None, got {type(inner_lr).__name__}") from None
+    if not (lr > 0.0) or lr == float("inf"):
+        raise ValueError(f"inner_lr must be finite and > 0, got {lr}")
+    return lr
+
+
+def meta_step(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    batch: Any,
+    quiz_batch: Any,
+    teacher_optimizer: Optional[torch.optim.Optimizer],
+    student_optimizer: torch.optim.Optimizer,
+    *,
+    algorithm: str = "metadistil",
+    hypergrad: str = "exact",
+    temperature: float = 1.0,
+    kd_weight: float = 0.5,
+    kd_loss: str = "kl",
+    inner_lr: Optional[float] = None,
+    **algorithm_options: Any,
+) -> StepOutput:
+    """One full training step of ``algorithm``: both models updated through their own optimizers.
+
+    Args:
+        teacher, student: any ``nn.Module``s returning logits (or ``.logits``).
+        batch: the training batch (Mapping with ``"labels"`` + model kwargs, or
+            ``(inputs, labels)``).
+        quiz_batch: the quiz (held-out) batch for the meta-objective ``LQ``; may be
+            None for ``"kd"``.
+        teacher_optimizer: the teacher's optimizer (None allowed only for ``"kd"``
+            without ``teacher_ce``).
+        student_optimizer: the student's optimizer.
+        algorithm: ``"kd" | "metadistil" | "lgtm" | "reptile" | "ikd"``.
+        hypergrad: ``"exact" | "finite_diff" | "autograd" | "first_order"`` (see the
+            module docstring for which algorithm accepts which).
+        temperature, kd_weight, kd_loss: of ``LS`` (kd_loss kinds ``"kl"``,
+            ``"reverse_kl"``, ``"softmax_mse"``, ``"logit_mse"``).
+        inner_lr: the pilot step's ``η``; None = the student optimizer's current lr.
+
+    Algorithm options (keyword arguments; an unknown one is a ``TypeError``):
+        common: ``teacher_scheduler=``, ``student_scheduler=`` (stepped once after
+        both updates), ``shift_labels=False`` (causal LM labels), ``inner_steps=1``
+        (engine), ``atomic=True`` (see the module docstring).
+        kd: ``teacher_ce=False``.
+        lgtm: ``alpha=0.5``, ``influence_objective="mixed"|"weighted"``.
+        reptile: ``layer_strategy="first"|"last"|"skip"|"both"``, ``layer_mapping=None``,
+        ``non_layer="shared"|"none"``.
+        ikd: none beyond the common ones.
+        The engine-based algorithms also take ``compute_influence=False``.
+
+    Returns:
+        :class:`StepOutput`.
+
+    Raises:
+        ValueError/TypeError naming the argument for bad input (missing labels, empty
+        batch, teacher/student logits of different shapes, temperature <= 0, models
+        or batches on different devices, unknown algorithm/hypergrad/option);
+        FloatingPointError for a non-finite loss or gradient.  In every case both
+        models and both optimizers are left exactly as they were.
+    """
+    start = time.perf_counter()
+    timings: Dict[str, float] = {}
+    # ------------------------------------------------------------------ validate (nothing is touched yet)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
+    if hypergrad not in HYPERGRADS:
+        raise ValueError(f"hypergrad must be one of {HYPERGRADS}, got {hypergrad!r}")
+    check_hypergrad(algorithm, hypergrad)
+    if not isinstance(teacher, torch.nn.Module):
+        raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+    if not isinstance(student, torch.nn.Module):
+        raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
+    if not isinstance(student_optimizer, torch.optim.Optimizer):
+        raise TypeError(f"student_optimizer must be a torch.optim.Optimizer, got {type(student_optimizer).__name__}")
+    if teacher_optimizer is not None and not isinstance(teacher_optimizer, torch.optim.Optimizer):
+        raise TypeError(f"teacher_optimizer must be a torch.optim.Optimizer or None, got {type(teacher_optimizer).__name__}")
+    if teacher_optimizer is not None and teacher_optimizer is student_optimizer:
+        raise ValueError("teacher_optimizer and student_optimizer must be two different optimizers")
+    temperature = batching.check_temperature(temperature)
+    kd_weight = batching.check_kd_weight(kd_weight)
+    batching.check_kd_kind(kd_loss)
+    inner_lr_value = _resolve_inner_lr(inner_lr, student_optimizer)
+    options = dict(algorithm_options)
+    shift_labels = bool(options.pop("shift_labels", False))
+    inner_steps = int(options.pop("inner_steps", 1))
+    if inner_steps < 1:
+        raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+    atomic = bool(options.pop("atomic", True))
+    teacher_scheduler = options.pop("teacher_scheduler", None)
+    student_scheduler = options.pop("student_scheduler", None)
+    split = batching.split_batch(batch, name="batch")
+    module = ALGORITHMS[algorithm]
+    if quiz_batch is None:
+        if getattr(module, "NEEDS_QUIZ", True):
+            raise ValueError(f"algorithm={algorithm!r} needs a quiz_batch (got None)")
+        quiz = None
+    else:
+        quiz = batching.split_batch(quiz_batch, name="quiz_batch")
+    splits = [("batch", split)] + ([("quiz_batch", quiz)] if quiz is not None else [])
+    device = batching.check_same_device(teacher, student, *splits)
+    timings["validate"] = time.perf_counter() - start
+
+    transaction = Transaction(atomic=atomic)
+    ctx = StepContext(
+        algorithm=algorithm,
+        teacher=teacher,
+        student=student,
+        batch=split,
+        quiz=quiz,
+        raw_batch=batch,
+        raw_quiz=quiz_batch,
+        teacher_optimizer=teacher_optimizer,
+        student_optimizer=student_optimizer,
+        hypergrad=hypergrad,
+        temperature=temperature,
+        kd_weight=kd_weight,
+        kd_loss=kd_loss,
+        inner_lr=inner_lr_value,
+        shift_labels=shift_labels,
+        inner_steps=inner_steps,
+        teacher_scheduler=teacher_scheduler,
+        student_scheduler=student_scheduler,
+        options=options,
+        device=device,
+        transaction=transaction,
+        timings=timings,
+    )
+    # ------------------------------------------------------------------ compute, check, commit
+    try:
+        module.check_options(ctx)
+        if ctx.options:
+            raise TypeError(
+                f"meta_step(algorithm={algorithm!r}) got unknown option(s) {sorted(ctx.options)}"
+            )
+        output = module.run(ctx)
+    except BaseException:
+        transaction.rollback()
+        raise
+    transaction.finish()
+    timings["total"] = time.perf_counter() - start
+    output.timings = timings
+    return output
