@@ -221,7 +221,7 @@ def dot(xs, ys, *, dtype: torch.dtype = torch.float32, backend: str = "auto") ->
     _check_accumulate_dtype(dtype)
     if not xs:
         return torch.zeros((), dtype=dtype)
-    if _use_extension(backend, "dot", [xs, ys], same_dtype=False):
+    if _use_extension(backend, "dot", [xs, ys]):
         return torch.ops.fastmeta.dot(xs, ys, dtype)
     return _dot_twin(xs, ys, dtype)
 
