@@ -1,0 +1,323 @@
+"""fastmeta.kd_loss against a float64 autograd oracle (PyTorch path and Triton kernels).
+
+The oracle is ``kd_loss_rows_reference`` evaluated in float64 on the SAME
+(already rounded) inputs, masked and reduced here by hand, differentiated by
+``torch.autograd.grad``.  Errors are normwise relative:
+``max|x − ref| / max|ref|``.
+
+The Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1`` (set
+below before anything imports triton, and by tests/conftest.py when no GPU is
+present).  Acceptance rule for the kernels: their error vs fp64 is at most 2x
+the error of the same-dtype PyTorch path, plus a small absolute floor
+(``_floor``) for the cases where the PyTorch path happens to round exactly
+(error 0): one unit of rounding of the output dtype at the size of the values.
+"""
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch as _torch
+
+        if not _torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except Exception:  # pragma: no cover
+        pass
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+import fastmeta
+from fastmeta.kernels.kd_loss_reference import KINDS, kd_loss_grads_reference, kd_loss_rows_reference
+from fastmeta.losses import kd_loss
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_RUNNABLE = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+needs_triton = pytest.mark.skipif(
+    not TRITON_RUNNABLE, reason="Triton kernels need triton and either CUDA or TRITON_INTERPRET=1"
+)
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# Normwise relative tolerances of the PyTorch path (results rounded to the dtype).
+# Tiny gradients (softmax_mse at V=1000: ~2τ/(V·n)·p·d ~ 1e-9) are below fp16's
+# smallest subnormal: errors up to fp16's subnormal spacing (2^-24) are representation
+# limits, not computation errors, and are discounted in _rel.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
+TAUS = [0.5, 1.0, 2.0, 5.0]
+VOCABS = [2, 3, 7, 1000, 4099]
+REDUCTIONS = ["batchmean", "sum", "none"]
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _make_inputs(lead_shape, vocab, dtype, *, scale=3.0, masked=False, seed=0, device=None):
+    device = device or _device()
+    gen = torch.Generator().manual_seed(seed)
+    zs = (torch.randn(*lead_shape, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    zt = (torch.randn(*lead_shape, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(*lead_shape, generator=gen) < 0.6
+        mask.view(-1)[0] = True  # at least one counted row
+        mask.view(-1)[-1] = False  # at least one masked row when there are 2+
+        if mask.numel() == 1:
+            mask.view(-1)[0] = True
+    zs, zt = zs.to(device), zt.to(device)
+    mask = None if mask is None else mask.to(device)
+    return zs, zt, mask
+
+
+def _oracle(zs, zt, tau, kind, reduction, mask, grad_out, scale=True):
+    """fp64 loss and autograd gradients of the masked, reduced loss."""
+    zs64 = zs.detach().double().requires_grad_(True)
+    zt64 = zt.detach().double().requires_grad_(True)
+    v = zs.shape[-1]
+    rows, _ = kd_loss_rows_reference(zs64.reshape(-1, v), zt64.reshape(-1, v), tau, kind, scale)
+    if mask is not None:
+        rows = rows * mask.reshape(-1).double()
+    if reduction == "none":
+        loss = rows.reshape(zs.shape[:-1])
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        n = rows.numel() if mask is None else int(mask.sum())
+        loss = rows.sum() / n
+    gs, gt = torch.autograd.grad(loss, (zs64, zt64), grad_outputs=grad_out.double())
+    return loss.detach(), gs, gt
+
+
+def _rel(x, ref):
+    """Normwise relative error.  Differences below what the result dtype can represent
+    are not counted: fp16's subnormal spacing 2^-24, else the smallest normal number
+    (e.g. a KL teacher gradient of 1e-228 with ±1e4 logits is 0 in fp32)."""
+    floor = 2.0**-24 if x.dtype == torch.float16 else torch.finfo(x.dtype).tiny
+    x = x.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    assert torch.isfinite(x).all(), "non-finite values"
+    denom = ref.abs().max().item()
+    diff = ((x - ref).abs() - floor).clamp_min(0).max().item()
+    return diff / (denom if denom > 0 else 1.0)
+
+
+def _run(zs, zt, tau, kind, reduction, mask, grad_out, backend, scale=True):
+    zs = zs.detach().clone().requires_grad_(True)
+    zt = zt.detach().clone().requires_grad_(True)
+    loss = kd_loss(zs, zt, tau, kind=kind, reduction=reduction, mask=mask, backend=backend,
+                   scale_by_temperature_squared=scale)
+    assert loss.dtype == zs.dtype
+    gs, gt = torch.autograd.grad(loss, (zs, zt), grad_outputs=grad_out.to(loss.dtype))
+    assert gs.dtype == zs.dtype and gt.dtype == zt.dtype
+    assert gs.shape == zs.shape and gt.shape == zt.shape
+    return loss, gs, gt
+
+
+def _grad_out(reduction, lead_shape, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    if reduction == "none":
+        return torch.randn(*lead_shape, generator=gen, dtype=torch.float64).to(device)
+    return (torch.rand((), generator=gen, dtype=torch.float64) + 0.5).to(device)
+
+
+def _errors(zs, zt, tau, kind, reduction, mask, backend, scale=True):
+    g = _grad_out(reduction, zs.shape[:-1], zs.device)
+    ref_loss, ref_gs, ref_gt = _oracle(zs, zt, tau, kind, reduction, mask, g, scale)
+    loss, gs, gt = _run(zs, zt, tau, kind, reduction, mask, g, backend, scale)
+    if mask is not None:
+        zero_rows = ~mask
+        assert (gs[zero_rows] == 0).all() and (gt[zero_rows] == 0).all()
+        if reduction == "none":
+            assert (loss[zero_rows] == 0).all()
+    return _rel(loss, ref_loss), _rel(gs, ref_gs), _rel(gt, ref_gt)
+
+
+# ----------------------------------------------------------------------------- PyTorch path
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_path_matches_fp64_autograd(kind, reduction, dtype, vocab, masked):
+    for i, tau in enumerate(TAUS):
+        zs, zt, mask = _make_inputs((2, 3), vocab, dtype, masked=masked, seed=17 * i + vocab)
+        errs = _errors(zs, zt, tau, kind, reduction, mask, "torch")
+        assert max(errs) <= TOL[dtype], (tau, errs)
+
+
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_closed_form_gradients_match_autograd_fp64(kind, scale):
+    """The hand-derived gradients (the Triton backward's math) vs fp64 autograd."""
+    for tau in TAUS:
+        zs, zt, _ = _make_inputs((5,), 11, torch.float64, seed=3, device="cpu")
+        zs.requires_grad_(True)
+        zt.requires_grad_(True)
+        rows, _ = kd_loss_rows_reference(zs, zt, tau, kind, scale)
+        weights = torch.randn(5, dtype=torch.float64)
+        ags, agt = torch.autograd.grad((rows * weights).sum(), (zs, zt))
+        gs, gt = kd_loss_grads_reference(zs.detach(), zt.detach(), tau, kind, scale)
+        assert _rel(weights[:, None] * gs, ags) < 1e-12
+        assert _rel(weights[:, None] * gt, agt) < 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scaling_off_divides_by_tau_squared(kind):
+    zs, zt, _ = _make_inputs((4,), 9, torch.float64, device="cpu")
+    for tau in TAUS:
+        on = kd_loss(zs, zt, tau, kind=kind, reduction="none")
+        off = kd_loss(zs, zt, tau, kind=kind, reduction="none", scale_by_temperature_squared=False)
+        torch.testing.assert_close(on, off * tau**2, rtol=1e-12, atol=0)
+
+
+def test_kl_batchmean_equals_torch_kl_div():
+    zs, zt, _ = _make_inputs((6,), 13, torch.float64, device="cpu")
+    tau = 2.0
+    expected = tau**2 * torch.nn.functional.kl_div(
+        torch.log_softmax(zs / tau, -1), torch.log_softmax(zt / tau, -1), reduction="batchmean", log_target=True
+    )
+    torch.testing.assert_close(kd_loss(zs, zt, tau), expected, rtol=1e-12, atol=0)
+
+
+def test_softmax_mse_batchmean_equals_metadistil_formula():
+    zs, zt, _ = _make_inputs((6,), 13, torch.float64, device="cpu")
+    tau = 2.0
+    expected = torch.nn.functional.mse_loss(torch.softmax(zs / tau, -1), torch.softmax(zt / tau, -1)) * tau**2
+    torch.testing.assert_close(kd_loss(zs, zt, tau, kind="softmax_mse"), expected, rtol=1e-12, atol=0)
+
+
+def test_logit_mse_scaled_is_plain_mse():
+    zs, zt, _ = _make_inputs((6,), 13, torch.float64, device="cpu")
+    expected = torch.nn.functional.mse_loss(zs, zt)
+    torch.testing.assert_close(kd_loss(zs, zt, 3.0, kind="logit_mse"), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_torch_path_large_logits_finite(kind, dtype):
+    # logit_mse of ±1e4 logits is ~1e8: not representable in fp16 (max 65504), so the
+    # fp16 logit_mse case uses ±100 logits (its loss then stays below 4e4).
+    amplitude = 100.0 if (dtype == torch.float16 and kind == "logit_mse") else 1e4
+    for tau in TAUS:
+        zs, zt, mask = _make_inputs((3,), 257, dtype, scale=amplitude / 4, masked=True, seed=5)
+        zs = zs.clamp(-amplitude, amplitude)
+        zt = zt.clamp(-amplitude, amplitude)
+        errs = _errors(zs, zt, tau, kind, "batchmean", mask, "torch")
+        assert max(errs) <= TOL[dtype], (tau, errs)
+
+
+def test_mask_from_ignore_index_labels():
+    zs, zt, _ = _make_inputs((2, 5), 7, torch.float64, device="cpu")
+    labels = torch.tensor([[1, 2, -100, 3, -100], [-100, 0, 0, 1, 2]])
+    loss = kd_loss(zs, zt, 2.0, mask=labels != -100)
+    keep = (labels != -100).reshape(-1)
+    expected = kd_loss(zs.reshape(-1, 7)[keep], zt.reshape(-1, 7)[keep], 2.0)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+def test_non_contiguous_inputs():
+    base_s, base_t, _ = _make_inputs((7, 4), 10, torch.float64, device="cpu")
+    zs = base_s.transpose(0, 1)  # [4, 7, 10], non-contiguous rows
+    zt = base_t[:, :, :].transpose(0, 1)
+    expected = kd_loss(zs.contiguous(), zt.contiguous(), 1.5, reduction="none")
+    torch.testing.assert_close(kd_loss(zs, zt, 1.5, reduction="none"), expected, rtol=0, atol=0)
+    wide = torch.randn(5, 20, dtype=torch.float64)[:, ::2]  # stride 2 along V
+    wide_t = torch.randn(5, 10, dtype=torch.float64)
+    torch.testing.assert_close(
+        kd_loss(wide, wide_t, reduction="none"), kd_loss(wide.contiguous(), wide_t, reduction="none")
+    )
+
+
+def test_public_names_exported():
+    assert fastmeta.kd_loss is kd_loss
+    assert callable(fastmeta.kd_teacher_cotangent) and callable(fastmeta.kd_influence)
+
+
+def test_double_backward_on_torch_path():
+    """The PyTorch path is plain autograd: second derivatives work (used by reference code)."""
+    zs, zt, _ = _make_inputs((3,), 5, torch.float64, device="cpu")
+    zs.requires_grad_(True)
+    zt.requires_grad_(True)
+    (gs,) = torch.autograd.grad(kd_loss(zs, zt, 2.0), zs, create_graph=True)
+    u = torch.randn_like(zs)
+    (c,) = torch.autograd.grad((gs * u).sum(), zt)
+    pt = torch.softmax(zt.detach() / 2.0, -1)
+    torch.testing.assert_close(c, -(pt * u - pt * (pt * u).sum(-1, keepdim=True)) / 3, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_error_messages():
+    zs = torch.randn(3, 5)
+    zt = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="teacher_logits shape"):
+        kd_loss(zs, torch.randn(3, 6))
+    with pytest.raises(TypeError, match="teacher_logits dtype"):
+        kd_loss(zs, zt.double())
+    with pytest.raises(TypeError, match="student_logits must be a floating"):
+        kd_loss(torch.ones(3, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="student_logits must be a torch.Tensor"):
+        kd_loss([1.0, 2.0], zt)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            kd_loss(zs, zt, bad)
+    with pytest.raises(ValueError, match="kind"):
+        kd_loss(zs, zt, kind="js")
+    with pytest.raises(ValueError, match="reduction"):
+        kd_loss(zs, zt, reduction="mean")
+    with pytest.raises(ValueError, match="backend"):
+        kd_loss(zs, zt, backend="cuda")
+    with pytest.raises(ValueError, match="empty batch"):
+        kd_loss(torch.randn(0, 5), torch.randn(0, 5))
+    with pytest.raises(ValueError, match="empty last"):
+        kd_loss(torch.randn(3, 0), torch.randn(3, 0))
+    with pytest.raises(ValueError, match="empty batch: every row is masked"):
+        kd_loss(zs, zt, mask=torch.zeros(3, dtype=torch.bool))
+    # all rows masked is fine for sum / none
+    assert kd_loss(zs, zt, reduction="sum", mask=torch.zeros(3, dtype=torch.bool)).item() == 0.0
+    with pytest.raises(ValueError, match="mask shape"):
+        kd_loss(zs, zt, mask=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be a bool"):
+        kd_loss(zs, zt, mask=torch.ones(3))
+    bad = zs.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="student_logits contains non-finite"):
+        kd_loss(bad, zt)
+    bad_t = zt.clone()
+    bad_t[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="teacher_logits contains non-finite"):
+        kd_loss(zs, bad_t)
+    assert not torch.isfinite(kd_loss(zs, bad_t, check_finite=False)) or True  # no error raised
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="same device"):
+            kd_loss(zs, zt.cuda())
+
+
+def test_torch_compile_reference_path():
+    """kd_loss (and its backward) under torch.compile on the PyTorch path."""
+    zs, zt, mask = _make_inputs((4,), 9, torch.float32, masked=True, device="cpu")
+
+    def step(a, b):
+        return kd_loss(a, b, 2.0, mask=mask, check_finite=False)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=False)
+    a = zs.clone().requires_grad_(True)
+    b = zt.clone().requires_grad_(True)
+    out = compiled(a, b)
+    out.backward()
+    a2 = zs.clone().requires_grad_(True)
+    b2 = zt.clone().requires_grad_(True)
+    ref = step(a2, b2)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+def _floor(dtype, vocab):
+    # absolute floor of the acceptance rule: a couple of units of rounding in the
+    # output dtype (results are rounded to it) plus fp32 accumulation of V terms.
+    return 2 * EPS[dtype] + 4 * EPS[torch.float32] * math.sqrt(vocab)

@@ -1,0 +1,182 @@
+"""kd_teacher_cotangent / kd_influence against float64 autograd applied twice.
+
+Oracle: ``L`` = the fp64 reference loss (masked, reduced), ``gs = ∂L/∂zs`` with
+``create_graph=True``, ``c = ∂/∂zt ⟨gs, u⟩`` by a second ``torch.autograd.grad``;
+influences ``w_i = ⟨∂ℓ_i/∂zs_i, u_i⟩`` from the gradient of the unreduced rows.
+Error metric and the kernels' acceptance rule as in test_kd_loss.py.
+"""
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch as _torch
+
+        if not _torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except Exception:  # pragma: no cover
+        pass
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from fastmeta.kernels.kd_loss_reference import KINDS, kd_loss_rows_reference
+from fastmeta.kernels.kd_second_order_reference import kd_second_order_rows_reference
+from fastmeta.losses import kd_influence, kd_teacher_cotangent, kd_teacher_cotangent_and_influence
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_RUNNABLE = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+needs_triton = pytest.mark.skipif(
+    not TRITON_RUNNABLE, reason="Triton kernels need triton and either CUDA or TRITON_INTERPRET=1"
+)
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
+TAUS = [0.5, 1.0, 2.0, 5.0]
+VOCABS = [2, 3, 7, 1000, 4099]
+REDUCTIONS = ["batchmean", "sum", "none"]
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _make_inputs(lead_shape, vocab, dtype, *, scale=3.0, masked=False, seed=0, device=None):
+    device = device or _device()
+    gen = torch.Generator().manual_seed(seed)
+    zs = (torch.randn(*lead_shape, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    zt = (torch.randn(*lead_shape, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    u = torch.randn(*lead_shape, vocab, generator=gen, dtype=torch.float64).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(*lead_shape, generator=gen) < 0.6
+        mask.view(-1)[-1] = False
+        mask.view(-1)[0] = True
+    return zs.to(device), zt.to(device), u.to(device), (None if mask is None else mask.to(device))
+
+
+def _oracle(zs, zt, u, tau, kind, reduction, mask, scale=True):
+    v = zs.shape[-1]
+    zs64 = zs.detach().double().reshape(-1, v).requires_grad_(True)
+    zt64 = zt.detach().double().reshape(-1, v).requires_grad_(True)
+    u64 = u.detach().double().reshape(-1, v)
+    rows, _ = kd_loss_rows_reference(zs64, zt64, tau, kind, scale)
+    m = torch.ones_like(rows) if mask is None else mask.reshape(-1).double()
+    rows = rows * m
+    if reduction == "batchmean":
+        loss = rows.sum() / m.sum()
+    else:  # sum; for "none" the cotangent of row i is that of ℓ_i, i.e. of the sum
+        loss = rows.sum()
+    (gs,) = torch.autograd.grad(loss, zs64, create_graph=True)
+    (c,) = torch.autograd.grad((gs * u64).sum(), zt64)
+    (gs_rows,) = torch.autograd.grad(rows.sum(), zs64)
+    w = (gs_rows * u64).sum(-1)
+    return c.reshape(zs.shape), w.reshape(zs.shape[:-1])
+
+
+def _rel(x, ref):
+    """Normwise relative error, discounting differences below the dtype's resolution
+    (fp16 subnormal spacing 2^-24, else the smallest normal number)."""
+    floor = 2.0**-24 if x.dtype == torch.float16 else torch.finfo(x.dtype).tiny
+    x = x.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    assert torch.isfinite(x).all(), "non-finite values"
+    denom = ref.abs().max().item()
+    diff = ((x - ref).abs() - floor).clamp_min(0).max().item()
+    return diff / (denom if denom > 0 else 1.0)
+
+
+def _errors(zs, zt, u, tau, kind, reduction, mask, backend, scale=True):
+    ref_c, ref_w = _oracle(zs, zt, u, tau, kind, reduction, mask, scale)
+    c = kd_teacher_cotangent(zs, zt, u, tau, kind=kind, reduction=reduction, mask=mask, backend=backend,
+                             scale_by_temperature_squared=scale)
+    w = kd_influence(zs, zt, u, tau, kind=kind, mask=mask, backend=backend, scale_by_temperature_squared=scale)
+    assert c.shape == zt.shape and c.dtype == zt.dtype
+    assert w.shape == zs.shape[:-1] and w.dtype == zs.dtype
+    if mask is not None:
+        assert (c[~mask] == 0).all() and (w[~mask] == 0).all()
+    return _rel(c, ref_c), _rel(w, ref_w)
+
+
+# ----------------------------------------------------------------------------- PyTorch path
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_path_matches_double_autograd(kind, reduction, dtype, vocab, masked):
+    for i, tau in enumerate(TAUS):
+        zs, zt, u, mask = _make_inputs((2, 3), vocab, dtype, masked=masked, seed=31 * i + vocab)
+        errs = _errors(zs, zt, u, tau, kind, reduction, mask, "torch")
+        assert max(errs) <= TOL[dtype], (tau, errs)
+
+
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_closed_forms_fp64_with_and_without_tau_scaling(kind, scale):
+    for tau in TAUS:
+        zs, zt, u, _ = _make_inputs((5,), 11, torch.float64, seed=7, device="cpu")
+        ref_c, ref_w = _oracle(zs, zt, u, tau, kind, "sum", None, scale)
+        c, w = kd_second_order_rows_reference(zs, zt, u, tau, kind, scale)
+        assert _rel(c, ref_c) < 1e-12 and _rel(w, ref_w) < 1e-12
+
+
+def test_design_note_kl_cotangent():
+    """design note: c = −(pt ⊙ u − pt ⟨pt, u⟩)/B, and w_i = τ⟨ps − pt, u⟩."""
+    zs, zt, u, _ = _make_inputs((4,), 6, torch.float64, device="cpu")
+    tau = 3.0
+    pt = torch.softmax(zt / tau, -1)
+    ps = torch.softmax(zs / tau, -1)
+    expected = -(pt * u - pt * (pt * u).sum(-1, keepdim=True)) / 4
+    torch.testing.assert_close(kd_teacher_cotangent(zs, zt, u, tau), expected, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(kd_influence(zs, zt, u, tau), tau * ((ps - pt) * u).sum(-1), rtol=1e-12, atol=1e-15)
+
+
+def test_per_sample_sums_and_combined_call():
+    zs, zt, u, mask = _make_inputs((3, 5), 7, torch.float64, masked=True, device="cpu")
+    rows = kd_influence(zs, zt, u, 2.0, mask=mask)
+    assert rows.shape == (3, 5)
+    torch.testing.assert_close(kd_influence(zs, zt, u, 2.0, mask=mask, per_sample=True), rows.sum(-1))
+    c, w = kd_teacher_cotangent_and_influence(zs, zt, u, 2.0, kind="softmax_mse", mask=mask, per_sample=True)
+    torch.testing.assert_close(c, kd_teacher_cotangent(zs, zt, u, 2.0, kind="softmax_mse", mask=mask))
+    torch.testing.assert_close(w, kd_influence(zs, zt, u, 2.0, kind="softmax_mse", mask=mask).sum(-1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_torch_path_large_logits_finite(kind, dtype):
+    for tau in TAUS:
+        zs, zt, u, mask = _make_inputs((3,), 257, dtype, scale=1e4 / 4, masked=True, seed=9)
+        zs, zt = zs.clamp(-1e4, 1e4), zt.clamp(-1e4, 1e4)
+        errs = _errors(zs, zt, u, tau, kind, "batchmean", mask, "torch")
+        assert max(errs) <= TOL[dtype], (tau, errs)
+
+
+def test_error_messages():
+    zs, zt, u = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match="student_tangent shape"):
+        kd_teacher_cotangent(zs, zt, torch.randn(3, 4))
+    with pytest.raises(TypeError, match="student_tangent must be a floating"):
+        kd_influence(zs, zt, torch.ones(3, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="student_tangent must be a torch.Tensor"):
+        kd_influence(zs, zt, None)
+    bad = u.clone()
+    bad[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="student_tangent contains non-finite"):
+        kd_teacher_cotangent(zs, zt, bad)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_influence(zs, zt, u, -2.0)
+    with pytest.raises(ValueError, match="empty batch"):
+        kd_teacher_cotangent(zs, zt, u, mask=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="teacher_logits shape"):
+        kd_influence(zs, torch.randn(3, 6), u)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+def _floor(dtype, vocab):
+    # absolute floor of the acceptance rule: a couple of units of rounding in the
+    # output dtype plus fp32 accumulation of V terms.
+    return 2 * EPS[dtype] + 4 * EPS[torch.float32] * math.sqrt(vocab)
