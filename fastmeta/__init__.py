@@ -34,6 +34,7 @@ def _mount_source_tree(subpackage: str, directory: str) -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+    globals()[subpackage] = module
 
 
 _mount_source_tree("kernels", "kernels")
