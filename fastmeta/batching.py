@@ -340,11 +340,14 @@ def student_loss(
     temperature: float,
     kd_weight: float,
     kind: str,
+    higher_order: bool = False,
 ) -> torch.Tensor:
     """``LS = (1 − w)·CE(y, zs) + w·KD(zs, zt)`` on aligned logits/labels; KD mask = ``labels != -100``.
 
     A term whose weight is exactly 0 is not evaluated (so ``kd_weight=1`` needs no
-    valid class ids and ``kd_weight=0`` no teacher).
+    valid class ids and ``kd_weight=0`` no teacher).  ``higher_order=True`` uses the
+    plain-PyTorch :func:`kd_rows` (differentiable any number of times, forward mode
+    included) instead of ``fastmeta.losses`` (whose fused backward is first order).
     """
     mask = row_mask(labels)
     loss = None
@@ -353,7 +356,10 @@ def student_loss(
     if kd_weight != 0.0:
         if not bool(mask.any()):
             raise ValueError("every row of the batch labels is -100 (ignored): the KD loss would be a mean over zero rows")
-        kd = kd_weight * kd_loss(student_logits, teacher_logits, temperature, kind=kind, mask=mask)
+        if higher_order:
+            kd = kd_weight * _batchmean(kd_rows(student_logits, teacher_logits, temperature, kind), mask)
+        else:
+            kd = kd_weight * kd_loss(student_logits, teacher_logits, temperature, kind=kind, mask=mask)
         kd = kd.to(student_logits.dtype) if kd.dtype != student_logits.dtype else kd
         loss = kd if loss is None else loss + kd
     return loss

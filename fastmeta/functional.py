@@ -53,6 +53,7 @@ __all__ = [
     "functional_logits",
     "jvp_logits",
     "add_scaled_",
+    "transform_buffers",
     "default_fd_eps",
 ]
 
@@ -183,6 +184,11 @@ def functional_logits(
     return extract_logits(output, name=name)
 
 
+def transform_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Fresh copies of the module's buffers, for a ``functional_call`` inside a ``torch.func`` transform."""
+    return {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+
+
 def add_scaled_(tensors: list[torch.Tensor], vectors: list[torch.Tensor], alpha: float) -> None:
     """In place ``tensors[i] += alpha * vectors[i]`` (``fastmeta.ops.add_scaled_`` when available)."""
     try:
@@ -270,7 +276,10 @@ def jvp_logits(
         constants = {name: t.detach() for name, t in (params or {}).items() if name not in tangents}
 
         def logits_of(primal_params):
-            return functional_logits(model, {**constants, **primal_params}, split)
+            # buffers cloned inside the transform: a train-mode BatchNorm updates its running
+            # statistics in place, which torch.func forbids on captured tensors (and which the
+            # caller's buffers must not see twice)
+            return functional_logits(model, {**transform_buffers(model), **constants, **primal_params}, split)
 
         with torch.no_grad(), math_attention(), replay_rng(rng_state):
             logits, tangent_out = torch.func.jvp(
