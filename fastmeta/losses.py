@@ -55,8 +55,8 @@ imported: that is how the tests drive them without a GPU).
   traced natively by ``torch.compile``).
 * Triton path: ``torch.library`` custom ops (opaque to ``torch.compile``) with
   a registered first-order backward.  Memory: the forward saves only the two
-  logits tensors (already alive) and 4 floats per row (both log-sum-exps and
-  the row's divergence / ⟨p, d⟩ terms), so the backward is ONE pass over V
+  logits tensors (already alive) and 6 floats per row (both maxima and
+  log-normalisers, the divergence / ⟨p, d⟩ terms), so the backward is ONE pass over V
   (read zs, zt; write the requested gradients); no ``[N, V]`` fp32 temporary.
   Double backward through ``kd_loss`` is not supported on this path: use
   ``kd_teacher_cotangent`` (the closed form) or ``backend="torch"``.
@@ -260,7 +260,7 @@ def _kd_loss_rows_op(
 @_kd_loss_rows_op.register_fake
 def _(zs, zt, row_mask, temperature, kind, scale_by_temperature_squared):
     n = zs.shape[0]
-    return zs.new_empty(n, dtype=torch.float32), zs.new_empty(n, 4, dtype=torch.float32)
+    return zs.new_empty(n, dtype=torch.float32), zs.new_empty(n, 6, dtype=torch.float32)
 
 
 @torch.library.custom_op(_KD_LOSS_BACKWARD, mutates_args=())

@@ -321,3 +321,155 @@ def _floor(dtype, vocab):
     # absolute floor of the acceptance rule: a couple of units of rounding in the
     # output dtype (results are rounded to it) plus fp32 accumulation of V terms.
     return 2 * EPS[dtype] + 4 * EPS[torch.float32] * math.sqrt(vocab)
+
+
+def _divergence_floor(zs, zt, tau, kind, reduction, mask, scale=True):
+    """Relative error floors (loss, grad_student, grad_teacher) from the conditioning
+    of kl / reverse_kl in fp32 (0 for the other kinds).
+
+    Their gradients are p ⊙ (g − Σ p g) with g = log ps − log pt: a difference of
+    O(|g|) numbers.  ANY fp32 evaluation carries an absolute error of a few
+    eps32 · p_j (|g_j| + Σ_k p_k |g_k|), and the result can be orders of magnitude
+    smaller than |g| (e.g. 0.1 vs 5 for a peaked row), so the same-dtype PyTorch
+    path's error, which is sometimes luckily below one ulp of the intermediates,
+    is not a fair yardstick there.  Floor = 4 eps32 (a/τ) max_row Σ_j (ps+pt)_j |g_j|
+    times the largest row weight, relative to the largest gradient entry.
+    """
+    if kind not in ("kl", "reverse_kl"):
+        return 0.0, 0.0, 0.0
+    v = zs.shape[-1]
+    s64 = zs.detach().double().reshape(-1, v) / tau
+    t64 = zt.detach().double().reshape(-1, v) / tau
+    log_ps, log_pt = torch.log_softmax(s64, -1), torch.log_softmax(t64, -1)
+    g_abs = (log_ps - log_pt).abs()
+    mass = ((log_ps.exp() + log_pt.exp()) * g_abs).sum(-1)
+    counted = torch.ones_like(mass, dtype=torch.bool) if mask is None else mask.reshape(-1).cpu()
+    m = mass.cpu()[counted].max().item()
+    a = tau * tau if scale else 1.0
+    row_weight = 1.0 / int(counted.sum()) if reduction == "batchmean" else 1.0
+    row_weight *= 1.5 if reduction != "none" else 2.5  # |grad_out| bounds of _grad_out
+    g = _grad_out(reduction, zs.shape[:-1], "cpu")
+    ref_gs, ref_gt = _oracle(zs.cpu(), zt.cpu(), tau, kind, reduction, None if mask is None else mask.cpu(), g,
+                             scale)[1:]
+    abs_floor = 4 * EPS[torch.float32] * (a / tau) * m * row_weight * max(1.0, g.abs().max().item())
+    tiny = torch.finfo(torch.float64).tiny
+    return 0.0, abs_floor / max(ref_gs.abs().max().item(), tiny), abs_floor / max(ref_gt.abs().max().item(), tiny)
+
+
+def _tau_for(*keys):
+    """Cycle τ over the interpreted grid (every τ meets every kind and dtype) instead
+    of looping over all four per case: keeps the interpreter tests CI-sized."""
+    return TAUS[sum(len(str(k)) for k in keys) % len(TAUS)]
+
+
+INTERPRET_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@needs_triton
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("dtype", INTERPRET_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_within_2x_of_torch_error(kind, dtype, vocab):
+    # reduction and τ cycle over the grid (each kind x dtype meets every reduction and
+    # several τ) to keep the interpreter CI-sized; the reductions are host-side code
+    # shared with the PyTorch path, tested exhaustively above.
+    reduction = REDUCTIONS[(VOCABS.index(vocab) + INTERPRET_DTYPES.index(dtype)) % 3]
+    lead = (2,) if vocab > 1000 else (2, 3)
+    tau = _tau_for(kind, reduction, dtype, vocab)
+    zs, zt, mask = _make_inputs(lead, vocab, dtype, masked=reduction != "sum" or vocab < 10, seed=vocab + 1)
+    ref_errs = _errors(zs, zt, tau, kind, reduction, mask, "torch")
+    tri_errs = _errors(zs, zt, tau, kind, reduction, mask, "triton")
+    cond = _divergence_floor(zs, zt, tau, kind, reduction, mask)
+    for name, e_tri, e_ref, e_cond in zip(("loss", "grad_student", "grad_teacher"), tri_errs, ref_errs, cond):
+        floor = _floor(dtype, vocab) + e_cond
+        assert e_tri <= 2 * e_ref + floor, (name, tau, e_tri, e_ref, floor)
+
+
+@needs_triton
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_kernels_multi_block_online_softmax(kind, scale):
+    """Small BLOCK_V so the online max/sum rescaling runs over many blocks, with the
+    row maxima appearing late (ascending logits) and early (descending)."""
+    from fastmeta.kernels.kd_loss import kd_loss_backward, kd_loss_forward
+
+    v = 300
+    zs, zt, _ = _make_inputs((4,), v, torch.float32, seed=11, device=_device())
+    zs[0] = zs[0].sort().values  # max at the end
+    zt[1] = zt[1].sort(descending=True).values  # max at the start
+    zs[2] = zs[2] + 30.0 * torch.linspace(-1, 1, v, device=zs.device)  # drifting maximum
+    mask = torch.tensor([True, True, True, False], device=zs.device)
+    for tau in TAUS:
+        rows64, _ = kd_loss_rows_reference(zs.double(), zt.double(), tau, kind, scale)
+        gs64, gt64 = kd_loss_grads_reference(zs.double(), zt.double(), tau, kind, scale)
+        rows32, _ = kd_loss_rows_reference(zs, zt, tau, kind, scale)
+        gs32, gt32 = kd_loss_grads_reference(zs, zt, tau, kind, scale)
+        loss, stats = kd_loss_forward(zs, zt, mask, tau, kind, scale, block_v=32)
+        grad_rows = torch.tensor([0.5, -1.0, 2.0, 3.0], device=zs.device)
+        gs, gt = kd_loss_backward(grad_rows, zs, zt, stats, mask, tau, kind, scale, True, True, block_v=32)
+        m = mask.double()
+        w = (grad_rows.double() * m)[:, None]
+        floor = _floor(torch.float32, v)
+        assert loss[3] == 0 and (gs[3] == 0).all() and (gt[3] == 0).all()
+        assert _rel(loss, rows64 * m) <= 2 * _rel(rows32 * m, rows64 * m) + floor
+        assert _rel(gs, gs64 * w) <= 2 * _rel(gs32 * w, gs64 * w) + floor
+        assert _rel(gt, gt64 * w) <= 2 * _rel(gt32 * w, gt64 * w) + floor
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", INTERPRET_DTYPES, ids=str)
+def test_triton_large_logits_finite(kind, dtype):
+    from fastmeta.kernels.kd_loss import kd_loss_backward, kd_loss_forward  # noqa: F401
+
+    amplitude = 100.0 if (dtype == torch.float16 and kind == "logit_mse") else 1e4  # see torch-path test
+    tau = _tau_for(kind, dtype, "large")
+    zs, zt, mask = _make_inputs((3,), 257, dtype, scale=amplitude / 4, masked=True, seed=5)
+    zs, zt = zs.clamp(-amplitude, amplitude), zt.clamp(-amplitude, amplitude)
+    ref_errs = _errors(zs, zt, tau, kind, "batchmean", mask, "torch")
+    tri_errs = _errors(zs, zt, tau, kind, "batchmean", mask, "triton")
+    cond = _divergence_floor(zs, zt, tau, kind, "batchmean", mask)
+    for e_tri, e_ref, e_cond in zip(tri_errs, ref_errs, cond):
+        assert e_tri <= 2 * e_ref + _floor(dtype, 257) + e_cond, (tau, tri_errs, ref_errs, cond)
+
+
+@needs_triton
+def test_triton_non_contiguous_student_only_grad_and_all_masked():
+    base_s, base_t, _ = _make_inputs((5, 2), 33, torch.float32, device=_device())
+    zs = base_s.transpose(0, 1).requires_grad_(True)  # non-contiguous rows
+    zt = base_t.transpose(0, 1)  # teacher detached: only the student gradient is computed
+    out = kd_loss(zs, zt, 2.0, backend="triton")
+    (gs,) = torch.autograd.grad(out, zs)
+    zs2 = zs.detach().contiguous().requires_grad_(True)
+    ref = kd_loss(zs2, zt.contiguous(), 2.0, backend="torch")
+    (gs2,) = torch.autograd.grad(ref, zs2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gs, gs2, rtol=1e-5, atol=1e-7)
+    none_mask = torch.zeros(2, 5, dtype=torch.bool, device=zs.device)
+    assert kd_loss(zs, zt, reduction="sum", mask=none_mask, backend="triton").item() == 0.0
+    assert (kd_loss(zs, zt, reduction="none", mask=none_mask, backend="triton") == 0).all()
+
+
+@needs_triton
+def test_triton_path_under_torch_compile():
+    zs, zt, mask = _make_inputs((4,), 9, torch.float32, masked=True)
+
+    def step(a, b):
+        return kd_loss(a, b, 2.0, mask=mask, check_finite=False, backend="triton")
+
+    compiled = torch.compile(step, backend="aot_eager")
+    a = zs.clone().requires_grad_(True)
+    b = zt.clone().requires_grad_(True)
+    compiled(a, b).backward()
+    a2 = zs.clone().requires_grad_(True)
+    b2 = zt.clone().requires_grad_(True)
+    step(a2, b2).backward()
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+def test_backend_triton_rejects_float64():
+    zs = torch.randn(2, 3, dtype=torch.float64)
+    if HAS_TRITON:
+        with pytest.raises(TypeError, match="float64"):
+            kd_loss(zs, zs.clone(), backend="triton")
