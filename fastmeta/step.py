@@ -113,20 +113,18 @@ class StepOutput:
     timings: Dict[str, float] = field(default_factory=dict)
 
 
-def _resolve_inner_lr(inner_lr: Optional[float], student_optimizer: torch.optim.Optimizer) -> float:
+def _resolve_inner_lr(inner_lr: Optional[float], student_optimizer: torch.optim.Optimizer) -> Optional[float]:
+    """None stays None (each parameter's param-group ``lr``); else a finite number > 0."""
     if inner_lr is None:
-        lrs = {float(group["lr"]) for group in student_optimizer.param_groups}
-        if len(lrs) != 1:
-            raise ValueError(
-                f"inner_lr=None takes the student optimizer's learning rate, but its param groups use several "
-                f"({sorted(lrs)}); pass inner_lr explicitly"
-            )
-        lr = lrs.pop()
-    else:
-        try:
-            lr = float(inner_lr)
-        except (TypeError, ValueError):
-            raise TypeError(f"inner_lr must be a number or None, got {type(inner_lr).__name__}") from None
+        for group in student_optimizer.param_groups:
+            lr = float(group["lr"])
+            if not (lr > 0.0) or lr == float("inf"):
+                raise ValueError(f"inner_lr=None takes the student optimizer's lr, which is {lr}: pass inner_lr > 0")
+        return None
+    try:
+        lr = float(inner_lr)
+    except (TypeError, ValueError):
+        raise TypeError(f"inner_lr must be a number or None, got {type(inner_lr).__name__}") from None
     if not (lr > 0.0) or lr == float("inf"):
         raise ValueError(f"inner_lr must be finite and > 0, got {lr}")
     return lr

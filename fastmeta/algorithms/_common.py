@@ -47,6 +47,32 @@ def check_finite_grads(grads: Dict[str, Optional[torch.Tensor]], what: str) -> N
     raise FloatingPointError(f"{what} is not finite")
 
 
+@contextlib.contextmanager
+def _non_finite_as_floating_point_error():
+    """Re-raise ``fastmeta.losses``' ``ValueError('... non-finite ...')`` as ``FloatingPointError``.
+
+    ``meta_step`` reports every non-finite loss/logit/gradient with one exception class.
+    """
+    try:
+        yield
+    except ValueError as error:
+        if "non-finite" in str(error):
+            raise FloatingPointError(str(error)) from error
+        raise
+
+
+@contextlib.contextmanager
+def _restored(saved):
+    """On exit, copy the saved values back into their parameters (None: nothing to do)."""
+    try:
+        yield
+    finally:
+        if saved:
+            with torch.no_grad():
+                for p, value in saved:
+                    p.copy_(value)
+
+
 class _Snapshot:
     """What one optimizer step may overwrite: stepped params, their ``.grad``, the optimizer state."""
 
@@ -142,7 +168,7 @@ class StepContext:
     temperature: float
     kd_weight: float
     kd_loss: str
-    inner_lr: float
+    inner_lr: Optional[float]  # None: each parameter's student param-group lr
     shift_labels: bool
     inner_steps: int
     teacher_scheduler: Any
@@ -196,8 +222,13 @@ class StepContext:
         return split.labels
 
     def student_objective(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """``LS = (1 − w)·CE(y, zs) + w·KD(zs, zt)`` on the training batch (teacher logits detached)."""
+        """``LS = (1 − w)·CE(y, zs) + w·KD(zs, zt)`` on the training batch (teacher logits detached).
+
+        ``FloatingPointError`` when either model's logits are not finite.
+        """
         batching.check_logits_pair(student_logits, teacher_logits)
+        batching.check_finite(teacher_logits.detach(), "teacher logits on batch")
+        batching.check_finite(student_logits.detach(), "student logits on batch")
         return batching.student_loss(
             student_logits,
             teacher_logits.detach(),
@@ -206,6 +237,14 @@ class StepContext:
             kd_weight=self.kd_weight,
             kind=self.kd_loss,
         )
+
+    def student_lrs(self) -> Dict[str, float]:
+        """``{student parameter name: η}``: ``inner_lr``, or (None) the parameter's param-group lr."""
+        group_lr = {id(p): float(g["lr"]) for g in self.student_optimizer.param_groups for p in g["params"]}
+        return {
+            name: (self.inner_lr if self.inner_lr is not None else group_lr.get(id(p), float("nan")))
+            for name, p in trainable(self.student)
+        }
 
     def require_teacher_optimizer(self) -> torch.optim.Optimizer:
         if self.teacher_optimizer is None:
@@ -251,7 +290,13 @@ class StepContext:
         """``fastmeta.engine.meta_gradient`` on this step's models, batches and hyper-parameters."""
         from fastmeta import engine
 
-        with self.phase("meta_gradient"):
+        method = self.hypergrad if hypergrad is None else hypergrad
+        # finite differences perturb the student's parameters in place and restore them to within a
+        # couple of ulp; put back the exact bits afterwards (success or failure) so meta_step stays atomic
+        saved = None
+        if method == "finite_diff":
+            saved = [(p, p.detach().clone()) for _, p in trainable(self.student)]
+        with self.phase("meta_gradient"), _non_finite_as_floating_point_error(), _restored(saved):
             result = engine.meta_gradient(
                 self.teacher,
                 self.student,
@@ -261,7 +306,7 @@ class StepContext:
                 temperature=self.temperature,
                 kd_weight=self.kd_weight,
                 kd_loss=self.kd_loss,
-                hypergrad=self.hypergrad if hypergrad is None else hypergrad,
+                hypergrad=method,
                 inner_steps=self.inner_steps,
                 student_optimizer=self.student_optimizer,
                 compute_influence=compute_influence,

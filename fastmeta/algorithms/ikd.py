@@ -19,7 +19,8 @@ the teacher that taught it: ``∇θT LQ(θS'(θT)) = −η·w·∇θT ⟨∇θS 
 ``hypergrad="first_order"`` -- the first-order feedback (only first derivatives)
     The mixed product is replaced by a one-sided difference of the KD loss between
     the taught student and the student *corrected by its exam*,
-    ``θS'' = θS' − η·v`` (one plain gradient step on the quiz loss):
+    ``θS'' = θS' − η·v`` (one plain gradient step on the quiz loss; ``η`` = ``inner_lr``,
+    or each parameter's student param-group lr when it is None):
 
         G = w·∇θT [ KD(S(x; θS''), T(x; θT)) − KD(S(x; θS'), T(x; θT)) ]
 
@@ -96,20 +97,24 @@ def _run_first_order(ctx: StepContext):
     with ctx.phase("exam"), preserved_buffers(ctx.student):
         params = trainable(ctx.student)
         quiz_logits = ctx.student_logits(ctx.quiz)
+        batching.check_finite(quiz_logits.detach(), "student logits on quiz_batch")
         quiz_loss = batching.cross_entropy(quiz_logits, ctx.labels(ctx.quiz), name="quiz_batch labels")
         batching.check_finite(quiz_loss.detach(), "quiz loss")
         quiz_grads = torch.autograd.grad(quiz_loss, [p for _, p in params], allow_unused=True)
         check_finite_grads({n: g for (n, _), g in zip(params, quiz_grads)}, "quiz gradient")
         with torch.no_grad():
             taught = ctx.student_logits(grad=False)
+            lrs = ctx.student_lrs()
             corrected_params = {
-                name: (p.detach() - ctx.inner_lr * g.to(p.dtype)) if g is not None else p.detach()
+                name: (p.detach() - lrs[name] * g.to(p.dtype)) if g is not None else p.detach()
                 for (name, p), g in zip(params, quiz_grads)
             }
             corrected = functional_logits(ctx.student, corrected_params, ctx.batch, name="student")
             corrected, _ = batching.align_logits_labels(
                 corrected, ctx.batch.labels, shift_labels=ctx.shift_labels, name="student"
             )
+    batching.check_finite(taught, "student logits on batch after the course step")
+    batching.check_finite(corrected, "exam-corrected student logits on batch")
     with ctx.phase("teacher_gradient"):
         labels = ctx.labels()
         mask = labels != batching.IGNORE_INDEX

@@ -36,8 +36,8 @@ the weight of the teacher's CE: the official code's ``alpha_kd_t`` weights
 ``KD_T`` (``alpha = 1 − alpha_kd_t``); default 0.5.
 
 Costs beyond the engine's meta-gradient: one teacher forward with graph and its
-backward (auxiliary loss; ``"weighted"`` shares it), one student forward without
-graph on ``x``, then the fresh teacher forward and student forward/backward of
+backward (auxiliary loss; ``"weighted"`` shares it; the student's logits come from
+the engine's pilot forward), then the fresh teacher forward and student forward/backward of
 step 3.  ``StepOutput.teacher_loss`` is the auxiliary loss, ``influences`` the
 ``w_i`` (computed for every LGTM step: they are the paper's diagnostics and cost
 no extra pass).
@@ -80,9 +80,13 @@ def run(ctx: StepContext):
         params = trainable(ctx.teacher)
         labels = ctx.labels()
         mask = labels != batching.IGNORE_INDEX
-        student_logits = ctx.student_logits(grad=False)
+        # the student's logits on x at θS: the engine's pilot forward (no extra student pass)
+        student_logits, _ = batching.align_logits_labels(
+            result.student_logits, ctx.batch.labels, shift_labels=ctx.shift_labels, name="student"
+        )
         teacher_logits = ctx.teacher_logits(grad=True)
         batching.check_logits_pair(student_logits, teacher_logits)
+        batching.check_finite(teacher_logits.detach(), "teacher logits on batch")
         aux = None
         if alpha != 0.0:
             aux = alpha * batching.cross_entropy(teacher_logits, labels, name="batch labels")

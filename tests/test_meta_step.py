@@ -1,0 +1,279 @@
+"""``fastmeta.meta_step``: API, bad input and atomicity.
+
+A failing ``meta_step`` -- bad input, or a non-finite loss that only shows up after
+one model has already been updated (a poisoned forward) -- must raise a clear
+error and leave BOTH models (state_dict and ``.grad``) and BOTH optimizers
+(state_dict) exactly as they were, bitwise.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastmeta
+from fastmeta.step import StepOutput
+
+CASES = [
+    ("kd", "exact"),
+    ("metadistil", "exact"),
+    ("metadistil", "finite_diff"),
+    ("metadistil", "autograd"),
+    ("lgtm", "exact"),
+    ("reptile", "first_order"),
+    ("ikd", "exact"),
+    ("ikd", "first_order"),
+]
+
+
+class Net(torch.nn.Module):
+    """A small MLP whose forward can be poisoned (NaN logits) at a chosen call."""
+
+    def __init__(self, hidden, classes=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layer = torch.nn.ModuleList([torch.nn.Linear(5, hidden), torch.nn.Linear(hidden, hidden)])
+        self.head = torch.nn.Linear(hidden, classes)
+        self.calls = 0
+        self.poison_at = None
+
+    def forward(self, x):
+        self.calls += 1
+        h = x
+        for layer in self.layer:
+            h = torch.tanh(layer(h))
+        z = self.head(h)
+        if self.poison_at is not None and self.calls == self.poison_at:
+            z = z * float("nan")  # NaN in values and in any forward-mode tangent
+        return z
+
+
+def make_batch(seed, size=6, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(size, 5, generator=g, dtype=torch.float64), torch.randint(0, classes, (size,), generator=g))
+
+
+def setup(algorithm, hypergrad, classes_t=3, classes_s=3):
+    teacher = Net(8, classes_t, seed=1).double()
+    student = Net(8, classes_s, seed=2).double()
+    opt_t = torch.optim.Adam(teacher.parameters(), lr=0.01)
+    opt_s = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    if classes_t == classes_s:  # prime both optimizers so that their state is not empty
+        fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s,
+                           algorithm=algorithm, hypergrad=hypergrad, temperature=2.0)
+    return teacher, student, opt_t, opt_s
+
+
+def snapshot(*objects):
+    state = []
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            state.append(copy.deepcopy(obj.state_dict()))
+            state.append([None if p.grad is None else p.grad.detach().clone() for p in obj.parameters()])
+        else:
+            state.append(copy.deepcopy(obj.state_dict()))
+    return state
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b) or (torch.isnan(a).any() and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)))
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def call(teacher, student, opt_t, opt_s, algorithm, hypergrad, batch=None, quiz=None, **kwargs):
+    kwargs.setdefault("temperature", 2.0)
+    return fastmeta.meta_step(
+        teacher, student, make_batch(3) if batch is None else batch, make_batch(4) if quiz is None else quiz,
+        opt_t, opt_s, algorithm=algorithm, hypergrad=hypergrad, **kwargs,
+    )
+
+
+@pytest.mark.parametrize("algorithm,hypergrad", CASES)
+def test_step_output_and_updates(algorithm, hypergrad):
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+    before_t, before_s = copy.deepcopy(teacher.state_dict()), copy.deepcopy(student.state_dict())
+    out = call(teacher, student, opt_t, opt_s, algorithm, hypergrad)
+    assert isinstance(out, StepOutput) and out.algorithm == algorithm
+    assert out.student_loss.dim() == 0 and torch.isfinite(out.student_loss) and not out.student_loss.requires_grad
+    assert out.timings["total"] > 0 and out.timings["validate"] >= 0
+    assert out.teacher_updated == (algorithm != "kd")
+    assert (out.quiz_loss is None) == (algorithm in ("kd", "reptile"))
+    if algorithm == "lgtm":
+        assert out.influences.shape == (6,)
+    moved_s = any(not torch.equal(v, before_s[k]) for k, v in student.state_dict().items())
+    moved_t = any(not torch.equal(v, before_t[k]) for k, v in teacher.state_dict().items())
+    assert moved_s and moved_t == (algorithm != "kd")
+    for p in student.parameters():
+        assert p.grad is not None  # the gradient the optimizer used
+
+
+@pytest.mark.parametrize("algorithm,hypergrad", CASES)
+@pytest.mark.parametrize("poisoned", ["teacher", "student"])
+@pytest.mark.parametrize("which_call", ["first", "last"])
+def test_non_finite_anywhere_leaves_everything_untouched(algorithm, hypergrad, poisoned, which_call):
+    """NaN logits at the first or last forward of either model in a step: error, nothing changed."""
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+    model = teacher if poisoned == "teacher" else student
+    # count the forwards of one clean step (on copies, the real ones stay as they are)
+    t2, s2, ot2, os2 = copy.deepcopy(teacher), copy.deepcopy(student), None, None
+    ot2 = torch.optim.Adam(t2.parameters(), lr=0.01)
+    ot2.load_state_dict(opt_t.state_dict())
+    os2 = torch.optim.SGD(s2.parameters(), lr=0.1, momentum=0.9)
+    os2.load_state_dict(opt_s.state_dict())
+    m2 = t2 if poisoned == "teacher" else s2
+    start = m2.calls
+    call(t2, s2, ot2, os2, algorithm, hypergrad)
+    count = m2.calls - start
+    assert count >= 1
+    model.poison_at = model.calls + (1 if which_call == "first" else count)
+    saved = snapshot(teacher, student, opt_t, opt_s)
+    with pytest.raises(FloatingPointError, match="finite"):
+        call(teacher, student, opt_t, opt_s, algorithm, hypergrad)
+    assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
+    # and the models still train afterwards
+    model.poison_at = None
+    call(teacher, student, opt_t, opt_s, algorithm, hypergrad)
+
+
+def _bad_inputs():
+    x, y = make_batch(5)
+    return {
+        "missing labels": (lambda: ({"x": x}, make_batch(4)), {}, ValueError, "labels"),
+        "empty batch": (lambda: ((x[:0], y[:0]), make_batch(4)), {}, ValueError, "empty"),
+        "empty quiz batch": (lambda: (make_batch(3), (x[:0], y[:0])), {}, ValueError, "empty"),
+        "temperature 0": (lambda: (make_batch(3), make_batch(4)), {"temperature": 0.0}, ValueError, "temperature"),
+        "temperature < 0": (lambda: (make_batch(3), make_batch(4)), {"temperature": -1.0}, ValueError, "temperature"),
+        "nan input": (lambda: ((torch.full_like(x, float("nan")), y), make_batch(4)), {}, FloatingPointError, "finite"),
+        "batch on another device": (lambda: ((x.to("meta"), y.to("meta")), make_batch(4)), {}, ValueError, "on meta but the models are on cpu"),
+        "labels out of range": (lambda: ((x, y + 7), make_batch(4)), {}, ValueError, "outside"),
+        "kd_weight > 1": (lambda: (make_batch(3), make_batch(4)), {"kd_weight": 1.5}, ValueError, "kd_weight"),
+        "unknown option": (lambda: (make_batch(3), make_batch(4)), {"no_such_option": 1}, TypeError, "unknown option"),
+        "bad kd_loss": (lambda: (make_batch(3), make_batch(4)), {"kd_loss": "js"}, ValueError, "kd_loss"),
+        "inner_lr <= 0": (lambda: (make_batch(3), make_batch(4)), {"inner_lr": 0.0}, ValueError, "inner_lr"),
+    }
+
+
+BAD = _bad_inputs()
+
+
+# kd and reptile do not read the quiz batch (it may be None for them): no quiz-batch cases there
+BAD_CASES = [
+    (algorithm, hypergrad, case)
+    for algorithm, hypergrad in CASES
+    if hypergrad != "autograd" and (algorithm, hypergrad) != ("metadistil", "finite_diff")
+    for case in sorted(BAD)
+    if not (algorithm in ("kd", "reptile") and "quiz" in case)
+]
+
+
+@pytest.mark.parametrize("algorithm,hypergrad,case", BAD_CASES)
+def test_bad_input_raises_and_leaves_everything_untouched(algorithm, hypergrad, case):
+    make, kwargs, error, match = BAD[case]
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+    batch, quiz = make()
+    saved = snapshot(teacher, student, opt_t, opt_s)
+    with pytest.raises(error, match=match):
+        call(teacher, student, opt_t, opt_s, algorithm, hypergrad, batch=batch, quiz=quiz, **kwargs)
+    assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
+
+
+@pytest.mark.parametrize("algorithm,hypergrad", [c for c in CASES if c[1] != "autograd"])
+def test_logits_shape_mismatch(algorithm, hypergrad):
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad, classes_t=4, classes_s=3)
+    saved = snapshot(teacher, student, opt_t, opt_s)
+    with pytest.raises(ValueError, match="do not match"):
+        call(teacher, student, opt_t, opt_s, algorithm, hypergrad)
+    assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
+
+
+def test_models_on_different_devices():
+    teacher = Net(8, seed=1).double()
+    student = Net(8, seed=2).double().to("meta")
+    opt_t = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    opt_s = torch.optim.SGD(student.parameters(), lr=0.1)
+    saved = snapshot(teacher, opt_t)
+    with pytest.raises(ValueError, match="different devices"):
+        fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s)
+    assert_same(snapshot(teacher, opt_t), saved)
+
+
+def test_argument_errors():
+    teacher, student = Net(8, seed=1).double(), Net(8, seed=2).double()
+    opt_t = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    opt_s = torch.optim.SGD(student.parameters(), lr=0.1)
+    b, q = make_batch(1), make_batch(2)
+    with pytest.raises(ValueError, match="algorithm"):
+        fastmeta.meta_step(teacher, student, b, q, opt_t, opt_s, algorithm="maml")
+    with pytest.raises(ValueError, match="hypergrad"):
+        fastmeta.meta_step(teacher, student, b, q, opt_t, opt_s, hypergrad="second_order")
+    with pytest.raises(ValueError, match="first_order"):
+        fastmeta.meta_step(teacher, student, b, q, opt_t, opt_s, algorithm="metadistil", hypergrad="first_order")
+    with pytest.raises(ValueError, match="teacher_optimizer"):
+        fastmeta.meta_step(teacher, student, b, q, None, opt_s, algorithm="metadistil")
+    with pytest.raises(ValueError, match="quiz_batch"):
+        fastmeta.meta_step(teacher, student, b, None, opt_t, opt_s, algorithm="metadistil")
+    with pytest.raises(ValueError, match="two different optimizers"):
+        fastmeta.meta_step(teacher, student, b, q, opt_s, opt_s)
+    with pytest.raises(ValueError, match="influence_objective"):
+        fastmeta.meta_step(teacher, student, b, q, opt_t, opt_s, algorithm="lgtm", influence_objective="max")
+    with pytest.raises(ValueError, match="layer_strategy"):
+        fastmeta.meta_step(teacher, student, b, None, opt_t, opt_s, algorithm="reptile", layer_strategy="middle")
+    # kd needs neither a teacher optimizer nor a quiz batch
+    out = fastmeta.meta_step(teacher, student, b, None, None, opt_s, algorithm="kd")
+    assert out.teacher_updated is False
+
+
+def test_schedulers_step_once_after_success_only():
+    teacher, student = Net(8, seed=1).double(), Net(8, seed=2).double()
+    opt_t = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    opt_s = torch.optim.SGD(student.parameters(), lr=0.1)
+    sched_t = torch.optim.lr_scheduler.StepLR(opt_t, step_size=1, gamma=0.5)
+    sched_s = torch.optim.lr_scheduler.StepLR(opt_s, step_size=1, gamma=0.5)
+    kw = dict(teacher_scheduler=sched_t, student_scheduler=sched_s)
+    fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s, **kw)
+    assert opt_t.param_groups[0]["lr"] == 0.05 and opt_s.param_groups[0]["lr"] == 0.05
+    bad = (torch.full((6, 5), float("nan"), dtype=torch.float64), make_batch(1)[1])
+    with pytest.raises(FloatingPointError):
+        fastmeta.meta_step(teacher, student, bad, make_batch(2), opt_t, opt_s, **kw)
+    assert opt_t.param_groups[0]["lr"] == 0.05 and opt_s.param_groups[0]["lr"] == 0.05
+
+
+def test_inner_lr_none_uses_student_lr():
+    """inner_lr=None is the student optimizer's lr: same result as passing it explicitly."""
+    results = []
+    for inner_lr in (None, 0.1):
+        teacher, student = Net(8, seed=1).double(), Net(8, seed=2).double()
+        opt_t = torch.optim.SGD(teacher.parameters(), lr=0.1)
+        opt_s = torch.optim.SGD(student.parameters(), lr=0.1)
+        fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s, inner_lr=inner_lr)
+        results.append([p.detach().clone() for p in teacher.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_frozen_parameters_and_modes_respected():
+    teacher, student = Net(8, seed=1).double(), Net(8, seed=2).double()
+    teacher.layer[0].weight.requires_grad_(False)
+    student.layer[0].weight.requires_grad_(False)
+    teacher.eval()
+    frozen = (teacher.layer[0].weight.detach().clone(), student.layer[0].weight.detach().clone())
+    opt_t = torch.optim.SGD([p for p in teacher.parameters() if p.requires_grad], lr=0.1)
+    opt_s = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+    for algorithm, hypergrad in CASES:
+        fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s,
+                           algorithm=algorithm, hypergrad=hypergrad)
+    assert torch.equal(teacher.layer[0].weight, frozen[0]) and torch.equal(student.layer[0].weight, frozen[1])
+    assert teacher.layer[0].weight.grad is None and student.layer[0].weight.grad is None
+    assert not teacher.training and student.training
