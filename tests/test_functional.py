@@ -1,0 +1,214 @@
+"""Tests of fastmeta.functional (student JVPs, RNG replay, math attention) and fastmeta.batching."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastmeta import batching
+from fastmeta.functional import (
+    capture_rng_state,
+    jvp_logits,
+    math_attention,
+    replay_rng,
+    trainable_parameters,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_bert(attn, dropout=0.0, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0,
+        attn_implementation=attn,
+    )
+    return transformers.BertForSequenceClassification(cfg).to(dtype)
+
+
+def inputs(seed=0, batch=4, length=9):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, -3:] = 0
+    return {"input_ids": torch.randint(0, 50, (batch, length), generator=g), "attention_mask": mask}
+
+
+def double_vjp_jvp(model, x, tangents, rng_state):
+    """Reference ``J v`` by reverse mode twice (independent of torch.func)."""
+    params = trainable_parameters(model)
+    with torch.enable_grad(), math_attention(), replay_rng(rng_state):
+        z = model(**x).logits
+        w = torch.zeros_like(z, requires_grad=True)
+        grads = torch.autograd.grad(z, list(params.values()), grad_outputs=w, create_graph=True)
+        (u,) = torch.autograd.grad(grads, w, grad_outputs=[tangents[n] for n in params])
+    return z.detach(), u
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_forward_jvp_matches_double_vjp_with_dropout(attn):
+    model = tiny_bert(attn, dropout=0.3).train()
+    x = inputs()
+    tangents = {n: torch.randn_like(p) for n, p in trainable_parameters(model).items()}
+    state = capture_rng_state()
+    with math_attention():
+        z_primal = model(**x).logits.detach()
+    after_primal = torch.random.get_rng_state()
+    z, u = jvp_logits(model, x, tangents, rng_state=state)
+    assert torch.equal(torch.random.get_rng_state(), after_primal)  # the replay put the stream back
+    z_ref, u_ref = double_vjp_jvp(model, x, tangents, state)
+    assert torch.equal(z, z_primal)  # same dropout masks as the forward it pairs with
+    assert float((u - u_ref).norm() / u_ref.norm()) <= 1e-12
+    assert model.training
+
+
+def test_forward_jvp_at_other_params_and_partial_tangents():
+    model = tiny_bert("eager").eval()
+    x = inputs(1)
+    params = {n: p.detach() + 0.01 * torch.randn_like(p) for n, p in trainable_parameters(model).items()}
+    names = [n for n in params if "encoder" in n]
+    tangents = {n: torch.randn_like(params[n]) for n in names}
+    z, u = jvp_logits(model, x, tangents, params=params)
+    # reference: finite difference in float64 around `params` with only `names` moving
+    eps = 1e-6
+
+    def at(shift):
+        moved = {n: (t + shift * tangents[n] if n in tangents else t) for n, t in params.items()}
+        return torch.func.functional_call(model, moved, (), x).logits
+
+    with torch.no_grad():
+        u_fd = (at(eps) - at(-eps)) / (2 * eps)
+        z_ref = at(0.0)
+    assert torch.allclose(z, z_ref, rtol=0, atol=1e-12)
+    assert float((u - u_fd).norm() / u_fd.norm()) <= 1e-7
+
+
+def test_finite_diff_jvp_float32_and_restore():
+    model64 = tiny_bert("sdpa", dropout=0.2).train()
+    x = inputs(2)
+    tangents64 = {n: torch.randn_like(p) for n, p in trainable_parameters(model64).items()}
+    state = capture_rng_state()
+    _, u64 = jvp_logits(model64, x, tangents64, rng_state=state)
+    model = model64.float()
+    tangents = {n: t.float() for n, t in tangents64.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eps = 1e-3
+    _, u = jvp_logits(model, x, tangents, method="finite_diff", eps=eps, rng_state=state)
+    assert float((u.double() - u64).norm() / u64.norm()) <= 1e-3
+    _, u_default = jvp_logits(model, x, tangents, method="finite_diff", rng_state=state)
+    assert float((u_default.double() - u64).norm() / u64.norm()) <= 1e-3
+    ulp = torch.finfo(torch.float32).eps
+    for n, p in model.named_parameters():
+        scale = torch.maximum(before[n].abs(), (eps * tangents[n]).abs())
+        assert bool(((p.detach() - before[n]).abs() <= 2 * ulp * scale).all()), n
+
+
+def test_jvp_rejects_frozen_unknown_and_misshaped_tangents():
+    model = tiny_bert("eager")
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    x = inputs()
+    with pytest.raises(ValueError, match="frozen"):
+        jvp_logits(model, x, {"bert.embeddings.word_embeddings.weight": torch.zeros(50, 16, dtype=torch.float64)})
+    with pytest.raises(KeyError, match="not a parameter"):
+        jvp_logits(model, x, {"nope": torch.zeros(1)})
+    with pytest.raises(ValueError, match="shape"):
+        jvp_logits(model, x, {"classifier.bias": torch.zeros(4, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="method"):
+        jvp_logits(model, x, {}, method="magic")
+
+
+def test_jvp_in_train_mode_batchnorm_leaves_running_stats():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2)).double()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    model(x)  # materialise the lazy layer
+    stats = [b.clone() for b in model.buffers()]
+    tangents = {n: torch.randn_like(p) for n, p in trainable_parameters(model).items()}
+    _, u = jvp_logits(model, x, tangents)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats))
+    with torch.no_grad():
+        eps = 1e-6
+        params = dict(model.named_parameters())
+
+        def at(shift):
+            return torch.func.functional_call(
+                model, {**{n: b.clone() for n, b in model.named_buffers()}, **{n: p + shift * tangents[n] for n, p in params.items()}}, (x,)
+            )
+
+        u_fd = (at(eps) - at(-eps)) / (2 * eps)
+    assert float((u - u_fd).norm() / u_fd.norm()) <= 1e-7
+
+
+# --------------------------------------------------------------------------- batching
+def test_split_batch_forms_and_errors():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    labels = torch.tensor([0, 1])
+    split = batching.split_batch({"input_ids": ids, "labels": labels})
+    assert split.args == () and set(split.kwargs) == {"input_ids"} and split.size == 2
+    split = batching.split_batch((ids, labels))
+    assert split.args[0] is ids and split.kwargs == {}
+    split = batching.split_batch(({"input_ids": ids}, labels))
+    assert split.kwargs["input_ids"] is ids
+    split = batching.split_batch(((ids, ids), labels))
+    assert len(split.args) == 2
+    with pytest.raises(ValueError, match="quiz_batch has no 'labels'"):
+        batching.split_batch({"input_ids": ids}, name="quiz_batch")
+    with pytest.raises(ValueError, match="empty"):
+        batching.split_batch((ids[:0], labels[:0]))
+    with pytest.raises(ValueError, match="integer"):
+        batching.split_batch((ids, labels.float()))
+    with pytest.raises(TypeError, match="Mapping"):
+        batching.split_batch(ids)
+
+
+def test_align_and_cross_entropy_with_ignored_tokens_and_shift():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, 4:] = -100
+    z, y = batching.align_logits_labels(logits, labels, shift_labels=True)
+    assert z.shape == (3, 5, 11) and torch.equal(y, labels[:, 1:])
+    ce = batching.cross_entropy(z, y)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(ce, ref, rtol=1e-14)
+    with pytest.raises(ValueError, match="shift_labels"):
+        batching.align_logits_labels(logits, labels[:, :-1])
+    with pytest.raises(ValueError, match="-100"):
+        batching.cross_entropy(z, torch.full_like(y, -100))
+    with pytest.raises(ValueError, match="outside"):
+        batching.cross_entropy(z, torch.full_like(y, 11))
+
+
+def test_student_loss_masks_kd_rows_like_ce():
+    torch.manual_seed(1)
+    zs = torch.randn(2, 4, 7, dtype=torch.float64)
+    zt = torch.randn(2, 4, 7, dtype=torch.float64)
+    labels = torch.randint(0, 7, (2, 4))
+    labels[1, 1:] = -100
+    loss = batching.student_loss(zs, zt, labels, temperature=2.0, kd_weight=0.3, kind="kl")
+    keep = labels != -100
+    kl = 4.0 * (F.softmax(zt / 2, -1) * (F.log_softmax(zt / 2, -1) - F.log_softmax(zs / 2, -1))).sum(-1)
+    ref = 0.7 * F.cross_entropy(zs.reshape(-1, 7), labels.reshape(-1), ignore_index=-100) + 0.3 * kl[keep].mean()
+    assert torch.allclose(loss, ref, rtol=1e-13)
+    assert torch.allclose(
+        batching.student_loss(zs, zt, labels, temperature=2.0, kd_weight=0.3, kind="kl", higher_order=True), ref, rtol=1e-13
+    )
+
+
+def test_validation_helpers():
+    with pytest.raises(ValueError, match="temperature"):
+        batching.check_temperature(0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        batching.check_temperature(float("nan"))
+    with pytest.raises(ValueError, match="kd_weight"):
+        batching.check_kd_weight(1.5)
+    with pytest.raises(ValueError, match="kd_loss"):
+        batching.check_kd_kind("js")
+    with pytest.raises(ValueError, match="do not match"):
+        batching.check_logits_pair(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(FloatingPointError, match="quiz loss"):
+        batching.check_finite(torch.tensor(float("nan")), "quiz loss")
+    assert batching.extract_logits({"logits": torch.ones(1)}).shape == (1,)
+    with pytest.raises(TypeError, match="logits"):
+        batching.extract_logits(("not", "logits"))
