@@ -21,10 +21,18 @@ def write_vocab(directory: Path, words=WORDS) -> Path:
 
 
 def make_tokenizer(directory: Path, words=WORDS):
+    import inspect
+
     from transformers import BertTokenizerFast
 
     vocab = write_vocab(directory, words)
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    # transformers 5 takes `vocab` (a path or a dict), 4.x takes `vocab_file`
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
+        tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
+    else:
+        tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    assert len(tokenizer) == len(vocab.read_text().split()), "the tiny tokenizer did not load its vocabulary"
+    return tokenizer
 
 
 def make_tiny_model_dir(directory: Path, *, layers=2, hidden=16, heads=2, num_labels=2, seed=0,
@@ -36,7 +44,8 @@ def make_tiny_model_dir(directory: Path, *, layers=2, hidden=16, heads=2, num_la
     tokenizer = make_tokenizer(directory / "_tok", words)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=64,
-                        num_labels=num_labels, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+                        num_labels=num_labels, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                        attn_implementation="eager")
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)
     model.save_pretrained(directory)
