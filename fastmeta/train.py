@@ -239,9 +239,17 @@ class TrainResult:
     final_metrics: Optional[dict]
     config: dict
     resumed_from: Optional[dict] = None
+    # how gradients were averaged across processes: None (one process), "optimizer_hooks" (the
+    # gradients both optimizers step with), "optimizer_hooks+meta_step_grad_sync" (also the
+    # pilot/quiz gradients inside meta_step: the exact global meta-gradient)
+    ddp_grad_sync: Optional[str] = None
+    # (teacher, student) after training when train(..., return_models=True); not serialised
+    models: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        import copy
+
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "models"}
 
 
 # ------------------------------------------------------------------------- helpers
@@ -483,6 +491,17 @@ class _Distributed:
 
         optimizer.register_step_pre_hook(hook)
 
+    def average_tensors(self, tensors) -> None:
+        """In place: every tensor becomes its mean over the processes (the ``grad_sync`` given to meta_step)."""
+        if self.world_size <= 1:
+            return
+        import torch.distributed as dist
+
+        for tensor in tensors:
+            if tensor is not None:
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+                tensor.div_(self.world_size)
+
     def barrier(self) -> None:
         if self.world_size > 1:
             import torch.distributed as dist
@@ -623,25 +642,27 @@ def _json_default(value):
 
 
 # ---------------------------------------------------------------------------- train
-def train(config: TrainConfig | Mapping[str, Any], *, callback: Optional[Callable[[dict], None]] = None) -> TrainResult:
+def train(config: TrainConfig | Mapping[str, Any], *, callback: Optional[Callable[[dict], None]] = None,
+          return_models: bool = False) -> TrainResult:
     """Run a whole training job (see the module docstring) and return its :class:`TrainResult`.
 
     ``config`` is a :class:`TrainConfig` or a mapping of its fields.  ``callback``, if
     given, is called with every evaluation record as it is made (on the main process).
     Every input check (options, data, models, tokenizers, quiz split) happens before the
-    first training step.
+    first training step.  ``return_models=True`` puts the trained ``(teacher, student)``
+    in ``result.models``.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**dict(config))
     cfg.validate()
     t_start = time.time()
     dist = _Distributed(cfg.device)
     try:
-        return _train(cfg, dist, t_start, callback)
+        return _train(cfg, dist, t_start, callback, return_models)
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback) -> TrainResult:
+def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, return_models: bool) -> TrainResult:
     from fastmeta.step import meta_step
 
     device = dist.device
@@ -843,6 +864,11 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback) -> Tr
     options = dict(cfg.algorithm_options)
     options.setdefault("teacher_scheduler", teacher_sched)
     options.setdefault("student_scheduler", student_sched)
+    ddp_grad_sync = None
+    if dist.world_size > 1:
+        ddp_grad_sync = "optimizer_hooks"
+        if cfg.algorithm != "kd":
+            options["grad_sync"] = dist.average_tensors  # tried on the first step; dropped if unsupported
     if state["teacher_metrics"] is None and warmup_total == 0 and state["step"] == 0:
         rec = do_eval(teacher, "teacher", "distill", 0, 0.0)
         state["teacher_metrics"] = rec["metrics"]
@@ -864,9 +890,24 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback) -> Tr
         t0 = time.perf_counter()
         try:
             with _autocast(device, cfg.precision):
-                out = meta_step(teacher, student, batch, quiz, teacher_opt, student_opt,
-                                algorithm=cfg.algorithm, hypergrad=cfg.hypergrad, temperature=cfg.temperature,
-                                kd_weight=cfg.kd_weight, kd_loss=cfg.kd_loss, inner_lr=cfg.inner_lr, **options)
+                try:
+                    out = meta_step(teacher, student, batch, quiz, teacher_opt, student_opt,
+                                    algorithm=cfg.algorithm, hypergrad=cfg.hypergrad, temperature=cfg.temperature,
+                                    kd_weight=cfg.kd_weight, kd_loss=cfg.kd_loss, inner_lr=cfg.inner_lr, **options)
+                    if "grad_sync" in options:
+                        ddp_grad_sync = "optimizer_hooks+meta_step_grad_sync"
+                except TypeError as error:
+                    # meta_step validates options before touching anything: retrying is safe
+                    if "grad_sync" not in options or "grad_sync" not in str(error):
+                        raise
+                    options.pop("grad_sync")
+                    _log(verbose, "[fastmeta.train] warning: this meta_step has no grad_sync option: each process "
+                                  f"computes {cfg.algorithm}'s pilot step and meta-gradient on its own shard and only "
+                                  "the gradients the optimizers step with are averaged (replicas stay identical, "
+                                  "but the update differs from one process on the concatenated batch)")
+                    out = meta_step(teacher, student, batch, quiz, teacher_opt, student_opt,
+                                    algorithm=cfg.algorithm, hypergrad=cfg.hypergrad, temperature=cfg.temperature,
+                                    kd_weight=cfg.kd_weight, kd_loss=cfg.kd_loss, inner_lr=cfg.inner_lr, **options)
         except FloatingPointError:
             if cfg.precision != "fp16":
                 raise
@@ -922,11 +963,14 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback) -> Tr
         output_dir=str(output_dir),
         best_student_dir=str(output_dir / "best_student") if (cfg.save_best and state["best_step"] is not None) else None,
         final_metrics=final_metrics, config=dataclasses.asdict(cfg), resumed_from=resumed_from,
+        ddp_grad_sync=ddp_grad_sync,
     )
     if main_proc:
         (output_dir / "summary.json").write_text(json.dumps(result.to_dict(), indent=2, default=_json_default))
         _log(verbose, f"[fastmeta.train] best student {spec.metric}={result.best_metric} at step {result.best_step} "
                       f"({result.time_to_best_s:.1f}s); summary in {output_dir / 'summary.json'}")
+    if return_models:
+        result.models = (teacher, student)
     return result
 
 
