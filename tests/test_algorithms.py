@@ -405,6 +405,64 @@ def test_metadistil_cnn_eval_mode_frozen_parameter():
     assert not teacher.training and not student.training
 
 
+def ref_adam_pilot_meta_gradient(T, S, optS, batch, quiz):
+    """MetaDistil's meta-gradient through ONE Adam step of the student, written out by hand.
+
+    θ' = θ − lr·m̂'/(sqrt(ŝ')+eps) with m' = β1·m + (1−β1)·g, s' = β2·s + (1−β2)·g²: the value is Adam's
+    next step; the derivative treats s' as a constant (the documented first-order treatment of Adam's
+    second moment) and differentiates the first moment exactly.
+    """
+    group = optS.param_groups[0]
+    beta1, beta2 = group["betas"]
+    lr, eps = group["lr"], group["eps"]
+    sp = trainable_dict(S)
+    zt, y = ref_logits(T, batch)
+    zs, _ = ref_logits(S, batch)
+    g = torch.autograd.grad(ref_ls(zs, zt, y), list(sp.values()), create_graph=True)
+    fast = {}
+    for (n, p), gi in zip(sp.items(), g):
+        state = optS.state.get(p, {})
+        t = int(state["step"]) + 1 if state else 1
+        m = state["exp_avg"] if state else torch.zeros_like(p)
+        v = state["exp_avg_sq"] if state else torch.zeros_like(p)
+        m_new = beta1 * m + (1 - beta1) * gi
+        v_new = (beta2 * v + (1 - beta2) * gi * gi).detach()
+        denom = (v_new / (1 - beta2**t)).sqrt() + eps
+        fast[n] = p - lr * (m_new / (1 - beta1**t)) / denom
+    zq, yq = ref_logits(S, quiz, params=fast)
+    tp = trainable_dict(T)
+    return dict(zip(tp, torch.autograd.grad(ref_ce(zq, yq), list(tp.values()))))
+
+
+def test_metadistil_adam_student_matches_hand_written_adam_pilot():
+    teacher, student = tiny_bert(2, seed=1), tiny_bert(1, seed=2)
+    batches, quizzes = bert_data()
+
+    def reference(T, S, optT, optS, batch, quiz):
+        set_grads_and_step(optT, T, ref_adam_pilot_meta_gradient(T, S, optS, batch, quiz))
+        ref_student_step(T, S, optS, batch)
+
+    run_both(teacher, student, ("sgd", "adam"), (0.5, 0.02), batches, quizzes, {"algorithm": "metadistil"}, reference)
+
+
+@pytest.mark.parametrize("algorithm", ["metadistil", "lgtm"])
+def test_finite_diff_float32_close_to_exact(algorithm):
+    """hypergrad='finite_diff' (LGTM's ε = 0.01/‖v‖ central difference) vs 'exact', float32, one step."""
+    results = {}
+    for hypergrad in ("exact", "finite_diff"):
+        teacher, student = tiny_bert(2, seed=11).float(), tiny_bert(1, seed=12).float()
+        optT = torch.optim.SGD(teacher.parameters(), lr=1.0)
+        optS = torch.optim.SGD(student.parameters(), lr=0.5)
+        before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+        fastmeta.meta_step(teacher, student, bert_batch(1), bert_batch(2), optT, optS, algorithm=algorithm,
+                           hypergrad=hypergrad, temperature=TAU, kd_weight=W)
+        results[hypergrad] = torch.cat([(before[n] - p.detach()).flatten() for n, p in teacher.named_parameters()])
+    exact, fd = results["exact"], results["finite_diff"]
+    assert exact.norm() > 0
+    error = float((fd - exact).norm() / exact.norm())
+    assert error <= 1e-3
+
+
 # --------------------------------------------------------------------------- lgtm
 @pytest.mark.parametrize("objective", ["mixed", "weighted"])
 def test_lgtm_matches_per_sample_reference(objective):
