@@ -52,7 +52,8 @@ logits; ikd: the exam needs the updated student), the first update is applied
 after saving what it overwrites, and any error later in the call (a non-finite
 loss, a bad shape, an exception from a model) restores both models and both
 optimizers bitwise before re-raising (``atomic=False`` skips the snapshot and its
-memory: one copy of the stepped parameters and of the optimizer state).
+memory: one copy of the first-updated model's stepped parameters and of its
+optimizer state; the last update of a step needs no snapshot).
 Schedulers are stepped last, after every check.  On success each stepped
 parameter's ``.grad`` holds the gradient its optimizer used; trainable parameters
 that got no gradient have ``.grad = None``.  ``requires_grad=False`` parameters
@@ -254,6 +255,12 @@ def meta_step(
     )
     # ------------------------------------------------------------------ compute, check, commit
     try:
+        if inner_steps != 1 and not (getattr(module, "USES_ENGINE", False) and hypergrad != "first_order"):
+            raise ValueError(
+                f"inner_steps={inner_steps} is only meaningful for the engine's pilot step "
+                f"(metadistil, lgtm, ikd with a second-order hypergrad); algorithm={algorithm!r} "
+                f"with hypergrad={hypergrad!r} takes one pilot/course step"
+            )
         module.check_options(ctx)
         if ctx.options:
             raise TypeError(

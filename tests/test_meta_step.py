@@ -277,3 +277,16 @@ def test_frozen_parameters_and_modes_respected():
     assert torch.equal(teacher.layer[0].weight, frozen[0]) and torch.equal(student.layer[0].weight, frozen[1])
     assert teacher.layer[0].weight.grad is None and student.layer[0].weight.grad is None
     assert not teacher.training and student.training
+
+
+def test_inner_steps_only_where_the_engine_pilots():
+    teacher, student = Net(8, seed=1).double(), Net(8, seed=2).double()
+    opt_t = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    opt_s = torch.optim.SGD(student.parameters(), lr=0.1)
+    for algorithm, hypergrad in [("kd", "exact"), ("reptile", "first_order"), ("ikd", "first_order")]:
+        with pytest.raises(ValueError, match="inner_steps"):
+            fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s,
+                               algorithm=algorithm, hypergrad=hypergrad, inner_steps=2)
+    out = fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s,
+                             algorithm="metadistil", inner_steps=2)
+    assert torch.isfinite(out.quiz_loss)

@@ -101,8 +101,10 @@ class Transaction:
     stepped parameters, their previous ``.grad`` and ``optimizer.state_dict()``;
     :meth:`rollback` restores every snapshot in reverse order.  :meth:`finish`
     steps the schedulers (after every check passed) and drops the snapshots.
-    Memory cost of ``atomic``: one copy of the stepped parameters plus the
-    optimizer state, alive from the first apply to the end of ``meta_step``.
+    The LAST update of a step (``final=True``) needs no snapshot: nothing is
+    checked after it.  So a ``meta_step`` snapshots at most one model: memory cost
+    of ``atomic``, one copy of that model's stepped parameters plus its optimizer
+    state, alive from its update to the end of ``meta_step``.
     """
 
     def __init__(self, atomic: bool = True):
@@ -116,24 +118,27 @@ class Transaction:
         params: List[Tuple[str, torch.nn.Parameter]],
         grads: Dict[str, Optional[torch.Tensor]],
         scheduler: Any = None,
+        final: bool = False,
     ) -> None:
-        stepped = [p for name, p in params if grads.get(name) is not None]
+        """Step ``optimizer`` with ``grads``; ``final=True``: nothing can fail after this update, no snapshot.
+
+        Parameters that are not in any param group of ``optimizer`` are left alone (the
+        caller chose not to train them with it).
+        """
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        stepped = [(name, p) for name, p in params if grads.get(name) is not None and id(p) in in_optimizer]
+        stepped_ids = {id(p) for _, p in stepped}
         # parameters of the optimizer that receive no gradient this step get .grad = None
         # (they must not be stepped with a stale .grad); they are snapshotted too
-        touched = stepped + [p for group in optimizer.param_groups for p in group["params"]
-                             if p.grad is not None and id(p) not in {id(q) for q in stepped}]
-        if self.atomic:
+        touched = [p for _, p in stepped] + [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None and id(p) not in stepped_ids
+        ]
+        if self.atomic and not final:
             self._snapshots.append(_Snapshot(touched, optimizer))
         for p in touched:
             p.grad = None
-        for name, p in params:
-            g = grads.get(name)
-            if g is None:
-                continue
-            if id(p) not in in_optimizer:
-                raise ValueError(f"parameter {name!r} requires grad but is in no param group of its optimizer")
-            p.grad = g.detach().to(p.dtype)
+        for name, p in stepped:
+            p.grad = grads[name].detach().to(p.dtype)
         optimizer.step()
         if scheduler is not None:
             self._schedulers.append(scheduler)
@@ -276,14 +281,18 @@ class StepContext:
         check_finite_grads(named, "student gradient")
         return loss.detach(), named
 
-    def apply_student(self, grads: Dict[str, Optional[torch.Tensor]]) -> None:
+    def apply_student(self, grads: Dict[str, Optional[torch.Tensor]], *, final: bool) -> None:
+        """Student optimizer step; ``final``: the last update of the step (no snapshot needed)."""
         with self.phase("student_update"):
-            self.transaction.apply(self.student_optimizer, trainable(self.student), grads, self.student_scheduler)
+            self.transaction.apply(
+                self.student_optimizer, trainable(self.student), grads, self.student_scheduler, final=final
+            )
 
-    def apply_teacher(self, grads: Dict[str, Optional[torch.Tensor]]) -> None:
+    def apply_teacher(self, grads: Dict[str, Optional[torch.Tensor]], *, final: bool) -> None:
+        """Teacher optimizer step; ``final``: the last update of the step (no snapshot needed)."""
         optimizer = self.require_teacher_optimizer()
         with self.phase("teacher_update"):
-            self.transaction.apply(optimizer, trainable(self.teacher), grads, self.teacher_scheduler)
+            self.transaction.apply(optimizer, trainable(self.teacher), grads, self.teacher_scheduler, final=final)
 
     # ------------------------------------------------------------------ the engine
     def engine_meta_gradient(self, *, compute_influence: bool = False, hypergrad: Optional[str] = None):

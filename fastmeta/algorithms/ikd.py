@@ -56,6 +56,7 @@ from fastmeta.algorithms._common import StepContext, check_finite_grads, trainab
 
 HYPERGRADS = ("exact", "finite_diff", "autograd", "first_order")
 NEEDS_QUIZ = True
+USES_ENGINE = True  # inner_steps > 1 goes to fastmeta.engine
 
 
 def check_options(ctx: StepContext) -> None:
@@ -71,8 +72,8 @@ def _run_exact(ctx: StepContext):
     result = ctx.engine_meta_gradient(compute_influence=ctx.settings["compute_influence"])
     student_grads = dict(result.student_grads)
     check_finite_grads(student_grads, "student gradient")
-    ctx.apply_student(student_grads)
-    ctx.apply_teacher(result.teacher_grads)
+    ctx.apply_student(student_grads, final=False)
+    ctx.apply_teacher(result.teacher_grads, final=True)
     loss = result.student_loss.detach()
     return StepOutput(
         algorithm="ikd",
@@ -92,7 +93,7 @@ def _run_first_order(ctx: StepContext):
     with ctx.phase("course.teacher_forward"):
         teacher_logits = ctx.teacher_logits(grad=True)
     course_loss, course_grads = ctx.student_step_gradients(teacher_logits.detach())
-    ctx.apply_student(course_grads)  # snapshot taken: undone if the exam fails
+    ctx.apply_student(course_grads, final=False)  # snapshot taken: undone if the exam fails
 
     with ctx.phase("exam"), preserved_buffers(ctx.student):
         params = trainable(ctx.student)
@@ -126,7 +127,7 @@ def _run_first_order(ctx: StepContext):
         grads = torch.autograd.grad(feedback, [p for _, p in t_params], allow_unused=True)
         teacher_grads = {name: g for (name, _), g in zip(t_params, grads)}
         check_finite_grads(teacher_grads, "IKD teacher feedback gradient")
-    ctx.apply_teacher(teacher_grads)
+    ctx.apply_teacher(teacher_grads, final=True)
     return StepOutput(
         algorithm="ikd",
         student_loss=course_loss,

@@ -55,8 +55,8 @@ def run(ctx: StepContext):
     loss, student_grads = ctx.student_step_gradients(teacher_logits)
     # every check passed: commit
     if teacher_ce:
-        ctx.apply_teacher(teacher_grads)
-    ctx.apply_student(student_grads)
+        ctx.apply_teacher(teacher_grads, final=False)
+    ctx.apply_student(student_grads, final=True)
     return StepOutput(
         algorithm="kd",
         student_loss=loss,

@@ -51,6 +51,7 @@ from fastmeta.algorithms._common import StepContext, check_finite_grads, trainab
 
 HYPERGRADS = ("exact", "finite_diff", "autograd")
 NEEDS_QUIZ = True
+USES_ENGINE = True  # inner_steps > 1 goes to fastmeta.engine
 INFLUENCE_OBJECTIVES = ("mixed", "weighted")
 
 
@@ -115,9 +116,9 @@ def run(ctx: StepContext):
                 teacher_grads[name] = g + influence_term.to(g.dtype)
         check_finite_grads(teacher_grads, "LGTM teacher gradient")
 
-    ctx.apply_teacher(teacher_grads)
+    ctx.apply_teacher(teacher_grads, final=False)
     loss, student_grads = ctx.student_step_gradients()
-    ctx.apply_student(student_grads)
+    ctx.apply_student(student_grads, final=True)
     return StepOutput(
         algorithm="lgtm",
         student_loss=loss,

@@ -32,6 +32,7 @@ from fastmeta.algorithms._common import StepContext
 
 HYPERGRADS = ("exact", "finite_diff", "autograd")
 NEEDS_QUIZ = True
+USES_ENGINE = True  # inner_steps > 1 goes to fastmeta.engine
 
 
 def check_options(ctx: StepContext) -> None:
@@ -43,9 +44,9 @@ def run(ctx: StepContext):
     from fastmeta.step import StepOutput
 
     result = ctx.engine_meta_gradient(compute_influence=ctx.settings["compute_influence"])
-    ctx.apply_teacher(result.teacher_grads)
+    ctx.apply_teacher(result.teacher_grads, final=False)
     loss, student_grads = ctx.student_step_gradients()
-    ctx.apply_student(student_grads)
+    ctx.apply_student(student_grads, final=True)
     return StepOutput(
         algorithm="metadistil",
         student_loss=loss,

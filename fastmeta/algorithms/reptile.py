@@ -194,10 +194,10 @@ def run(ctx: StepContext):
             teacher_grads[t_name] = t_param.detach() - target
         check_finite_grads(teacher_grads, "reptile teacher gradient")
         teacher_loss = 0.5 * sum(g.double().square().sum() for g in teacher_grads.values() if g is not None)
-    ctx.apply_teacher(teacher_grads)
+    ctx.apply_teacher(teacher_grads, final=False)
     # 3. the real student step with the updated teacher
     loss, student_grads = ctx.student_step_gradients()
-    ctx.apply_student(student_grads)
+    ctx.apply_student(student_grads, final=True)
     return StepOutput(
         algorithm="reptile",
         student_loss=loss,
