@@ -51,6 +51,9 @@ _EXPORTS = {
     "influence": "fastmeta.engine",
     "meta_step": "fastmeta.step",
     "StepOutput": "fastmeta.step",
+    "TrainConfig": "fastmeta.train",
+    "TrainResult": "fastmeta.train",
+    "MetaDistilTrainer": "fastmeta.integrations.hf",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -39,14 +39,19 @@ time to best).  ``--checkpoint-every N`` writes ``OUTPUT/checkpoint.pt`` atomica
 (see :mod:`fastmeta.checkpoint`); ``--resume`` continues from it bit-identically.
 
 Mixed precision (``--precision``): ``bf16`` runs ``meta_step`` and evaluation under
-``torch.autocast(dtype=bfloat16)`` (parameters, optimizer state and gradients stay
-fp32).  ``fp16`` does the same with float16 plus the overflow half of a grad scaler:
-a step whose losses or gradients are not finite is rolled back by ``meta_step``
-(``FloatingPointError``, both models and optimizers restored) and skipped, and the run
-stops if more than ``--max-skipped-steps`` are skipped.  The exact hypergradient's
-forward-mode JVP and its closed-form cotangent are evaluated in fp32 by the engine
-whatever the autocast dtype (bf16's 8-bit mantissa would lose the directional
-derivative, see ``fastmeta.engine``); prefer bf16 on GPUs that have it.
+``torch.autocast(dtype=bfloat16)`` (parameters, optimizer states and gradients stay
+fp32; on CPU this works too, slowly: it is meant for GPUs).  ``fp16`` does the same with
+float16 plus the overflow half of a grad scaler: a step whose losses or gradients are
+not finite is rolled back by ``meta_step`` (``FloatingPointError``; both models and
+optimizers restored bitwise) and skipped, and the run stops after
+``--max-skipped-steps`` such steps.  There is no loss scaling yet (small fp16
+gradients can underflow): ``meta_step`` computes its gradients internally and has no
+scaler hook; prefer bf16.  The exact hypergradient: the engine's closed-form cotangent
+on the teacher's logits is computed in fp32 (``fastmeta.batching``); the student JVP
+``u = J_S v`` runs under the caller's autocast unless the engine disables autocast
+around it (``fastmeta.functional.jvp_logits``; requested from the engine: bf16's 8-bit
+mantissa loses the directional derivative).  Check ``fastmeta.functional`` for the
+current behaviour.
 
 Distributed (``torchrun --nproc_per_node N -m fastmeta.train ...``): every process
 holds both models and takes ``--batch-size`` examples of each global batch of
