@@ -16,8 +16,9 @@ Distillation influence ``I`` (option ``influence_objective``):
   (its Eq. 10 and 18, ``∇θT Σ_i [ℓ_i(θS + εg) − ℓ_i(θS − εg)]/2ε``) estimates,
   scaled as the meta-gradient it is.  ``hypergrad="exact"``: exact, one student
   JVP and one teacher backward (``fastmeta.engine``); ``"finite_diff"``: central
-  differences of the student's logits (the paper's approximation; the step ``ε``
-  is the engine's); ``"autograd"``: double backward (reference).
+  differences in the direction ``d = P ⊙ g`` with the paper's step ``ε = 0.01/‖d‖``
+  (the paper's approximation: ``fastmeta.engine``, ``fd_mode="lgtm"``);
+  ``"autograd"``: double backward (reference).
 * ``"weighted"``: the paper's Eq. 9 taken literally,
   ``I = (1/B)·Σ_i w_i·∇θT ℓ_i(θS, θT)`` with the exact per-sample influences
   ``w_i = ⟨∇θS ℓ_i, P ⊙ g⟩`` (``fastmeta.influence``, one JVP) held constant and
@@ -33,7 +34,9 @@ without the ``τ²`` factor (identical at τ = 1; we keep ``kd_loss``'s τ² sca
 so that ``α`` balances the same units as ``kd_weight``).  In general ``KD_T =
 kd_loss(T(x), S(x).detach(), τ, kind)`` (roles swapped).  Option ``alpha`` is
 the weight of the teacher's CE: the official code's ``alpha_kd_t`` weights
-``KD_T`` (``alpha = 1 − alpha_kd_t``); default 0.5.
+``KD_T`` (``alpha = 1 − alpha_kd_t``).  Default 0.5: an even balance, our choice (we
+could not confirm the paper's own default offline; set it explicitly to reproduce
+a run).
 
 Costs beyond the engine's meta-gradient: one teacher forward with graph and its
 backward (auxiliary loss; ``"weighted"`` shares it; the student's logits come from
