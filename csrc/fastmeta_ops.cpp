@@ -13,6 +13,8 @@
 //       sqrt(sum_i ||xs[i]||^2), accumulated in dtype
 //   central_difference(Tensor[] g_plus, Tensor[] g_minus, float eps) -> Tensor[]
 //       (g_plus[i] - g_minus[i]) * (1 / (2 eps))
+//   central_difference_(Tensor(a!)[] g_plus, Tensor[] g_minus, float eps) -> ()
+//       the same, written into g_plus (saves one gradient-sized list)
 //   adam_preconditioner(Tensor[] vectors, Tensor[] exp_avg_sqs, Tensor[] grads,
 //                       float beta2, float bias_correction2, float eps, float scale) -> Tensor[]
 //       s = exp_avg_sqs[i]  (or beta2*s + (1-beta2)*grads[i]^2 when grads is non-empty)
@@ -196,8 +198,9 @@ at::Tensor norm_cpu(at::TensorList xs, at::ScalarType dtype) {
 // ------------------------------------------------------------------------- //
 // central_difference
 // ------------------------------------------------------------------------- //
+// `out` may alias `gp` (the in-place variant): no __restrict__ on those two
 template <typename T>
-void central_difference_chunk(const T* __restrict__ gp, const T* __restrict__ gm, T* __restrict__ out, int64_t n,
+void central_difference_chunk(const T* gp, const T* __restrict__ gm, T* out, int64_t n,
                               double inv_two_eps_d) {
   using M = typename OpMath<T>::type;
   const M inv = static_cast<M>(inv_two_eps_d);
@@ -231,6 +234,29 @@ std::vector<at::Tensor> central_difference_cpu(at::TensorList g_plus, at::Tensor
     }
   });
   return out;
+}
+
+void central_difference_inplace_cpu(at::TensorList g_plus, at::TensorList g_minus, double eps) {
+  check_lists("central_difference_", "g_plus", g_plus, "g_minus", g_minus);
+  check_cpu_floating("central_difference_", "g_plus", g_plus);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, "fastmeta::central_difference_: eps must be finite and > 0, got ", eps);
+  std::vector<at::Tensor> gm;
+  for (size_t i = 0; i < g_plus.size(); ++i) {
+    TORCH_CHECK(g_plus[i].is_contiguous(), "fastmeta::central_difference_: g_plus[", i, "] must be contiguous");
+    gm.push_back(g_minus[i].contiguous());
+  }
+  const double inv = 1.0 / (2.0 * eps);
+  const auto items = make_items(g_plus);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Item& it = items[k];
+      const at::Tensor& gp = g_plus[it.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gp.scalar_type(), "fastmeta::central_difference_", [&] {
+        scalar_t* p = gp.data_ptr<scalar_t>() + it.begin;
+        central_difference_chunk<scalar_t>(p, gm[it.tensor].data_ptr<scalar_t>() + it.begin, p, it.length, inv);
+      });
+    }
+  });
 }
 
 // ------------------------------------------------------------------------- //
@@ -320,6 +346,10 @@ std::vector<at::Tensor> central_difference_meta(at::TensorList g_plus, at::Tenso
   return like_list(g_plus);
 }
 
+void central_difference_inplace_meta(at::TensorList g_plus, at::TensorList g_minus, double /*eps*/) {
+  check_lists("central_difference_", "g_plus", g_plus, "g_minus", g_minus);
+}
+
 std::vector<at::Tensor> adam_preconditioner_meta(at::TensorList vectors, at::TensorList exp_avg_sqs,
                                                  at::TensorList /*grads*/, double, double, double, double) {
   check_lists("adam_preconditioner", "vectors", vectors, "exp_avg_sqs", exp_avg_sqs);
@@ -333,6 +363,7 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def("dot(Tensor[] xs, Tensor[] ys, ScalarType dtype) -> Tensor");
   m.def("norm(Tensor[] xs, ScalarType dtype) -> Tensor");
   m.def("central_difference(Tensor[] g_plus, Tensor[] g_minus, float eps) -> Tensor[]");
+  m.def("central_difference_(Tensor(a!)[] g_plus, Tensor[] g_minus, float eps) -> ()");
   m.def(
       "adam_preconditioner(Tensor[] vectors, Tensor[] exp_avg_sqs, Tensor[] grads, float beta2, "
       "float bias_correction2, float eps, float scale) -> Tensor[]");
@@ -343,6 +374,7 @@ TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
   m.impl("dot", &dot_cpu);
   m.impl("norm", &norm_cpu);
   m.impl("central_difference", &central_difference_cpu);
+  m.impl("central_difference_", &central_difference_inplace_cpu);
   m.impl("adam_preconditioner", &adam_preconditioner_cpu);
 }
 
@@ -351,6 +383,7 @@ TORCH_LIBRARY_IMPL(fastmeta, Meta, m) {
   m.impl("dot", &dot_meta);
   m.impl("norm", &norm_meta);
   m.impl("central_difference", &central_difference_meta);
+  m.impl("central_difference_", &central_difference_inplace_meta);
   m.impl("adam_preconditioner", &adam_preconditioner_meta);
 }
 

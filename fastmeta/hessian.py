@@ -334,7 +334,10 @@ def _hvp_finite_diff(loss_fn, module, params, vectors, r, restore, device):
         g_minus = gradient()
     finally:
         perturbation.undo()
-    return ops.central_difference(g_plus, g_minus, eps)
+    del perturbation
+    # written into g_plus: two gradient-sized lists at the peak, not three
+    g_plus = [g if g.is_contiguous() else g.contiguous() for g in g_plus]
+    return ops.central_difference(g_plus, g_minus, eps, inplace=True)
 
 
 # --------------------------------------------------------------------------- mixed_hvp

@@ -33,10 +33,12 @@ Ops (extension schema in brackets)
     in ``dtype``, deterministic as ``dot``.
     [``fastmeta::norm(Tensor[] xs, ScalarType dtype) -> Tensor``]
 
-``central_difference(g_plus, g_minus, eps)``
+``central_difference(g_plus, g_minus, eps, *, inplace=False)``
     New list ``out[i] = (g_plus[i] - g_minus[i]) / (2 * eps)`` (fp32 math for
-    fp16/bf16, storage dtype of ``g_plus[i]``).
-    [``fastmeta::central_difference(Tensor[] g_plus, Tensor[] g_minus, float eps) -> Tensor[]``]
+    fp16/bf16, storage dtype of ``g_plus[i]``); ``inplace=True`` writes it into
+    ``g_plus`` (contiguous) and returns ``g_plus``.
+    [``fastmeta::central_difference(Tensor[] g_plus, Tensor[] g_minus, float eps) -> Tensor[]``,
+    ``fastmeta::central_difference_(Tensor(a!)[] g_plus, Tensor[] g_minus, float eps) -> ()``]
 
 ``adam_preconditioner(vectors, exp_avg_sqs, *, step, beta1, beta2, eps, grads=None, first_moment_factor=True)``
     New list ``out[i] = c1 * vectors[i] / (sqrt(s_i / (1 - beta2**step)) + eps)`` with
@@ -242,8 +244,11 @@ def norm(xs, *, dtype: torch.dtype = torch.float32, backend: str = "auto") -> to
 
 
 @torch.no_grad()
-def central_difference(g_plus, g_minus, eps: float, *, backend: str = "auto") -> List[torch.Tensor]:
-    """New list ``(g_plus[i] - g_minus[i]) / (2·eps)`` (dtype of ``g_plus[i]``)."""
+def central_difference(
+    g_plus, g_minus, eps: float, *, inplace: bool = False, backend: str = "auto"
+) -> List[torch.Tensor]:
+    """``(g_plus[i] - g_minus[i]) / (2·eps)`` (dtype of ``g_plus[i]``): a new list, or written
+    into ``g_plus`` and returned when ``inplace=True`` (one gradient-sized list less)."""
     g_plus = _as_list("g_plus", g_plus)
     g_minus = _as_list("g_minus", g_minus)
     _check_pairs("g_plus", g_plus, "g_minus", g_minus)
@@ -253,11 +258,21 @@ def central_difference(g_plus, g_minus, eps: float, *, backend: str = "auto") ->
     if not g_plus:
         return []
     if _use_extension(backend, "central_difference", [g_plus, g_minus]):
+        if inplace:
+            torch.ops.fastmeta.central_difference_(g_plus, g_minus, eps)
+            return g_plus
         return list(torch.ops.fastmeta.central_difference(g_plus, g_minus, eps))
     out = []
     for gp, gm in zip(g_plus, g_minus):
         compute = torch.promote_types(gp.dtype, torch.float32)
-        out.append(((gp.to(compute) - gm.to(compute)) * (1.0 / (2.0 * eps))).to(gp.dtype))
+        if inplace and compute == gp.dtype:
+            gp.sub_(gm).mul_(1.0 / (2.0 * eps))
+            out.append(gp)
+        elif inplace:
+            gp.copy_(((gp.to(compute) - gm.to(compute)) * (1.0 / (2.0 * eps))).to(gp.dtype))
+            out.append(gp)
+        else:
+            out.append(((gp.to(compute) - gm.to(compute)) * (1.0 / (2.0 * eps))).to(gp.dtype))
     return out
 
 

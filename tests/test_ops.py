@@ -126,6 +126,13 @@ def test_central_difference_matches_twin(device, dtype, shapes):
     for a, b, x in zip(got, twin, gp):
         assert a.dtype == x.dtype and a.shape == x.shape
         assert torch.equal(a, b)  # same fp32/fp64 math, same rounding
+    # in place: written into g_plus, same values
+    for backend in ("extension", "torch"):
+        target = [g.clone() for g in gp]
+        res = ops.central_difference(target, gm, 3e-3, inplace=True, backend=backend)
+        assert all(r is t for r, t in zip(res, target))
+        for a, b in zip(target, got):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", _devices())

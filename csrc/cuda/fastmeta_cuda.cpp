@@ -182,6 +182,34 @@ std::vector<at::Tensor> central_difference_cuda(at::TensorList g_plus, at::Tenso
   return out;
 }
 
+void central_difference_inplace_cuda(at::TensorList g_plus, at::TensorList g_minus, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, "fastmeta::central_difference_: eps must be finite and > 0, got ", eps);
+  check_device("central_difference_", "g_plus", g_plus);
+  check_list("central_difference_", "g_plus", g_plus, "g_minus", g_minus);
+  if (g_plus.empty()) return;
+  for (size_t i = 0; i < g_plus.size(); ++i)
+    TORCH_CHECK(g_plus[i].is_contiguous(), "fastmeta::central_difference_: g_plus[", i, "] must be contiguous");
+  const c10::cuda::CUDAGuard guard(g_plus[0].device());
+  const auto gm = contiguous(g_minus);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  for (const auto& group : group_by_dtype(g_plus)) {
+    std::vector<const void*> a, b;
+    std::vector<void*> o;
+    std::vector<int64_t> sizes;
+    for (size_t i : group) {
+      a.push_back(g_plus[i].data_ptr());
+      b.push_back(gm[i].data_ptr());
+      o.push_back(g_plus[i].data_ptr());  // elementwise: out aliasing g_plus is safe
+      sizes.push_back(g_plus[i].numel());
+    }
+    check_cuda("central_difference_",
+               fastmeta_cuda::central_difference(a.data(), b.data(), o.data(), sizes.data(),
+                                                 static_cast<int>(sizes.size()),
+                                                 dtype_code("central_difference_", g_plus[group[0]].scalar_type()),
+                                                 eps, stream));
+  }
+}
+
 std::vector<at::Tensor> adam_preconditioner_cuda(at::TensorList vectors, at::TensorList exp_avg_sqs,
                                                  at::TensorList grads, double beta2, double bias_correction2,
                                                  double eps, double scale) {
@@ -226,6 +254,7 @@ TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
   m.impl("dot", &dot_cuda);
   m.impl("norm", &norm_cuda);
   m.impl("central_difference", &central_difference_cuda);
+  m.impl("central_difference_", &central_difference_inplace_cuda);
   m.impl("adam_preconditioner", &adam_preconditioner_cuda);
 }
 

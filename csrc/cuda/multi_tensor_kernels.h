@@ -41,7 +41,7 @@ cudaError_t add_scaled(void* const* tensors, const void* const* vectors, const i
 cudaError_t dot(const void* const* xs, const void* const* ys, const int64_t* sizes, int n_tensors, DType dtype,
                 bool acc_double, void* partials, void* out, cudaStream_t stream);
 
-// out[i] = (g_plus[i] - g_minus[i]) * (1 / (2 eps))
+// out[i] = (g_plus[i] - g_minus[i]) * (1 / (2 eps)); out may alias g_plus (elementwise)
 cudaError_t central_difference(const void* const* g_plus, const void* const* g_minus, void* const* out,
                                const int64_t* sizes, int n_tensors, DType dtype, double eps, cudaStream_t stream);
 
