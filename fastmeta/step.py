@@ -14,7 +14,7 @@ Notation (as in ``shared/design/meta-gradient.md``)::
     θS' = θS − η·P ⊙ ∇θS LS                                             (pilot / course step)
     LQ  = CE(yq, S(xq; θS'))                                             (quiz loss)
 
-``η`` is ``inner_lr`` (None: the student optimizer's current learning rate) and
+``η`` is ``inner_lr`` (None: each parameter's student param-group learning rate) and
 ``P`` the student optimizer's diagonal preconditioner (1 for plain SGD; see
 ``fastmeta.ops.precondition`` for momentum SGD and Adam/AdamW).
 
@@ -48,7 +48,7 @@ Atomicity: ``meta_step`` computes every gradient with ``torch.autograd.grad``
 (writing no ``.grad``), checks the losses and gradients, and only then steps an
 optimizer.  Where an algorithm needs the updated teacher before it can finish
 (metadistil, lgtm, reptile: the real student step uses the updated teacher's
-logits; ikd: the exam needs the updated student), the first update is applied
+logits; ikd with ``"first_order"``: the exam needs the updated student), the first update is applied
 after saving what it overwrites, and any error later in the call (a non-finite
 loss, a bad shape, an exception from a model) restores both models and both
 optimizers bitwise before re-raising (``atomic=False`` skips the snapshot and its
@@ -57,9 +57,16 @@ optimizer state; the last update of a step needs no snapshot).
 Schedulers are stepped last, after every check.  On success each stepped
 parameter's ``.grad`` holds the gradient its optimizer used; trainable parameters
 that got no gradient have ``.grad = None``.  ``requires_grad=False`` parameters
-and buffers are never touched by the update (buffers such as BatchNorm running
-statistics change only through the models' own forwards, as in any training step);
-train/eval modes are left as the caller set them.
+are never touched.  Buffers (BatchNorm running statistics) change only through
+the forwards of the step the algorithm actually trains with (the real student
+step's teacher and student forwards; kd's; ikd's course step) -- the engine's and
+the auxiliary forwards preserve them -- and a failing call restores them too.
+Train/eval modes are left as the caller set them.
+
+Multi-process training: ``meta_step`` has no collective of its own; average the
+gradients the optimizers step with (optimizer step pre-hooks, as
+``fastmeta.train`` does).  Each process then computes the pilot step and the
+meta-gradient on its own shard.
 """
 from __future__ import annotations
 
@@ -229,6 +236,8 @@ def meta_step(
     timings["validate"] = time.perf_counter() - start
 
     transaction = Transaction(atomic=atomic)
+    # buffers (BatchNorm running statistics) are small: saved so that a failing call restores them too
+    saved_buffers = [(b, b.detach().clone()) for m in (teacher, student) for b in m.buffers()] if atomic else []
     ctx = StepContext(
         algorithm=algorithm,
         teacher=teacher,
@@ -269,6 +278,9 @@ def meta_step(
         output = module.run(ctx)
     except BaseException:
         transaction.rollback()
+        with torch.no_grad():
+            for buffer, value in saved_buffers:
+                buffer.copy_(value)
         raise
     transaction.finish()
     timings["total"] = time.perf_counter() - start
