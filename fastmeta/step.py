@@ -91,8 +91,10 @@ class StepOutput:
         algorithm: the algorithm that ran.
         student_loss: ``LS`` of the student step that was applied, evaluated at the
             student's parameters before the step and with the teacher whose logits
-            that step used (for metadistil/lgtm/reptile: the UPDATED teacher).
-        quiz_loss: ``LQ = CE(yq, S(xq; θS'))`` after the pilot (course) step; None for kd.
+            that step used (metadistil/lgtm/reptile: the UPDATED teacher; kd/ikd: the
+            current one, ikd's student step being its course step).
+        quiz_loss: ``LQ = CE(yq, S(xq; θS'))`` after the pilot (course) step; None for kd
+            and reptile (which read no quiz batch).
         pilot_student_loss: ``LS`` at the pre-step student with the pre-update teacher
             (the loss of the pilot/course step); None for kd.
         teacher_loss: the teacher's own objective where the algorithm has one: lgtm's
@@ -103,12 +105,18 @@ class StepOutput:
             where computed (lgtm; any algorithm with ``compute_influence=True`` that
             calls the engine), else None.
         teacher_updated: whether the teacher optimizer stepped.
-        timings: wall-clock seconds per phase (``"validate"``, ``"meta_gradient"`` and
-            the engine's own ``"meta_gradient.*"``, ``"teacher_gradient"``,
-            ``"teacher_update"``, ``"student_step.teacher_forward"``,
-            ``"student_step.forward_backward"``, ``"student_update"``, ``"total"``; an
-            algorithm only reports the phases it has).  CUDA is synchronised around
-            each phase.
+        timings: wall-clock seconds per phase; an algorithm reports the phases it has:
+            ``"validate"``; ``"meta_gradient"`` (the engine call) with the engine's own
+            ``"meta_gradient.<phase>"`` (teacher_forward, student_forward_backward,
+            pilot_update, quiz_forward_backward, student_jvp, teacher_backward, total);
+            ``"pilot.teacher_forward"``, ``"pilot.forward_backward"``, ``"pilot.update"``
+            (reptile), ``"course.teacher_forward"``, ``"course.forward_backward"`` and
+            ``"exam"`` (ikd first-order); ``"teacher_gradient"`` (work beyond the engine: LGTM's auxiliary
+            loss, Reptile's differences, IKD's feedback, kd's teacher CE);
+            ``"teacher_update"`` / ``"student_update"`` (optimizer steps, snapshot
+            included); ``"student_step.teacher_forward"`` and
+            ``"student_step.forward_backward"`` (the real student step); ``"total"``.
+            CUDA is synchronised around each phase.
     """
 
     algorithm: str

@@ -258,7 +258,7 @@ class StepContext:
 
     # ------------------------------------------------------------------ the real student step
     def student_step_gradients(
-        self, teacher_logits: Optional[torch.Tensor] = None
+        self, teacher_logits: Optional[torch.Tensor] = None, *, phase: str = "student_step"
     ) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
         """``(LS, ∇θS LS)`` at the current student, with ``teacher_logits`` (default: a fresh teacher forward).
 
@@ -267,9 +267,9 @@ class StepContext:
         Raises ``FloatingPointError`` when the loss or a gradient is not finite.
         """
         if teacher_logits is None:
-            with self.phase("student_step.teacher_forward"):
+            with self.phase(f"{phase}.teacher_forward"):
                 teacher_logits = self.teacher_logits()
-        with self.phase("student_step.forward_backward"):
+        with self.phase(f"{phase}.forward_backward"):
             params = trainable(self.student)
             if not params:
                 raise ValueError("student has no parameter that requires grad")

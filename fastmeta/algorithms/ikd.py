@@ -92,7 +92,7 @@ def _run_first_order(ctx: StepContext):
     # course step: the teacher forward keeps its graph for the exam's teacher backward
     with ctx.phase("course.teacher_forward"):
         teacher_logits = ctx.teacher_logits(grad=True)
-    course_loss, course_grads = ctx.student_step_gradients(teacher_logits.detach())
+    course_loss, course_grads = ctx.student_step_gradients(teacher_logits.detach(), phase="course")
     ctx.apply_student(course_grads, final=False)  # snapshot taken: undone if the exam fails
 
     with ctx.phase("exam"), preserved_buffers(ctx.student):

@@ -170,8 +170,9 @@ def run(ctx: StepContext):
 
     mapping = ctx.settings["mapping"]
     # 1. pilot step (its forwards leave the buffers as they were: the real step below is the training forward)
-    with ctx.phase("pilot"), preserved_buffers(ctx.teacher, ctx.student):
-        pilot_loss, pilot_grads = ctx.student_step_gradients()
+    with preserved_buffers(ctx.teacher, ctx.student):
+        pilot_loss, pilot_grads = ctx.student_step_gradients(phase="pilot")
+    with ctx.phase("pilot.update"):
         pilot = simulate_optimizer_step(ctx.student_optimizer, trainable(ctx.student), pilot_grads, lr=ctx.inner_lr)
     # 2. teacher gradient θT − mean θS'
     with ctx.phase("teacher_gradient"), torch.no_grad():
