@@ -463,6 +463,69 @@ def test_finite_diff_float32_close_to_exact(algorithm):
     assert error <= 1e-3
 
 
+def _rows(kind, zs, zt, tau=TAU):
+    """Per-row KD losses of the four kinds, written out (τ² scaling as documented in fastmeta.losses)."""
+    log_ps, log_pt = torch.log_softmax(zs / tau, -1), torch.log_softmax(zt / tau, -1)
+    if kind == "kl":
+        return tau**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    if kind == "reverse_kl":
+        return tau**2 * (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+    if kind == "softmax_mse":
+        return tau**2 * (log_ps.exp() - log_pt.exp()).square().mean(-1)
+    return (zs - zt).square().mean(-1)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "softmax_mse", "logit_mse"])
+def test_metadistil_other_kd_kinds_cnn(kind, monkeypatch):
+    """kd_loss passes through to LS (pilot and real step); reference with the kind's own formula."""
+    teacher, student = SmallCNN(6, 1, batch_norm=False).double(), SmallCNN(3, 2, batch_norm=False).double()
+    batches = [cnn_batch(100 + i) for i in range(3)]
+    quizzes = [cnn_batch(110 + i) for i in range(3)]
+    eta = 0.4
+    monkeypatch.setitem(globals(), "ref_kd", lambda zs, zt, labels, tau=TAU: _rows(kind, zs, zt, tau)[labels != -100].mean())
+
+    def reference(T, S, optT, optS, batch, quiz):
+        ref_metadistil(T, S, optT, optS, batch, quiz, eta)
+
+    run_both(teacher, student, ("sgd", "sgd"), (0.3, eta), batches, quizzes,
+             {"algorithm": "metadistil", "kd_loss": kind}, reference)
+
+
+def test_param_groups_with_their_own_lrs_and_inner_lr_none():
+    """inner_lr=None: each student parameter's pilot step uses its param group's lr (engine and reptile)."""
+    teacher, student = tiny_bert(2, seed=1), tiny_bert(1, seed=2)
+    batches, quizzes = bert_data()
+    head = [p for n, p in student.named_parameters() if n.startswith("classifier")]
+    body = [p for n, p in student.named_parameters() if not n.startswith("classifier")]
+
+    def two_groups(model):
+        named = dict(model.named_parameters())
+        return torch.optim.SGD([
+            {"params": [p for n, p in named.items() if not n.startswith("classifier")], "lr": 0.2},
+            {"params": [p for n, p in named.items() if n.startswith("classifier")], "lr": 0.6},
+        ])
+
+    T_ref, S_ref = copy.deepcopy(teacher), copy.deepcopy(student)
+    optT, optS = torch.optim.SGD(teacher.parameters(), lr=0.3), two_groups(student)
+    optT_ref, optS_ref = torch.optim.SGD(T_ref.parameters(), lr=0.3), two_groups(S_ref)
+    assert head and body
+    for step in range(2):
+        fastmeta.meta_step(teacher, student, batches[step], quizzes[step], optT, optS, algorithm="metadistil",
+                           temperature=TAU, kd_weight=W)
+        # reference: pilot θS' = θS − lr_group·g by hand
+        sp = trainable_dict(S_ref)
+        lr_of = {n: (0.6 if n.startswith("classifier") else 0.2) for n in sp}
+        zt, y = ref_logits(T_ref, batches[step])
+        zs, _ = ref_logits(S_ref, batches[step])
+        g = torch.autograd.grad(ref_ls(zs, zt, y), list(sp.values()), create_graph=True)
+        fast = {n: p - lr_of[n] * gi for (n, p), gi in zip(sp.items(), g)}
+        zq, yq = ref_logits(S_ref, quizzes[step], params=fast)
+        tp = trainable_dict(T_ref)
+        set_grads_and_step(optT_ref, T_ref, dict(zip(tp, torch.autograd.grad(ref_ce(zq, yq), list(tp.values())))))
+        ref_student_step(T_ref, S_ref, optS_ref, batches[step])
+    assert max_rel_diff(teacher, T_ref) <= TOL and max_rel_diff(student, S_ref) <= TOL
+
+
 # --------------------------------------------------------------------------- lgtm
 @pytest.mark.parametrize("objective", ["mixed", "weighted"])
 def test_lgtm_matches_per_sample_reference(objective):
