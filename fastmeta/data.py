@@ -66,7 +66,8 @@ class TaskSpec:
     ``text_columns``: the one or two text fields of an example, by the names the
     hub's ``nyu-mll/glue`` dataset uses.  ``label_names``: the class names in label-id
     order (``None`` for regression).  ``metric``: the name of the headline metric used
-    to pick the best student (higher is better).
+    to pick the best student (higher is better; MRPC/QQP: ``combined_score`` = the mean
+    of F1 and accuracy, so that always answering "positive" (high F1) does not win).
     """
 
     name: str
@@ -86,13 +87,13 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "mrpc": TaskSpec("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "f1"),
+    "mrpc": TaskSpec("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "combined_score"),
     "sst2": TaskSpec("sst2", ("sentence",), ("negative", "positive"), "accuracy"),
     "rte": TaskSpec("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), "accuracy"),
     "cola": TaskSpec("cola", ("sentence",), ("unacceptable", "acceptable"), "matthews_correlation"),
     "stsb": TaskSpec("stsb", ("sentence1", "sentence2"), None, "pearson"),
     "qnli": TaskSpec("qnli", ("question", "sentence"), ("entailment", "not_entailment"), "accuracy"),
-    "qqp": TaskSpec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), "f1"),
+    "qqp": TaskSpec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), "combined_score"),
     "mnli": TaskSpec(
         "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy",
         dev_file="dev_matched.tsv", hub_validation_split="validation_matched",
@@ -595,7 +596,7 @@ def compute_metrics(spec: TaskSpec, predictions, labels) -> dict[str, float]:
         spearman = _pearson(_rank(pred), _rank(gold))
         return {"pearson": pearson, "spearmanr": spearman, "combined_score": (pearson + spearman) / 2}
     metrics = {"accuracy": float(np.mean(pred == gold))}
-    if spec.name in ("mrpc", "qqp") or spec.metric == "f1":
+    if spec.name in ("mrpc", "qqp") or spec.metric in ("f1", "combined_score"):
         metrics["f1"] = _f1_binary(pred, gold)
         metrics["combined_score"] = (metrics["f1"] + metrics["accuracy"]) / 2
     if spec.name == "cola" or spec.metric == "matthews_correlation":

@@ -147,7 +147,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     max_seq_length: int = 128
     pad_to_max_length: bool = False
-    teacher_warmup_epochs: float = 2.0
+    teacher_warmup_epochs: float = 1.0
     teacher_warmup_lr: float = 1e-4
     teacher_warmup_steps: Optional[int] = None
     eval_every: Optional[int] = 25
@@ -684,6 +684,9 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, retur
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     except (ImportError, AttributeError):
         pass
     if cfg.precision != "fp32" and device.type == "cpu" and cfg.precision == "fp16":
@@ -1100,7 +1103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = {k: getattr(result, k) for k in ("best_metric_name", "best_metric", "best_metrics", "best_step",
                                                 "time_to_best_s", "teacher_metrics", "majority_baseline",
                                                 "steps", "total_time_s", "peak_memory_bytes")}
-    print(json.dumps(summary, default=_json_default))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, default=_json_default))
     return 0
 
 

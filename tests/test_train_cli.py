@@ -36,14 +36,14 @@ def test_short_cli_run_writes_best_student_and_summary(tmp_path, assets, capsys)
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["teacher_warmup_steps"] == 3
-    assert summary["best_metric_name"] == "f1" and printed["best_metric"] == summary["best_metric"]
+    assert summary["best_metric_name"] == "combined_score" and printed["best_metric"] == summary["best_metric"]
     evals = [h for h in summary["history"] if h["model"] == "student"]
     assert [h["step"] for h in evals] == [3, 6]  # every 3 steps; the epoch (9 batches) never ends
     assert all(h["elapsed_s"] > 0 and set(h["metrics"]) >= {"accuracy", "f1"} for h in evals)
     assert summary["time_to_best_s"] is not None and summary["peak_memory_bytes"] > 0
     assert summary["phase_timings_s"]["total"] > 0
     metrics = json.loads((out / "best_student" / "metrics.json").read_text())
-    assert metrics["f1"] == summary["best_metric"]
+    assert metrics["combined_score"] == summary["best_metric"]
     best = AutoModelForSequenceClassification.from_pretrained(out / "best_student")
     assert best.config.num_hidden_layers == 1
     assert (out / "best_student" / "tokenizer_config.json").is_file()
