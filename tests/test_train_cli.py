@@ -115,3 +115,18 @@ def test_labels_out_of_range_fail_before_training(tmp_path, assets, capsys):
                          out=tmp_path / "out", extra=["--max-steps", "2"])
     assert main(args) == 2
     assert "label 7 is out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("student_init", ["finetuned-teacher", "pretrained-teacher"])
+def test_first_k_layers_student_init(tmp_path, assets, student_init):
+    result = train(TrainConfig(task="mrpc", data_dir=str(assets["data"]), teacher=str(assets["teacher"]),
+                               student="first-1-layers", student_init=student_init, output_dir=str(tmp_path / "o"),
+                               batch_size=8, max_steps=1, teacher_warmup_steps=2, teacher_warmup_lr=1e-2,
+                               algorithm="kd", optimizer="sgd", student_lr=1e-12, max_seq_length=32,
+                               progress="none", num_threads=1, save_best=False, dropout=0.0),
+                   return_models=True)
+    teacher, student = result.models
+    assert student.config.num_hidden_layers == 1
+    t_state = teacher.state_dict()
+    same = all(torch.allclose(v, t_state[k], atol=1e-9) for k, v in student.state_dict().items())
+    assert same == (student_init == "finetuned-teacher")
