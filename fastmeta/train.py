@@ -1009,7 +1009,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation-file", help="local dev file, same format as --train-file")
     g.add_argument("--text-columns", nargs="+", help="1 or 2 text column names of the local files")
     g.add_argument("--label-column", help="label column of the local files")
-    g.add_argument("--num-labels", type=int, help="number of classes of the local files (default: inferred)")
+    g.add_argument("--num-labels", type=int, help="number of classes of the local files (inferred when not given)")
     g.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
     g.add_argument("--max-eval-examples", type=int, help="use only the first N dev examples")
     g.add_argument("--quiz-split", type=float, default=d.quiz_split,
@@ -1023,7 +1023,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"local model dir, {DEFAULT_TEACHER} (the real small BERT), or a named random config "
                         f"({', '.join(NAMED_CONFIGS)})")
     g.add_argument("--student", default=d.student,
-                   help="first-K-layers (of the pretrained teacher), a local model dir, or a named random config")
+                   help="first-K-layers (of the teacher, see --student-init), a local model dir, or a named random config")
     g.add_argument("--student-init", default=d.student_init, choices=["finetuned-teacher", "pretrained-teacher"],
                    help="first-K-layers students: copy the layers after the teacher's warm-up (the teacher as "
                         "fine-tuned on the task) or before it (the pretrained teacher, as MetaDistil)")
