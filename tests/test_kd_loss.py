@@ -142,7 +142,10 @@ def _errors(zs, zt, tau, kind, reduction, mask, backend, scale=True):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_path_matches_fp64_autograd(kind, reduction, dtype, vocab, masked):
-    for i, tau in enumerate(TAUS):
+    # one τ per case, cycled over (reduction, masked): every kind x dtype x V meets all
+    # four temperatures across its 6 (reduction, masked) cases (keeps the suite CI-sized)
+    i = (2 * REDUCTIONS.index(reduction) + int(masked)) % len(TAUS)
+    for tau in (TAUS[i],):
         zs, zt, mask = _make_inputs((2, 3), vocab, dtype, masked=masked, seed=17 * i + vocab)
         errs = _errors(zs, zt, tau, kind, reduction, mask, "torch")
         assert max(errs) <= TOL[dtype], (tau, errs)
