@@ -45,6 +45,7 @@ _EXPORTS = {
     "kd_loss": "fastmeta.losses",
     "kd_teacher_cotangent": "fastmeta.losses",
     "kd_influence": "fastmeta.losses",
+    "kd_teacher_cotangent_and_influence": "fastmeta.losses",
     "hvp": "fastmeta.hessian",
     "mixed_hvp": "fastmeta.hessian",
     "meta_grad": "fastmeta.engine",

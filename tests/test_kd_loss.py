@@ -476,3 +476,24 @@ def test_backend_triton_rejects_float64():
     if HAS_TRITON:
         with pytest.raises(TypeError, match="float64"):
             kd_loss(zs, zs.clone(), backend="triton")
+
+
+# ----------------------------------------------------------------------------- bench/kernels.py plumbing
+def test_bench_kernels_refuses_without_cuda_and_smoke_runs_on_cpu(tmp_path):
+    import json
+
+    from bench import kernels as bench_kernels
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as info:
+            bench_kernels.main(["--device", "cuda", "--sizes", "tiny"])
+        assert "torch.cuda.is_available() is False" in str(info.value.code)
+    with pytest.raises(SystemExit):  # cpu is a smoke run only
+        bench_kernels.main(["--device", "cpu", "--sizes", "full"])
+    assert bench_kernels.main(["--device", "cpu", "--sizes", "tiny", "--repeats", "1", "--warmup", "0",
+                               "--dtypes", "fp32", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "kernels_cpu.json").read_text())
+    modes = {(r["impl"], r["mode"]) for r in data["results"]}
+    assert modes == {(i, m) for i in ("fastmeta", "eager") for m in ("fwd", "bwd", "fwd+bwd")}
+    assert all(r["median_ms"] > 0 for r in data["results"])
+    assert "SMOKE" in (tmp_path / "kernels_cpu.md").read_text()

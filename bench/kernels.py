@@ -1,0 +1,252 @@
+"""GPU benchmark of the fused KD-loss kernels: ``python -m bench.kernels``.
+
+For each size (rows x vocabulary; default 8192x32000 and 4096x128256), dtype
+(bf16, fp32) and implementation it times three modes:
+
+* ``fwd``: the loss alone (no autograd graph);
+* ``bwd``: the backward alone (one forward graph kept, ``torch.autograd.grad(...,
+  retain_graph=True)`` timed, gradients w.r.t. BOTH logits: the teacher is trained);
+* ``fwd+bwd``: forward then backward.
+
+Implementations:
+
+* ``fastmeta``: ``fastmeta.kd_loss`` (Triton kernels on CUDA);
+* ``eager``: plain PyTorch, ``τ²·F.kl_div(log_softmax(zs/τ), log_softmax(zt/τ), log_target=True, reduction="batchmean")``;
+* ``compile``: the same function under ``torch.compile`` (default inductor backend).
+
+Timing: ``triton.testing.do_bench`` (warm-up then median, L2 flushed) when
+available on CUDA, else CUDA events around each call after warm-up (median).
+Achieved bandwidth counts the minimal traffic: fwd reads both logits (2·N·V
+elements), bwd reads both and writes both gradients (4·N·V), fwd+bwd 6·N·V;
+it is compared with the device's measured copy bandwidth (``dst.copy_(src)`` on
+a 1 GiB buffer, read+write bytes / time).  Peak memory: the largest
+``torch.cuda.max_memory_allocated`` during one fwd+bwd, minus what was allocated
+before (the inputs).
+
+Results go to ``bench/results/kernels_<device>.json`` and ``.md`` with device
+and versions (``bench.common.environment_info``).
+
+Without CUDA the script refuses (non-zero exit) unless ``--device cpu
+--sizes tiny`` is given: a smoke run of the PyTorch paths (no Triton, no GPU
+figures) used by the unit test of this script's plumbing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.common import (
+    RESULTS_DIR,
+    environment_info,
+    markdown_table,
+    median,
+    require_device,
+    time_calls,
+    write_json,
+)
+
+SIZES = {
+    "full": [(8192, 32000), (4096, 128256)],
+    "tiny": [(8, 33), (4, 257)],
+}
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+MODES = ("fwd", "bwd", "fwd+bwd")
+BYTES_PER_MODE = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}  # x N·V·element size
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cuda (the benchmark) or cpu (smoke run of the plumbing, needs --sizes tiny)")
+    p.add_argument("--sizes", default="full", choices=sorted(SIZES), help="size set")
+    p.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp32, fp16")
+    p.add_argument("--kind", default="kl", choices=["kl", "reverse_kl", "softmax_mse", "logit_mse"])
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--impls", default="fastmeta,eager,compile", help="comma list of fastmeta, eager, compile")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    args = p.parse_args(argv)
+    for d in args.dtypes.split(","):
+        if d not in DTYPES:
+            p.error(f"--dtypes: unknown dtype {d!r} (choose from {sorted(DTYPES)})")
+    for impl in args.impls.split(","):
+        if impl not in ("fastmeta", "eager", "compile"):
+            p.error(f"--impls: unknown implementation {impl!r}")
+    if args.device == "cpu" and args.sizes != "tiny":
+        p.error("--device cpu is a smoke run of the plumbing only: use it with --sizes tiny "
+                "(the kernel benchmark needs a CUDA GPU)")
+    return args
+
+
+def eager_kd_loss(kind: str, temperature: float) -> Callable:
+    """The plain-PyTorch loss every method would otherwise write."""
+    import torch
+    import torch.nn.functional as F
+
+    tau = temperature
+
+    def loss_fn(zs, zt):
+        s = zs.float() / tau
+        t = zt.float() / tau
+        if kind == "kl":
+            out = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+        elif kind == "reverse_kl":
+            out = F.kl_div(F.log_softmax(t, -1), F.log_softmax(s, -1), log_target=True, reduction="batchmean")
+        elif kind == "softmax_mse":
+            out = F.mse_loss(torch.softmax(s, -1), torch.softmax(t, -1))
+        else:
+            out = F.mse_loss(s, t)
+        return (out * tau * tau).to(zs.dtype)
+
+    return loss_fn
+
+
+def make_impl(name: str, kind: str, temperature: float, device: str) -> Callable:
+    import torch
+
+    if name == "fastmeta":
+        from fastmeta.losses import kd_loss
+
+        # check_finite=False: the hot-loop setting (the check is one extra read + a sync)
+        return lambda zs, zt: kd_loss(zs, zt, temperature, kind=kind, check_finite=False)
+    fn = eager_kd_loss(kind, temperature)
+    if name == "compile":
+        return torch.compile(fn)
+    return fn
+
+
+def _timer(device: str, warmup: int, repeats: int) -> Callable[[Callable], float]:
+    """Median seconds per call."""
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            def timed(fn):
+                return do_bench(fn, warmup=max(warmup, 1) * 5, rep=max(repeats, 1) * 5,
+                                return_mode="median") / 1000.0
+
+            return timed
+        except ImportError:
+            pass
+    return lambda fn: median(time_calls(fn, repeats=repeats, warmup=warmup, device=device))
+
+
+def copy_bandwidth(device: str, timed: Callable[[Callable], float]) -> float | None:
+    """Measured device copy bandwidth in bytes/s (read + write)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    n = 2**28  # 1 GiB of fp32
+    src = torch.empty(n, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * n * 4 / seconds
+
+
+def bench_case(impl_name, fn, rows, vocab, dtype, device, timed) -> list[dict[str, Any]]:
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    zs = torch.randn(rows, vocab, device=device, dtype=dtype, generator=gen).mul_(4).requires_grad_(True)
+    zt = torch.randn(rows, vocab, device=device, dtype=dtype, generator=gen).mul_(4).requires_grad_(True)
+    elem = zs.element_size()
+    results = []
+
+    def fwd():
+        with torch.no_grad():
+            return fn(zs, zt)
+
+    graph_loss = fn(zs, zt)
+
+    def bwd():
+        return torch.autograd.grad(graph_loss, (zs, zt), retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(zs, zt), (zs, zt))
+
+    peak = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    for mode, call in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+        seconds = timed(call)
+        nbytes = BYTES_PER_MODE[mode] * rows * vocab * elem
+        results.append({
+            "impl": impl_name, "rows": rows, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
+            "mode": mode, "median_ms": seconds * 1e3, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9,
+            "peak_extra_bytes_fwd_bwd": peak,
+        })
+    del graph_loss, zs, zt
+    return results
+
+
+def report_markdown(env: dict, copy_bw: float | None, rows: list[dict]) -> str:
+    lines = ["# fastmeta KD-loss kernel benchmark", ""]
+    lines.append(f"Device: {env['device_name']} ({env['device']}); torch {env['versions']['torch']}, "
+                 f"triton {env['versions']['triton']}, CUDA {env['versions']['cuda']}; {env['date_utc']}; "
+                 f"commit {env.get('git_commit')}.")
+    if copy_bw:
+        lines.append(f"Measured copy bandwidth: {copy_bw / 1e9:.0f} GB/s.")
+    if env["device"] != "cuda":
+        lines.append("CPU SMOKE RUN of the benchmark's plumbing (PyTorch paths, tiny sizes): "
+                     "not a kernel benchmark, no GPU figures.")
+    lines.append("")
+    table = []
+    for r in rows:
+        frac = (f"{100 * r['gb_per_s'] * 1e9 / copy_bw:.0f}%" if copy_bw else None)
+        peak = r["peak_extra_bytes_fwd_bwd"]
+        table.append([
+            f"{r['rows']}x{r['vocab']}", r["dtype"], r["mode"], r["impl"], f"{r['median_ms']:.3f}",
+            f"{r['gb_per_s']:.1f}", frac, None if peak is None else f"{peak / 2**20:.0f}",
+        ])
+    lines.append(markdown_table(
+        ["size", "dtype", "mode", "impl", "median ms", "GB/s", "% of copy BW", "peak extra MiB (fwd+bwd)"], table))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = require_device(args.device)  # SystemExit with a clear message without CUDA
+    import torch
+
+    timed = _timer(device, args.warmup, args.repeats)
+    impls = args.impls.split(",")
+    if device == "cpu" and "compile" in impls:
+        impls.remove("compile")  # smoke run: keep it fast
+    env = environment_info(device)
+    copy_bw = copy_bandwidth(device, timed)
+    rows: list[dict] = []
+    for (n, v) in SIZES[args.sizes]:
+        for dname in args.dtypes.split(","):
+            dtype = getattr(torch, DTYPES[dname])
+            for impl in impls:
+                fn = make_impl(impl, args.kind, args.temperature, device)
+                try:
+                    rows.extend(bench_case(impl, fn, n, v, dtype, device, timed))
+                except torch.cuda.OutOfMemoryError as exc:  # report, don't invent
+                    rows.append({"impl": impl, "rows": n, "vocab": v, "dtype": dname, "mode": "all",
+                                 "error": f"out of memory: {exc}"})
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    ok_rows = [r for r in rows if "error" not in r]
+    out_dir = Path(args.out_dir)
+    data = {"environment": env, "kind": args.kind, "temperature": args.temperature,
+            "copy_bandwidth_bytes_per_s": copy_bw, "results": rows}
+    json_path = write_json(out_dir / f"kernels_{device}.json", data)
+    md_path = out_dir / f"kernels_{device}.md"
+    md_path.write_text(report_markdown(env, copy_bw, ok_rows))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
