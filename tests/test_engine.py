@@ -531,3 +531,33 @@ def test_tuple_batches_and_result_fields():
     grads = torch.autograd.grad(ls, list(student.parameters()))
     assert rel_err(result.student_grads, dict(zip([n for n, _ in student.named_parameters()], grads))) <= 1e-12
     assert abs(float(result.student_loss) - float(ls.detach())) <= 1e-12
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "sgd_momentum", "adam", "adamw_amsgrad"])
+def test_pilot_preconditioner_agrees_with_fastmeta_ops_precondition(opt_name):
+    """The engine's P ⊙ v equals the hvp helper's fastmeta.ops.precondition on the same state (cross-check)."""
+    from fastmeta import ops
+    from fastmeta.engine import _pilot_step
+
+    _, student, _, quiz, _ = family("cnn")
+    params = list(student.parameters())
+    wd = 0.01
+    opt = {
+        "sgd": lambda: torch.optim.SGD(params, lr=0.1),
+        "sgd_momentum": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=wd),
+        "adam": lambda: torch.optim.Adam(params, lr=1e-2, weight_decay=wd),
+        "adamw_amsgrad": lambda: torch.optim.AdamW(params, lr=1e-2, weight_decay=wd, amsgrad=True),
+    }[opt_name]()
+    _warm_optimizer(student, opt, quiz)
+    named = dict(student.named_parameters())
+    grads = {n: torch.randn_like(p) for n, p in named.items()}
+    vectors = {n: torch.randn_like(p) for n, p in named.items()}
+    pilot = _pilot_step(named, grads, opt, None)
+    mine = [pilot.direction(n, vectors[n]) for n in named]
+    l2 = opt_name == "adam"
+    theirs = ops.precondition(
+        [vectors[n] for n in named], opt, list(named.values()),
+        grads=[grads[n] + (wd * p.detach() if l2 else 0.0) for n, p in named.items()],
+    )
+    for name, a, b in zip(named, mine, theirs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0), name
