@@ -55,6 +55,9 @@ batch, and the meta-gradient is back-propagated through the trajectory::
 with ``H_S = ∇²θS LS`` (teacher logits fixed) from a forward-over-reverse product
 (``torch.func.jvp`` of ``torch.func.grad``, which also yields ``J_S a`` in the
 same pass).  Only the k parameter snapshots ``θ_1 … θ_{k−1}``, ``θ_k`` are kept.
+With ``hypergrad="finite_diff"`` each step uses central differences instead, at
+``θ_j ± εa`` (in place, ``ε = 0.01/‖a‖``): LGTM's difference of ``∂KD/∂zt`` for
+``c_j`` and the difference of ``∇LS`` for ``H_S a``.
 
 Hypergradient methods (``hypergrad``)
 -------------------------------------
@@ -399,8 +402,8 @@ def meta_gradient(
                 "inner_steps > 1 supports plain SGD pilot steps only (student_optimizer None or SGD without "
                 "momentum/weight decay)"
             )
-        if hypergrad == "finite_diff":
-            raise NotImplementedError("inner_steps > 1 is implemented for hypergrad 'exact' and 'autograd'")
+        if hypergrad == "finite_diff" and fd_mode != "lgtm":
+            raise NotImplementedError("inner_steps > 1 with hypergrad='finite_diff' supports fd_mode='lgtm' only")
         if compute_influence:
             raise ValueError("compute_influence needs inner_steps=1 (LGTM's influence is defined for one pilot step)")
     if fd_eps is not None and not (float(fd_eps) > 0.0 and math.isfinite(float(fd_eps))):
@@ -525,11 +528,22 @@ def meta_gradient(
                     )
         elif kd_weight == 0.0 and not compute_influence:
             pass  # LS does not depend on θT: zero meta-gradient (filled in below)
-        elif hypergrad == "exact":
+        elif hypergrad == "exact" or inner_steps > 1:
             cotangent = None
             a = {name: pilot.direction(name, quiz_grads[name]) for name in names}
             for j in reversed(range(inner_steps)):
                 theta_j, rng_j, zs_j = snapshots[j]
+                if hypergrad == "finite_diff":  # inner_steps > 1: LGTM-style differences along the trajectory
+                    with timer.phase("student_jvp"):
+                        c, hv = _fd_trajectory_step(
+                            student, student_params if j == 0 else theta_j, split_x, a, zt_const, labels, mask, rng_j,
+                            temperature=temperature, kd_weight=kd_weight, kind=kd_loss, shift_labels=shift_labels,
+                            eps=fd_eps, need_hvp=j > 0,
+                        )
+                        cotangent = c if cotangent is None else cotangent + c
+                        if hv is not None:
+                            a = {name: a[name] - pilot.lr * hv[name] for name in names}
+                    continue
                 with timer.phase("student_jvp"):
                     if j == 0:
                         _, u = jvp_logits(student, split_x, a, rng_state=rng_j)
@@ -624,6 +638,54 @@ def _logits_jvp_and_hvp(student, theta, split_x, direction, zt, labels, rng_stat
     with torch.no_grad(), math_attention(), replay_rng(rng_state):
         _, (hv, u) = torch.func.jvp(grad_fn, (primals,), (tangents,))
     return u, hv
+
+
+def _fd_trajectory_step(
+    student, params, split_x, direction, zt, labels, mask, rng_state, *, temperature, kd_weight, kind, shift_labels, eps, need_hvp
+):
+    """One step of the finite-difference backward sweep through an SGD trajectory (inner_steps > 1).
+
+    At ``θ_j`` (``params``: the module's own parameters for j = 0, else the snapshot), with
+    ``ε = 0.01/‖a‖`` (or ``eps``), perturbs ``θ_j`` IN PLACE to ``θ_j ± ε a`` and returns
+
+        c_j  ≈ (∂KD/∂zt(θ_j + εa) − ∂KD/∂zt(θ_j − εa)) / 2ε      (LGTM's difference)
+        H a  ≈ (∇LS(θ_j + εa) − ∇LS(θ_j − εa)) / 2ε              (when need_hvp; None otherwise)
+
+    then restores ``θ_j`` (within a couple of ulp).  Each perturbed forward replays the
+    dropout masks of the trajectory's forward at step j.
+    """
+    names = list(direction)
+    tensors = [params[name] for name in names]
+    vectors = [direction[name].detach() for name in names]
+    if eps is None:
+        norm = math.sqrt(sum(float(v.double().square().sum()) for v in vectors))
+        eps = 0.01 / norm if norm > 0.0 else 1.0
+    eps = float(eps)
+    offset = 0.0
+    results = {}
+    try:
+        for sign in (1.0, -1.0):
+            add_scaled_(tensors, vectors, sign * eps - offset)
+            offset = sign * eps
+            with replay_rng(rng_state), torch.set_grad_enabled(need_hvp):
+                leaves = {name: (t if t.requires_grad or not need_hvp else t.requires_grad_(True)) for name, t in zip(names, tensors)}
+                raw = functional_logits(student, leaves, split_x)
+                zs, _ = align_logits_labels(raw, split_x.labels, shift_labels=shift_labels, name="student")
+                grads = None
+                if need_hvp:
+                    loss = student_loss(zs, zt, labels, temperature=temperature, kd_weight=kd_weight, kind=kind)
+                    grads = _grads_or_zeros(torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True), tensors)
+            zs64 = zs.detach().double()
+            results[sign] = (_kd_teacher_logit_grad(zs64, zt.double(), temperature, kind, mask), grads)
+            del raw, zs
+    finally:
+        if offset != 0.0:
+            add_scaled_(tensors, vectors, -offset)
+    cotangent = ((results[1.0][0] - results[-1.0][0]) / (2.0 * eps)).to(zt.dtype)
+    hv = None
+    if need_hvp:
+        hv = {name: (gp - gm) / (2.0 * eps) for name, gp, gm in zip(names, results[1.0][1], results[-1.0][1])}
+    return cotangent, hv
 
 
 def _double_vjp_tangent(student, student_params, split_x, direction, rng_state, shift_labels):

@@ -561,3 +561,20 @@ def test_pilot_preconditioner_agrees_with_fastmeta_ops_precondition(opt_name):
     )
     for name, a, b in zip(named, mine, theirs):
         assert torch.allclose(a, b, rtol=1e-12, atol=0), name
+
+
+@pytest.mark.parametrize("name", ["bert-eager", "cnn"])
+def test_inner_steps_2_finite_diff(name):
+    """LGTM-style differences along a 2-step trajectory (student HVPs by gradient differences):
+    float32 reproduces float64 of the same approximation to 1e-3, which is within 1e-2 of exact."""
+    teacher, student, batch, quiz, shift = family(name)
+    kwargs = dict(inner_lr=0.25, temperature=2.0, kd_weight=0.6, shift_labels=shift, inner_steps=2)
+    torch.manual_seed(0)
+    exact = fastmeta.meta_grad(teacher, student, batch, quiz, **kwargs)
+    torch.manual_seed(0)
+    fd64 = fastmeta.meta_grad(teacher, student, batch, quiz, hypergrad="finite_diff", **kwargs)
+    torch.manual_seed(0)
+    fd32 = fastmeta.meta_grad(teacher.float(), student.float(), batch if name != "cnn" else (batch[0].float(), batch[1]),
+                              quiz if name != "cnn" else (quiz[0].float(), quiz[1]), hypergrad="finite_diff", **kwargs)
+    assert rel_err(fd64, exact) <= 1e-2
+    assert rel_err(fd32, fd64) <= 1e-3
