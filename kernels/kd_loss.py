@@ -76,7 +76,7 @@ def _kd_loss_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     zs_row = zs_ptr + row * stride_zs
     zt_row = zt_ptr + row * stride_zt
-    keep = 1
+    keep = (row >= 0).to(tl.int32)  # scalar tensor (1) so that masked and unmasked code paths type-check alike
     if HAS_MASK:
         keep = (tl.load(mask_ptr + row) != 0).to(tl.int32)
     v_end = V * keep  # masked rows: zero loop trips, no loads
@@ -177,7 +177,7 @@ def _kd_loss_backward_kernel(
     gs_row = gs_ptr + row * stride_gs
     gt_row = gt_ptr + row * stride_gt
     g = tl.load(grad_rows_ptr + row).to(tl.float32) * grad_scale
-    kept = 1
+    kept = (row >= 0).to(tl.int32)  # scalar tensor (1)
     if HAS_MASK:
         kept = (tl.load(mask_ptr + row) != 0).to(tl.int32)
         g = tl.where(kept != 0, g, 0.0)

@@ -56,7 +56,7 @@ def _kd_second_order_kernel(
     zt_row = zt_ptr + row * stride_zt
     u_row = u_ptr + row * stride_u
     c_row = c_ptr + row * stride_c
-    keep = 1
+    keep = (row >= 0).to(tl.int32)  # scalar tensor (1) so that masked and unmasked code paths type-check alike
     if HAS_MASK:
         keep = (tl.load(mask_ptr + row) != 0).to(tl.int32)
     kept = keep != 0
