@@ -48,7 +48,7 @@ def _reset_peak() -> bool:
 
 
 def _batch(tokenizer, size, seq, offset, torch):
-    path = "/work/shared/data/glue/MRPC/train.tsv"
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "glue", "MRPC", "train.tsv")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
             rows = [line.rstrip("\n").split("\t") for line in handle][1:]
