@@ -28,9 +28,12 @@ demo: venv
 	HF_HUB_OFFLINE=1 $(PY) -m fastmeta.train --task mrpc --data-dir $(DATA_DIR) --output-dir runs/demo
 
 # The test command (CI runs exactly this): CUDA sources compile, then pytest.
+# pytest (not python -m pytest) keeps the checkout's root off sys.path: the
+# editable install maps kernels/ to fastmeta.kernels, and no top-level
+# "kernels" (another project's name) is ever importable.
 test: venv
 	bash .ci/compile_cuda_sources.sh csrc
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 bench: venv
 	$(PY) -m bench.meta_step

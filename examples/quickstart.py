@@ -23,9 +23,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-import fastmeta  # noqa: E402
+try:
+    import fastmeta
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+    import fastmeta
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "glue" / "MRPC"
 
