@@ -5,7 +5,9 @@
 * No test may reach a model hub: HF offline mode is forced.
 * float64 references need deterministic, fresh seeds per test.
 """
+import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -18,6 +20,24 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _register_checkout_package(name: str) -> None:
+    """Make the checkout's ``bench`` package importable without putting the repo
+    root on sys.path (which would also expose ``kernels/`` as a top-level
+    package to anyone probing for the unrelated registry project of that name)."""
+    if name in sys.modules:
+        return
+    init = os.path.join(REPO_DIR, name, "__init__.py")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_register_checkout_package("bench")
 
 SHARED_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
