@@ -95,7 +95,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -364,6 +364,7 @@ def meta_gradient(
     keep_pilot: bool = False,
     fd_eps: float | None = None,
     fd_mode: str = "lgtm",
+    grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> MetaGradient:
     """Compute the teacher's meta-gradient ``∇θT CE(yq, S(xq; θS'(θT)))`` (module docstring for the math).
 
@@ -375,6 +376,14 @@ def meta_gradient(
     compute_teacher_grads   False: skip the teacher backward (influences only; no teacher graph kept).
     keep_pilot              also return ``θS'`` and ``v``.
     fd_eps, fd_mode         ``hypergrad="finite_diff"`` options (module docstring).
+    grad_sync               data parallelism: a callable that replaces, in place, each tensor of a
+                            list by its mean over the processes (e.g. an ``all_reduce`` / world size).
+                            It is applied to the pilot gradient ``∇θS LS`` before the pilot step and to
+                            the quiz gradient ``v`` before the JVP, so every process takes the pilot
+                            step and the JVP direction of the GLOBAL batch; the teacher gradient stays
+                            this process's shard term (average it like any DDP gradient). With equal
+                            shards and batch-mean losses this equals one process on the concatenated
+                            batches.  Only ``inner_steps=1`` and ``hypergrad`` "exact"/"finite_diff".
 
     Raises ``ValueError``/``TypeError`` naming the argument for bad input (missing labels,
     empty batch, logits shape mismatch, temperature <= 0, models on different devices, ...)
@@ -390,6 +399,11 @@ def meta_gradient(
         )
     if fd_mode not in ("lgtm", "logits"):
         raise ValueError(f"fd_mode must be 'lgtm' or 'logits', got {fd_mode!r}")
+    if grad_sync is not None and (not callable(grad_sync) or hypergrad == "autograd" or inner_steps != 1):
+        raise NotImplementedError(
+            "grad_sync must be a callable and is supported with inner_steps=1 and hypergrad 'exact' or "
+            f"'finite_diff' (got hypergrad={hypergrad!r}, inner_steps={inner_steps!r})"
+        )
     temperature = check_temperature(temperature)
     kd_weight = check_kd_weight(kd_weight)
     check_kd_kind(kd_loss)
@@ -478,6 +492,9 @@ def meta_gradient(
                 student_raw = raw.detach()
                 ls_first = ls.detach()
                 grads_first = {name: g.detach() for name, g in zip(names, grads)}
+                if grad_sync is not None:  # in place: ``grads`` shares these tensors' storage
+                    with timer.phase("grad_sync"):
+                        grad_sync(list(grads_first.values()))
                 with timer.phase("pilot_update"):
                     pilot = _pilot_step(student_params, grads_first, student_optimizer, lr_value)
             snapshots.append(({name: current[name].detach() for name in names}, rng_state, zs.detach()))
@@ -510,6 +527,8 @@ def meta_gradient(
                 quiz_grads = dict(
                     zip(names, _grads_or_zeros(torch.autograd.grad(lq, pilot_tensors, allow_unused=True), pilot_tensors))
                 )
+                if grad_sync is not None:
+                    grad_sync(list(quiz_grads.values()))
         del quiz_raw, quiz_logits
 
         influences = None

@@ -183,7 +183,12 @@ def meta_step(
     Algorithm options (keyword arguments; an unknown one is a ``TypeError``):
         common: ``teacher_scheduler=``, ``student_scheduler=`` (stepped once after
         both updates), ``shift_labels=False`` (causal LM labels), ``inner_steps=1``
-        (engine), ``atomic=True`` (see the module docstring).
+        (engine), ``atomic=True`` (see the module docstring), ``grad_sync=None``
+        (data parallelism: a callable averaging a list of tensors in place over the
+        processes, applied by the engine to the pilot and quiz gradients so the
+        engine-based algorithms (metadistil, lgtm, ikd with a second-order
+        hypergrad) follow the global batch; see ``fastmeta.engine.meta_gradient``;
+        the gradients the optimizers step with are averaged by the caller, e.g. DDP).
         kd: ``teacher_ce=False``.
         lgtm: ``alpha=0.5``, ``influence_objective="mixed"|"weighted"``.
         reptile: ``layer_strategy="first"|"last"|"skip"|"both"``, ``layer_mapping=None``,
@@ -229,6 +234,7 @@ def meta_step(
     if inner_steps < 1:
         raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
     atomic = bool(options.pop("atomic", True))
+    grad_sync = options.pop("grad_sync", None)
     teacher_scheduler = options.pop("teacher_scheduler", None)
     student_scheduler = options.pop("student_scheduler", None)
     split = batching.split_batch(batch, name="batch")
@@ -267,6 +273,7 @@ def meta_step(
         student_scheduler=student_scheduler,
         options=options,
         device=device,
+        grad_sync=grad_sync,
         transaction=transaction,
         timings=timings,
     )

@@ -183,6 +183,7 @@ class StepContext:
     transaction: Transaction
     timings: Dict[str, float] = field(default_factory=dict)
     settings: Dict[str, Any] = field(default_factory=dict)  # the algorithm's validated options
+    grad_sync: Any = None  # data parallelism: see fastmeta.engine.meta_gradient(grad_sync=)
 
     # ------------------------------------------------------------------ options
     def option(self, name: str, default: Any) -> Any:
@@ -320,6 +321,7 @@ class StepContext:
                 student_optimizer=self.student_optimizer,
                 compute_influence=compute_influence,
                 shift_labels=self.shift_labels,
+                grad_sync=self.grad_sync,
             )
         for key, value in (getattr(result, "timings", None) or {}).items():
             self.timings[f"meta_gradient.{key}"] = float(value)
