@@ -28,7 +28,7 @@ info: venv
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/fastmeta --task sst2 --data-dir $(DATA_DIR) \
 	  --algorithm metadistil --hypergrad exact --max-train-examples 4000 --max-seq-length 32 \
-	  --teacher-warmup-steps 100 --max-steps 100 --student-lr 5e-4 --eval-every 25 \
+	  --teacher-warmup-steps 100 --max-steps 200 --student-lr 5e-4 --eval-every 50 \
 	  --output-dir runs/demo --progress print
 
 # The test command (CI runs exactly this): CUDA sources compile, then pytest.

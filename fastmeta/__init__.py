@@ -52,6 +52,7 @@ _EXPORTS = {
     "influence": "fastmeta.engine",
     "meta_step": "fastmeta.step",
     "StepOutput": "fastmeta.step",
+    "DynamicLossScale": "fastmeta.amp",
     "TrainConfig": "fastmeta.train",
     "TrainResult": "fastmeta.train",
     "MetaDistilTrainer": "fastmeta.integrations.hf",

@@ -65,8 +65,10 @@ Train/eval modes are left as the caller set them.
 
 Multi-process training: ``meta_step`` has no collective of its own; average the
 gradients the optimizers step with (optimizer step pre-hooks, as
-``fastmeta.train`` does).  Each process then computes the pilot step and the
-meta-gradient on its own shard.
+``fastmeta.train`` does) and pass ``grad_sync=`` (a callable averaging a list of
+tensors over the processes) so that the engine's pilot step and JVP direction are
+those of the global batch (``fastmeta.engine.meta_gradient``); without it each
+process computes the pilot step and the meta-gradient on its own shard.
 """
 from __future__ import annotations
 
@@ -117,6 +119,10 @@ class StepOutput:
             included); ``"student_step.teacher_forward"`` and
             ``"student_step.forward_backward"`` (the real student step); ``"total"``.
             CUDA is synchronised around each phase.
+        tangent_precision: how the engine computed the student tangent (its
+            ``MetaGradient.tangent_precision``: ``"default"``, ``"fp32 (autocast off)"``
+            or ``"autocast bfloat16"``/``"autocast float16"``); None when the
+            algorithm did not call the engine.
     """
 
     algorithm: str
@@ -127,6 +133,7 @@ class StepOutput:
     influences: Optional[torch.Tensor] = None
     teacher_updated: bool = False
     timings: Dict[str, float] = field(default_factory=dict)
+    tangent_precision: Optional[str] = None
 
 
 def _resolve_inner_lr(inner_lr: Optional[float], student_optimizer: torch.optim.Optimizer) -> Optional[float]:
@@ -188,7 +195,14 @@ def meta_step(
         processes, applied by the engine to the pilot and quiz gradients so the
         engine-based algorithms (metadistil, lgtm, ikd with a second-order
         hypergrad) follow the global batch; see ``fastmeta.engine.meta_gradient``;
-        the gradients the optimizers step with are averaged by the caller, e.g. DDP).
+        the gradients the optimizers step with are averaged by the caller, e.g. DDP),
+        ``loss_scale=None`` (float16: every backward of the step runs on ``S·loss`` and
+        its gradients are divided by S, see ``fastmeta.engine.scaled_grad``; a step whose
+        scaled gradients overflow raises ``FloatingPointError`` with nothing changed, so a
+        dynamic scaler such as :class:`fastmeta.amp.DynamicLossScale` can back off and
+        retry), ``jvp_precision="fp32"`` (under a bf16/fp16 autocast the engine's student
+        tangent runs with autocast off; ``"autocast"`` keeps it under the caller's
+        autocast; see ``fastmeta.engine.meta_gradient``).
         kd: ``teacher_ce=False``.
         lgtm: ``alpha=0.5``, ``influence_objective="mixed"|"weighted"``.
         reptile: ``layer_strategy="first"|"last"|"skip"|"both"``, ``layer_mapping=None``,
@@ -235,6 +249,12 @@ def meta_step(
         raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
     atomic = bool(options.pop("atomic", True))
     grad_sync = options.pop("grad_sync", None)
+    from fastmeta.engine import JVP_PRECISIONS, check_loss_scale
+
+    loss_scale = check_loss_scale(options.pop("loss_scale", None))
+    jvp_precision = options.pop("jvp_precision", "fp32")
+    if jvp_precision not in JVP_PRECISIONS:
+        raise ValueError(f"jvp_precision must be one of {JVP_PRECISIONS}, got {jvp_precision!r}")
     teacher_scheduler = options.pop("teacher_scheduler", None)
     student_scheduler = options.pop("student_scheduler", None)
     split = batching.split_batch(batch, name="batch")
@@ -274,6 +294,8 @@ def meta_step(
         options=options,
         device=device,
         grad_sync=grad_sync,
+        loss_scale=loss_scale,
+        jvp_precision=jvp_precision,
         transaction=transaction,
         timings=timings,
     )
@@ -300,4 +322,5 @@ def meta_step(
     transaction.finish()
     timings["total"] = time.perf_counter() - start
     output.timings = timings
+    output.tangent_precision = ctx.tangent_precision
     return output

@@ -43,17 +43,22 @@ time to best).  ``--checkpoint-every N`` writes ``OUTPUT/checkpoint.pt`` atomica
 Mixed precision (``--precision``): ``bf16`` runs ``meta_step`` and evaluation under
 ``torch.autocast(dtype=bfloat16)`` (parameters, optimizer states and gradients stay
 fp32; on CPU this works too, slowly: it is meant for GPUs).  ``fp16`` does the same with
-float16 plus the overflow half of a grad scaler: a step whose losses or gradients are
-not finite is rolled back by ``meta_step`` (``FloatingPointError``; both models and
-optimizers restored bitwise) and skipped, and the run stops after
-``--max-skipped-steps`` such steps.  There is no loss scaling yet (small fp16
-gradients can underflow): ``meta_step`` computes its gradients internally and has no
-scaler hook; prefer bf16.  The exact hypergradient: the engine's closed-form cotangent
-on the teacher's logits is computed in fp32 (``fastmeta.batching``); the student JVP
-``u = J_S v`` runs under the caller's autocast unless the engine disables autocast
-around it (``fastmeta.functional.jvp_logits``; requested from the engine: bf16's 8-bit
-mantissa loses the directional derivative).  Check ``fastmeta.functional`` for the
-current behaviour.
+float16 and dynamic loss scaling (:class:`fastmeta.amp.DynamicLossScale`, GradScaler's
+schedule: S = 2^16, halved after an overflow, doubled after 2000 clean steps, saved in
+checkpoints): every backward of the teacher warm-up and of ``meta_step`` runs on
+``S·loss`` (``meta_step(loss_scale=S)``); a step whose scaled gradients overflow is
+rolled back by ``meta_step`` (``FloatingPointError``; both models and optimizers
+restored bitwise), skipped, and the scale backs off; the run stops after
+``--max-skipped-steps`` consecutive skipped steps.  fp16 runs on one process only
+(an overflow skip is a per-process decision).  The exact hypergradient under
+autocast: the closed-form cotangent on the teacher's logits is computed in fp32, and
+the student tangent ``u = J_S v`` with autocast off, in fp32 (``--jvp-precision fp32``,
+the default; ``autocast`` keeps it in bf16/fp16).  Measured on a 2-layer BERT
+(``tests/test_mixed_precision.py``): the exact meta-gradient under bf16 autocast is
+within ~3e-3 of float64 either way (the forward-mode tangent rounds like the primal),
+but the finite-difference one is off by ~75% when its two perturbed forwards run in
+bf16/fp16 and within ~3e-3 in fp32; so fp32 is the default and the run log says which
+precision the tangent used.
 
 Distributed (``torchrun --nproc_per_node N -m fastmeta.train ...``): every process
 holds both models and takes ``--batch-size`` examples of each global batch of
@@ -83,6 +88,7 @@ import numpy as np
 import torch
 
 from fastmeta import checkpoint as ckpt
+from fastmeta.amp import DynamicLossScale
 from fastmeta import data as data_mod
 from fastmeta.data import DataError
 
@@ -157,6 +163,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     precision: str = "fp32"
+    jvp_precision: str = "fp32"
     max_skipped_steps: int = 100
     checkpoint_every: Optional[int] = None
     resume: Optional[str] = None
@@ -178,6 +185,10 @@ class TrainConfig:
             bad("optimizer", f"must be adamw, adam or sgd, got {self.optimizer!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             bad("precision", f"must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.jvp_precision not in ("fp32", "autocast"):
+            bad("jvp_precision", f"must be fp32 or autocast, got {self.jvp_precision!r}")
+        if self.max_skipped_steps < 0:
+            bad("max_skipped_steps", f"must be >= 0, got {self.max_skipped_steps}")
         for name in ("teacher_lr", "student_lr", "teacher_warmup_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -253,6 +264,10 @@ class TrainResult:
     # gradients both optimizers step with), "optimizer_hooks+meta_step_grad_sync" (also the
     # pilot/quiz gradients inside meta_step: the exact global meta-gradient)
     ddp_grad_sync: Optional[str] = None
+    # --precision fp16: the dynamic loss scale's final state (value, overflows, ...); else None
+    loss_scale: Optional[dict] = None
+    # how the engine computed the student tangent (StepOutput.tangent_precision of the first step)
+    tangent_precision: Optional[str] = None
     # (teacher, student) after training when train(..., return_models=True); not serialised
     models: Optional[tuple] = field(default=None, repr=False, compare=False)
 
@@ -689,8 +704,12 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, retur
         disable_progress_bars()
     except (ImportError, AttributeError):
         pass
+    if cfg.precision == "fp16" and dist.world_size > 1:
+        raise ValueError("--precision fp16 runs on one process only (an overflow skip is decided per process, "
+                         "and the processes would fall out of step); use --precision bf16 with torchrun")
     if cfg.precision != "fp32" and device.type == "cpu" and cfg.precision == "fp16":
         _log(verbose, "[fastmeta.train] note: fp16 autocast on CPU is slow and meant for testing")
+    loss_scale = DynamicLossScale() if cfg.precision == "fp16" else None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -756,7 +775,7 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, retur
         "best_metric": None, "best_metrics": {}, "best_step": None, "time_to_best_s": None,
         "train_time_to_best_s": None, "history": [], "teacher_metrics": None,
         "train_time_s": 0.0, "warmup_time_s": 0.0, "elapsed_before_s": 0.0, "phase_timings": {},
-        "examples_seen": 0,
+        "examples_seen": 0, "consecutive_skips": 0, "tangent_precision": None,
     }
 
     def run_config_fingerprint() -> dict:
@@ -793,6 +812,8 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, retur
             quiz_sampler.load_state_dict(saved["quiz_sampler"])
             warm_sampler.load_state_dict(saved["warmup_sampler"])
             state.update(saved["state"])
+            if loss_scale is not None and saved.get("loss_scale") is not None:
+                loss_scale.load_state_dict(saved["loss_scale"])
             resumed_from = {"path": str(path), "phase": state["phase"], "step": state["step"],
                             "warmup_step": state["warmup_step"]}
             ckpt.restore_rng_state(saved["rng"][dist.rank])
@@ -810,6 +831,7 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, retur
                 "warmup_optimizer": warm_opt.state_dict(), "warmup_scheduler": warm_sched.state_dict(),
                 "train_sampler": train_sampler.state_dict(), "quiz_sampler": quiz_sampler.state_dict(),
                 "warmup_sampler": warm_sampler.state_dict(), "rng": rngs,
+                "loss_scale": None if loss_scale is None else loss_scale.state_dict(),
                 "state": {**state, "elapsed_before_s": state["elapsed_before_s"] + (time.time() - t_start)},
             })
         dist.barrier()
@@ -852,8 +874,25 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, retur
             loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"teacher warm-up: non-finite loss {loss.item()} at step {state['warmup_step']}")
-            loss.backward()
-            warm_opt.step()
+            if loss_scale is None:
+                loss.backward()
+                warm_opt.step()
+            else:  # fp16: scaled backward, unscale, skip the step on overflow
+                (loss * loss_scale.value).backward()
+                grads = [p.grad for p in teacher.parameters() if p.grad is not None]
+                for g in grads:
+                    g.mul_(1.0 / loss_scale.value)
+                overflow = not all(bool(torch.isfinite(g).all()) for g in grads)
+                if overflow:
+                    state["skipped_steps"] += 1
+                    state["consecutive_skips"] += 1
+                    if state["consecutive_skips"] > cfg.max_skipped_steps:
+                        raise FloatingPointError(f"teacher warm-up: {state['consecutive_skips']} consecutive fp16 "
+                                                 f"overflows (loss scale now {loss_scale.value:g})")
+                else:
+                    state["consecutive_skips"] = 0
+                    warm_opt.step()
+                loss_scale.update(found_inf=overflow)
             warm_sched.step()
             dt = time.perf_counter() - t0
             state["warmup_time_s"] += dt
@@ -883,11 +922,14 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, retur
     options = dict(cfg.algorithm_options)
     options.setdefault("teacher_scheduler", teacher_sched)
     options.setdefault("student_scheduler", student_sched)
+    options.setdefault("jvp_precision", cfg.jvp_precision)
     ddp_grad_sync = None
     if dist.world_size > 1:
         ddp_grad_sync = "optimizer_hooks"
         if cfg.algorithm != "kd":
-            options["grad_sync"] = dist.average_tensors  # tried on the first step; dropped if unsupported
+            # the engine's pilot and quiz gradients averaged too: the global batch's meta-gradient
+            options["grad_sync"] = dist.average_tensors
+            ddp_grad_sync = "optimizer_hooks+meta_step_grad_sync"
     if state["teacher_metrics"] is None and warmup_total == 0 and state["step"] == 0:
         rec = do_eval(teacher, "teacher", "distill", 0, 0.0)
         state["teacher_metrics"] = rec["metrics"]
@@ -909,34 +951,30 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, retur
         t0 = time.perf_counter()
         try:
             with _autocast(device, cfg.precision):
-                try:
-                    out = meta_step(teacher, student, batch, quiz, teacher_opt, student_opt,
-                                    algorithm=cfg.algorithm, hypergrad=cfg.hypergrad, temperature=cfg.temperature,
-                                    kd_weight=cfg.kd_weight, kd_loss=cfg.kd_loss, inner_lr=cfg.inner_lr, **options)
-                    if "grad_sync" in options:
-                        ddp_grad_sync = "optimizer_hooks+meta_step_grad_sync"
-                except TypeError as error:
-                    # meta_step validates options before touching anything: retrying is safe
-                    if "grad_sync" not in options or "grad_sync" not in str(error):
-                        raise
-                    options.pop("grad_sync")
-                    _log(verbose, "[fastmeta.train] warning: this meta_step has no grad_sync option: each process "
-                                  f"computes {cfg.algorithm}'s pilot step and meta-gradient on its own shard and only "
-                                  "the gradients the optimizers step with are averaged (replicas stay identical, "
-                                  "but the update differs from one process on the concatenated batch)")
-                    out = meta_step(teacher, student, batch, quiz, teacher_opt, student_opt,
-                                    algorithm=cfg.algorithm, hypergrad=cfg.hypergrad, temperature=cfg.temperature,
-                                    kd_weight=cfg.kd_weight, kd_loss=cfg.kd_loss, inner_lr=cfg.inner_lr, **options)
+                if loss_scale is not None:
+                    options["loss_scale"] = loss_scale.value
+                out = meta_step(teacher, student, batch, quiz, teacher_opt, student_opt,
+                                algorithm=cfg.algorithm, hypergrad=cfg.hypergrad, temperature=cfg.temperature,
+                                kd_weight=cfg.kd_weight, kd_loss=cfg.kd_loss, inner_lr=cfg.inner_lr, **options)
         except FloatingPointError:
-            if cfg.precision != "fp16":
+            if loss_scale is None:
                 raise
-            # fp16 overflow: meta_step rolled both models and optimizers back; skip like a grad scaler
+            # fp16 overflow: meta_step rolled both models and optimizers back; skip and back off, like GradScaler
             state["skipped_steps"] += 1
-            if state["skipped_steps"] > cfg.max_skipped_steps:
+            state["consecutive_skips"] += 1
+            loss_scale.update(found_inf=True)
+            if state["consecutive_skips"] > cfg.max_skipped_steps:
                 raise
             teacher_sched.step()
             student_sched.step()
             out = None
+        else:
+            if loss_scale is not None:
+                state["consecutive_skips"] = 0
+                loss_scale.update(found_inf=False)
+            if out.tangent_precision is not None and state.get("tangent_precision") is None:
+                state["tangent_precision"] = out.tangent_precision
+                _log(verbose, f"[fastmeta.train] student tangent (JVP) precision: {out.tangent_precision}")
         dt = time.perf_counter() - t0
         state["train_time_s"] += dt
         state["step"] += 1
@@ -983,6 +1021,8 @@ def _train(cfg: TrainConfig, dist: _Distributed, t_start: float, callback, retur
         best_student_dir=str(output_dir / "best_student") if (cfg.save_best and state["best_step"] is not None) else None,
         final_metrics=final_metrics, config=dataclasses.asdict(cfg), resumed_from=resumed_from,
         ddp_grad_sync=ddp_grad_sync,
+        loss_scale=None if loss_scale is None else loss_scale.state_dict(),
+        tangent_precision=state.get("tangent_precision"),
     )
     if main_proc:
         (output_dir / "summary.json").write_text(json.dumps(result.to_dict(), indent=2, default=_json_default))
@@ -1062,8 +1102,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-save-best", dest="save_best", action="store_false", help="do not save the best student")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--jvp-precision", default=d.jvp_precision, choices=["fp32", "autocast"],
+                   help="bf16/fp16: the engine's student tangent in fp32 (autocast off; default) or under autocast")
     g.add_argument("--max-skipped-steps", type=int, default=d.max_skipped_steps,
-                   help="fp16: abort after this many steps skipped for overflow")
+                   help="fp16: abort after this many consecutive steps skipped for overflow")
     g.add_argument("--checkpoint-every", type=int, help="write OUTPUT/checkpoint.pt every N steps (atomic)")
     g.add_argument("--resume", nargs="?", const="auto",
                    help="continue from OUTPUT/checkpoint.pt (or the given checkpoint file)")

@@ -79,6 +79,29 @@ def test_trainer_runs_meta_step(tmp_path, algorithm):
         assert any("quiz_loss" in entry for entry in trainer.state.log_history)
 
 
+def test_trainer_bf16_runs_meta_step_under_autocast_and_refuses_fp16(tmp_path):
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from fastmeta.integrations.hf import MetaDistilTrainer
+
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    teacher, student = _tiny_bert(len(tokenizer), 2, 0), _tiny_bert(len(tokenizer), 1, 1)
+    common = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, report_to=[],
+                  save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    kwargs = dict(model=student, train_dataset=_dataset(tokenizer, 16, 0), data_collator=DataCollatorWithPadding(tokenizer),
+                  teacher_model=teacher, quiz_dataset=_dataset(tokenizer, 8, 1), teacher_lr=1e-3, temperature=2.0)
+    trainer = MetaDistilTrainer(args=TrainingArguments(output_dir=str(tmp_path / "bf16"), bf16=True, **common), **kwargs)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    # meta_step ran under a bf16 autocast and the engine took the student tangent out of it
+    assert trainer.last_step_output.tangent_precision == "fp32 (autocast off)"
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in student.parameters())
+    # fp16 is refused with a clear error (by MetaDistilTrainer; some transformers versions already
+    # refuse fp16 on CPU in TrainingArguments, also with a ValueError naming fp16)
+    with pytest.raises(ValueError, match="fp16"):
+        MetaDistilTrainer(args=TrainingArguments(output_dir=str(tmp_path / "fp16"), fp16=True, **common), **kwargs)
+
+
 def test_trainer_matches_meta_step_loop(tmp_path):
     """Three Trainer steps == three hand-written meta_step calls on the same batches with fresh AdamWs."""
     from transformers import DataCollatorWithPadding, TrainingArguments

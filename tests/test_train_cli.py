@@ -64,7 +64,7 @@ def test_train_function_is_reusable(tmp_path, assets):
     assert result.examples_per_s > 0
 
 
-@pytest.mark.parametrize("precision", ["bf16"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_cpu_autocast_runs(tmp_path, assets, precision):
     result = train(TrainConfig(task="mrpc", data_dir=str(assets["data"]), teacher=str(assets["teacher"]),
                                student=str(assets["student"]), output_dir=str(tmp_path / "o"), batch_size=8,
@@ -74,6 +74,14 @@ def test_mixed_precision_cpu_autocast_runs(tmp_path, assets, precision):
     teacher, student = result.models
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in student.parameters())
     assert result.steps == 2
+    assert result.tangent_precision == "fp32 (autocast off)"  # the exact JVP left autocast, and says so
+    if precision == "fp16":
+        # dynamic loss scaling ran: the scale starts at 2^16 and can only have backed off by overflows
+        state = result.loss_scale
+        assert state is not None and state["value"] == 2.0**16 * 0.5 ** state["overflows"]
+        assert result.skipped_steps == state["overflows"] <= 3
+    else:
+        assert result.loss_scale is None and result.skipped_steps == 0
 
 
 BAD = {

@@ -184,6 +184,16 @@ class StepContext:
     timings: Dict[str, float] = field(default_factory=dict)
     settings: Dict[str, Any] = field(default_factory=dict)  # the algorithm's validated options
     grad_sync: Any = None  # data parallelism: see fastmeta.engine.meta_gradient(grad_sync=)
+    loss_scale: float = 1.0  # float16 loss scaling: see fastmeta.engine.scaled_grad
+    jvp_precision: str = "fp32"  # see fastmeta.engine.meta_gradient(jvp_precision=)
+    tangent_precision: Optional[str] = None  # set by engine_meta_gradient
+
+    # ------------------------------------------------------------------ gradients
+    def grad(self, loss: torch.Tensor, tensors: List[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+        """``∇ loss`` w.r.t. ``tensors`` (None where unused), through ``S·loss`` with ``S = loss_scale``."""
+        from fastmeta.engine import scaled_grad
+
+        return scaled_grad(loss, tensors, self.loss_scale, allow_unused=True)
 
     # ------------------------------------------------------------------ options
     def option(self, name: str, default: Any) -> Any:
@@ -277,7 +287,7 @@ class StepContext:
             logits = self.student_logits()
             loss = self.student_objective(logits, teacher_logits)
             batching.check_finite(loss.detach(), "student loss")
-            grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+            grads = self.grad(loss, [p for _, p in params])
             named = {name: g for (name, _), g in zip(params, grads)}
         check_finite_grads(named, "student gradient")
         return loss.detach(), named
@@ -322,7 +332,10 @@ class StepContext:
                 compute_influence=compute_influence,
                 shift_labels=self.shift_labels,
                 grad_sync=self.grad_sync,
+                jvp_precision=self.jvp_precision,
+                loss_scale=self.loss_scale,
             )
+        self.tangent_precision = result.tangent_precision
         for key, value in (getattr(result, "timings", None) or {}).items():
             self.timings[f"meta_gradient.{key}"] = float(value)
         batching.check_finite(result.student_loss.detach(), "pilot student loss")

@@ -101,7 +101,7 @@ def _run_first_order(ctx: StepContext):
         batching.check_finite(quiz_logits.detach(), "student logits on quiz_batch")
         quiz_loss = batching.cross_entropy(quiz_logits, ctx.labels(ctx.quiz), name="quiz_batch labels")
         batching.check_finite(quiz_loss.detach(), "quiz loss")
-        quiz_grads = torch.autograd.grad(quiz_loss, [p for _, p in params], allow_unused=True)
+        quiz_grads = ctx.grad(quiz_loss, [p for _, p in params])
         check_finite_grads({n: g for (n, _), g in zip(params, quiz_grads)}, "quiz gradient")
         with torch.no_grad():
             taught = ctx.student_logits(grad=False)
@@ -124,7 +124,7 @@ def _run_first_order(ctx: StepContext):
             batching.kd_loss(corrected, teacher_logits, ctx.temperature, kind=ctx.kd_loss, mask=mask)
             - batching.kd_loss(taught, teacher_logits, ctx.temperature, kind=ctx.kd_loss, mask=mask)
         )
-        grads = torch.autograd.grad(feedback, [p for _, p in t_params], allow_unused=True)
+        grads = ctx.grad(feedback, [p for _, p in t_params])
         teacher_grads = {name: g for (name, _), g in zip(t_params, grads)}
         check_finite_grads(teacher_grads, "IKD teacher feedback gradient")
     ctx.apply_teacher(teacher_grads, final=True)

@@ -48,7 +48,7 @@ def run(ctx: StepContext):
             params = trainable(ctx.teacher)
             teacher_loss = batching.cross_entropy(teacher_logits, ctx.labels(), name="batch labels")
             batching.check_finite(teacher_loss.detach(), "teacher loss")
-            grads = torch.autograd.grad(teacher_loss, [p for _, p in params], allow_unused=True)
+            grads = ctx.grad(teacher_loss, [p for _, p in params])
             teacher_grads = {name: g for (name, _), g in zip(params, grads)}
             check_finite_grads(teacher_grads, "teacher gradient")
         teacher_logits = teacher_logits.detach()

@@ -107,7 +107,7 @@ def run(ctx: StepContext):
             per_sample = batching.per_sample_sum(rows)
             weighted_term = (influences.detach().to(per_sample.dtype) * per_sample).sum() / per_sample.shape[0]
             objective = objective + weighted_term.to(objective.dtype)
-        grads = torch.autograd.grad(objective, [p for _, p in params], allow_unused=True)
+        grads = ctx.grad(objective, [p for _, p in params])
         teacher_grads = {}
         for (name, _), g in zip(params, grads):
             influence_term = None if weighted else result.teacher_grads.get(name)

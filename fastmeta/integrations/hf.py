@@ -38,6 +38,12 @@ How it maps onto the Trainer loop (transformers 4.40 - 5.x):
 * Distributed (``torchrun`` with the Trainer): both optimizers' gradients are averaged
   across processes with ``all_reduce`` right before they step (an optimizer step
   pre-hook), as DDP would; ``meta_step`` runs on the unwrapped models.
+* Mixed precision: ``bf16=True`` runs each ``meta_step`` under ``torch.autocast(bfloat16)``
+  (the student's accelerate autocast wrapper is removed so that the engine can compute
+  the student tangent with autocast off, in fp32, as in ``fastmeta.train``; evaluation
+  then runs in fp32).  ``fp16=True`` is refused: the Trainer's GradScaler would step an
+  optimizer that ``meta_step`` has already stepped; use ``fastmeta.train --precision
+  fp16`` (dynamic loss scaling through ``meta_step(loss_scale=)``) or bf16.
 * ``trainer.teacher`` is the teacher; ``trainer.last_step_output`` the last
   :class:`fastmeta.StepOutput`; quiz loss and teacher updates are logged with the
   Trainer's logs (``quiz_loss``).
@@ -113,6 +119,12 @@ class MetaDistilTrainer(Trainer):
         if not (teacher_lr > 0):
             raise ValueError(f"teacher_lr must be > 0, got {teacher_lr}")
         super().__init__(*args, **kwargs)
+        if getattr(self.args, "fp16", False):
+            raise ValueError(
+                "MetaDistilTrainer: fp16=True is not supported (the Trainer's GradScaler would step the student "
+                "optimizer that meta_step has already stepped, unscaled); use bf16=True, or fastmeta.train "
+                "--precision fp16, which drives meta_step(loss_scale=) with fastmeta.amp.DynamicLossScale"
+            )
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError(
                 "MetaDistilTrainer: gradient_accumulation_steps must be 1 (meta_step takes a whole optimizer "
@@ -173,7 +185,12 @@ class MetaDistilTrainer(Trainer):
         """One ``meta_step``; returns the detached student loss (the Trainer logs it)."""
         from fastmeta.step import meta_step
 
-        student = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        bf16 = bool(getattr(self.args, "bf16", False))
+        if hasattr(self, "accelerator"):
+            # bf16: drop accelerate's autocast-forward wrapper; meta_step runs under our own autocast below
+            student = self.accelerator.unwrap_model(model, keep_fp32_wrapper=not bf16)
+        else:
+            student = model
         student.train()
         if self._student_hook_optimizer is not self.optimizer:
             inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer
@@ -185,8 +202,10 @@ class MetaDistilTrainer(Trainer):
         options = dict(self.algorithm_options)
         if self.teacher_scheduler is not None:
             options.setdefault("teacher_scheduler", self.teacher_scheduler)
-        output = meta_step(self.teacher, student, inputs, quiz, self.teacher_optimizer, student_optimizer,
-                           **self.meta_step_kwargs, **options)
+        device_type = next(student.parameters()).device.type
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+            output = meta_step(self.teacher, student, inputs, quiz, self.teacher_optimizer, student_optimizer,
+                               **self.meta_step_kwargs, **options)
         # meta_step already stepped the student: the Trainer's optimizer.step() must find no gradient
         for p in student.parameters():
             p.grad = None
