@@ -261,8 +261,14 @@ def scaled_grad(loss: torch.Tensor, tensors, loss_scale: float = 1.0, **kwargs):
     """
     if loss_scale == 1.0:
         return torch.autograd.grad(loss, tensors, **kwargs)
-    grads = torch.autograd.grad(loss * loss_scale, tensors, **kwargs)
-    inverse = 1.0 / loss_scale
+    return _unscaled(torch.autograd.grad(loss * loss_scale, tensors, **kwargs), loss_scale)
+
+
+def _unscaled(grads, scale: float):
+    """Gradients of a backward run on ``scale·(loss or cotangent)``, divided back (None kept)."""
+    if scale == 1.0:
+        return grads
+    inverse = 1.0 / scale
     return tuple(None if g is None else g * inverse for g in grads)
 
 
@@ -763,8 +769,7 @@ def _teacher_backward(teacher_logits, teacher_params, cotangent, loss_scale=1.0)
     grads = torch.autograd.grad(
         teacher_logits, tensors, grad_outputs=(cotangent * scale).to(teacher_logits.dtype), allow_unused=True
     )
-    if scale != 1.0:
-        grads = tuple(None if g is None else g * (1.0 / scale) for g in grads)
+    grads = _unscaled(grads, scale)
     return {name: g.detach() for name, g in zip(teacher_params, _grads_or_zeros(grads, tensors))}
 
 
@@ -786,6 +791,14 @@ def _logits_jvp_and_hvp(student, theta, split_x, direction, zt, labels, rng_stat
     return u, hv
 
 
+def _lgtm_eps(vectors, eps: float | None) -> float:
+    """LGTM/DARTS's step ``ε = 0.01/‖d‖`` (1 when ``d = 0``), unless ``eps`` is given."""
+    if eps is None:
+        norm = math.sqrt(sum(float(v.double().square().sum()) for v in vectors))
+        return 0.01 / norm if norm > 0.0 else 1.0
+    return float(eps)
+
+
 def _fd_trajectory_step(
     student, params, split_x, direction, zt, labels, mask, rng_state, *, temperature, kd_weight, kind, shift_labels, eps, need_hvp
 ):
@@ -803,10 +816,7 @@ def _fd_trajectory_step(
     names = list(direction)
     tensors = [params[name] for name in names]
     vectors = [direction[name].detach() for name in names]
-    if eps is None:
-        norm = math.sqrt(sum(float(v.double().square().sum()) for v in vectors))
-        eps = 0.01 / norm if norm > 0.0 else 1.0
-    eps = float(eps)
+    eps = _lgtm_eps(vectors, eps)
     offset = 0.0
     results = {}
     try:
@@ -857,10 +867,7 @@ def _lgtm_finite_difference(
     names = list(direction)
     tensors = [student_params[name] for name in names]
     vectors = [direction[name].detach() for name in names]
-    if eps is None:
-        norm = math.sqrt(sum(float(v.double().square().sum()) for v in vectors))
-        eps = 0.01 / norm if norm > 0.0 else 1.0
-    eps = float(eps)
+    eps = _lgtm_eps(vectors, eps)
     offset = 0.0
     results = {}
     with torch.no_grad():
