@@ -112,8 +112,12 @@ def _kd_second_order_kernel(
             mt = mt_new
         ss_safe = tl.where(kept, ss, 1.0)
         st_safe = tl.where(kept, st, 1.0)
-        lse_s = tl.where(kept, ms, 0.0) + tl.log(ss_safe)  # masked rows: finite dummies
-        lse_t = tl.where(kept, mt, 0.0) + tl.log(st_safe)
+        # p = exp((z/τ − m) − log S): max and log-normaliser kept apart (m + log S rounded to
+        # fp32 would move every probability by ~eps32·|m|, 1e-3 at |m| = 2e4); masked rows: finite dummies
+        ms = tl.where(kept, ms, 0.0)
+        mt = tl.where(kept, mt, 0.0)
+        log_ss = tl.log(ss_safe)
+        log_st = tl.log(st_safe)
         ps_u = us / ss_safe
         pt_u = ut / st_safe
         pt_r = 0.0
@@ -129,8 +133,8 @@ def _kd_second_order_kernel(
                 s = tl.load(zs_row + idx, mask=inb, other=0.0).to(tl.float32) * inv_tau
                 t = tl.load(zt_row + idx, mask=inb, other=0.0).to(tl.float32) * inv_tau
                 u = tl.load(u_row + idx, mask=inb, other=0.0).to(tl.float32)
-                ps = tl.where(inb, tl.exp(s - lse_s), 0.0)
-                pt = tl.where(inb, tl.exp(t - lse_t), 0.0)
+                ps = tl.where(inb, tl.exp((s - ms) - log_ss), 0.0)
+                pt = tl.where(inb, tl.exp((t - mt) - log_st), 0.0)
                 r = ps * (u - ps_u)
                 d_r += tl.sum((ps - pt) * r, axis=0)
                 pt_r += tl.sum(pt * r, axis=0)
@@ -143,17 +147,17 @@ def _kd_second_order_kernel(
                 u = tl.load(u_row + idx, mask=ld, other=0.0).to(tl.float32)
                 if KIND == 0:
                     t = tl.load(zt_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
-                    pt = tl.exp(t - lse_t)
+                    pt = tl.exp((t - mt) - log_st)
                     c = -c_scale * (pt * (u - pt_u))
                 elif KIND == 1:
                     s = tl.load(zs_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
-                    ps = tl.exp(s - lse_s)
+                    ps = tl.exp((s - ms) - log_ss)
                     c = -c_scale * (ps * (u - ps_u))
                 else:
                     s = tl.load(zs_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
                     t = tl.load(zt_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
-                    ps = tl.exp(s - lse_s)
-                    pt = tl.exp(t - lse_t)
+                    ps = tl.exp((s - ms) - log_ss)
+                    pt = tl.exp((t - mt) - log_st)
                     r = ps * (u - ps_u)
                     c = -c_scale * (pt * (r - pt_r))
                 c = tl.where(ld, c, 0.0)

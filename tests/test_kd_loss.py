@@ -1,9 +1,10 @@
 """fastmeta.kd_loss against a float64 autograd oracle (PyTorch path and Triton kernels).
 
-The oracle is ``kd_loss_rows_reference`` evaluated in float64 on the SAME
-(already rounded) inputs, masked and reduced here by hand, differentiated by
-``torch.autograd.grad``.  Errors are normwise relative:
-``max|x − ref| / max|ref|``.
+The oracle is ``_kd_rows_fp64``, the four losses written out again here from their
+definitions with ``torch.nn.functional`` (``kl_div``, ``log_softmax``, ``mse_loss``;
+none of fastmeta's code), evaluated in float64 on the SAME (already rounded) inputs,
+masked and reduced here by hand, differentiated by ``torch.autograd.grad``.  Errors are
+normwise relative: ``max|x − ref| / max|ref|``.
 
 The Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1`` (set
 below before anything imports triton, and by tests/conftest.py when no GPU is
@@ -28,6 +29,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastmeta
 from fastmeta.kernels.kd_loss_reference import KINDS, kd_loss_grads_reference, kd_loss_rows_reference
@@ -72,12 +74,32 @@ def _make_inputs(lead_shape, vocab, dtype, *, scale=3.0, masked=False, seed=0, d
     return zs, zt, mask
 
 
+def _kd_rows_fp64(zs, zt, tau, kind, scale=True):
+    """Per-row KD losses of ``[N, V]`` rows in float64, from the definitions (independent of
+    ``kernels/``): ``s = zs/τ``, ``t = zt/τ``, ``a = τ²`` (scaled) or 1,
+
+    kl ``a·KL(pt‖ps)``, reverse_kl ``a·KL(ps‖pt)``, softmax_mse ``(a/V)·‖ps − pt‖²``,
+    logit_mse ``(a/(τ²V))·‖zs − zt‖²``.  Differentiable twice (plain autograd)."""
+    zs, zt = zs.double(), zt.double()
+    a = tau * tau if scale else 1.0
+    if kind == "logit_mse":
+        return (a / (tau * tau)) * F.mse_loss(zs, zt, reduction="none").mean(-1)
+    log_ps, log_pt = F.log_softmax(zs / tau, dim=-1), F.log_softmax(zt / tau, dim=-1)
+    if kind == "kl":  # kl_div(input, target) = Σ target·(log target − input): KL(target ‖ input)
+        return a * F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(-1)
+    if kind == "reverse_kl":
+        return a * F.kl_div(log_pt, log_ps, reduction="none", log_target=True).sum(-1)
+    if kind == "softmax_mse":
+        return a * F.mse_loss(F.softmax(zs / tau, -1), F.softmax(zt / tau, -1), reduction="none").mean(-1)
+    raise ValueError(kind)
+
+
 def _oracle(zs, zt, tau, kind, reduction, mask, grad_out, scale=True):
     """fp64 loss and autograd gradients of the masked, reduced loss."""
     zs64 = zs.detach().double().requires_grad_(True)
     zt64 = zt.detach().double().requires_grad_(True)
     v = zs.shape[-1]
-    rows, _ = kd_loss_rows_reference(zs64.reshape(-1, v), zt64.reshape(-1, v), tau, kind, scale)
+    rows = _kd_rows_fp64(zs64.reshape(-1, v), zt64.reshape(-1, v), tau, kind, scale)
     if mask is not None:
         rows = rows * mask.reshape(-1).double()
     if reduction == "none":
@@ -162,7 +184,7 @@ def test_closed_form_gradients_match_autograd_fp64(kind, scale):
         zs, zt, _ = _make_inputs((5,), 11, torch.float64, seed=3, device="cpu")
         zs.requires_grad_(True)
         zt.requires_grad_(True)
-        rows, _ = kd_loss_rows_reference(zs, zt, tau, kind, scale)
+        rows = _kd_rows_fp64(zs, zt, tau, kind, scale)
         weights = torch.randn(5, dtype=torch.float64)
         ags, agt = torch.autograd.grad((rows * weights).sum(), (zs, zt))
         gs, gt = kd_loss_grads_reference(zs.detach(), zt.detach(), tau, kind, scale)
@@ -201,16 +223,52 @@ def test_logit_mse_scaled_is_plain_mse():
     torch.testing.assert_close(kd_loss(zs, zt, 3.0, kind="logit_mse"), expected, rtol=1e-12, atol=0)
 
 
+# Large logits: a big offset per row (+/- LARGE_SHIFT, different for student and teacher)
+# plus a moderate spread (z/τ uniform over ±4), so |z|/τ is 100..2e4: exp overflows fp32
+# beyond 88.7 (a naive softmax gives inf/inf), yet the softmaxes are far from one-hot and
+# the fp64 reference is a meaningful number (_assert_non_degenerate).  The offset leaves
+# the dtype able to resolve the spread: ulp(1e4) = 2^-10 in fp32, ulp(1500) = 1 in fp16,
+# ulp(200) = 1 in bf16.  Power-of-two temperatures only: z/τ, z·(1/τ) and s − max(s)
+# (Sterbenz) are then exact in fp32; with τ = 5 the rounding of z/τ ≈ 2e3 alone moves each
+# probability by ~1e-4 (input conditioning of ANY fp32 evaluation), swamping the comparison.
+LARGE_SHIFT = {torch.float32: 1e4, torch.float16: 1500.0, torch.bfloat16: 200.0}
+LARGE_TAUS = [0.5, 1.0, 2.0]
+LARGE_V = 257
+
+
+def _large_logit_inputs(dtype, tau, kind, seed, n_rows=5, vocab=LARGE_V, device=None):
+    """Rows 0..n-2 counted, the last one masked; logit_mse gets equal offsets (its loss is
+    (zs − zt)²: opposite offsets would only test fp16 overflow of the output)."""
+    device = device or _device()
+    gen = torch.Generator().manual_seed(seed)
+    signs_s = torch.tensor([1.0, -1.0, 1.0, -1.0] * n_rows, dtype=torch.float64)[:n_rows, None]
+    signs_t = signs_s if kind == "logit_mse" else torch.tensor([1.0, 1.0, -1.0, -1.0] * n_rows,
+                                                               dtype=torch.float64)[:n_rows, None]
+    spread = 8.0 * tau  # z/τ uniform over an interval of width 8 about ±LARGE_SHIFT/τ
+    zs = LARGE_SHIFT[dtype] * signs_s + spread * (torch.rand(n_rows, vocab, generator=gen, dtype=torch.float64) - 0.5)
+    zt = LARGE_SHIFT[dtype] * signs_t + spread * (torch.rand(n_rows, vocab, generator=gen, dtype=torch.float64) - 0.5)
+    mask = torch.ones(n_rows, dtype=torch.bool)
+    mask[-1] = False
+    return zs.to(dtype).to(device), zt.to(dtype).to(device), mask.to(device)
+
+
+def _assert_non_degenerate(zs, zt, tau, mask):
+    """The (rounded) large-logit inputs overflow a naive fp32 softmax, yet every counted
+    row's fp64 softmaxes spread their mass: largest probability <= 0.5, >= 10 entries above 1e-3."""
+    counted = mask.reshape(-1).cpu()
+    for z in (zs, zt):
+        z64 = z.detach().double().cpu().reshape(-1, z.shape[-1])[counted]
+        assert (z64.abs().max(-1).values / tau > 88.8).all()
+        p = torch.softmax(z64 / tau, -1)
+        assert (p.max(-1).values <= 0.5).all() and ((p > 1e-3).sum(-1) >= 10).all()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_torch_path_large_logits_finite(kind, dtype):
-    # logit_mse of ±1e4 logits is ~1e8: not representable in fp16 (max 65504), so the
-    # fp16 logit_mse case uses ±100 logits (its loss then stays below 4e4).
-    amplitude = 100.0 if (dtype == torch.float16 and kind == "logit_mse") else 1e4
-    for tau in TAUS:
-        zs, zt, mask = _make_inputs((3,), 257, dtype, scale=amplitude / 4, masked=True, seed=5)
-        zs = zs.clamp(-amplitude, amplitude)
-        zt = zt.clamp(-amplitude, amplitude)
+    for tau in LARGE_TAUS:
+        zs, zt, mask = _large_logit_inputs(dtype, tau, kind, seed=5)
+        _assert_non_degenerate(zs, zt, tau, mask)
         errs = _errors(zs, zt, tau, kind, "batchmean", mask, "torch")
         assert max(errs) <= TOL[dtype], (tau, errs)
 
@@ -295,7 +353,22 @@ def test_error_messages():
     bad_t[0, 0] = float("inf")
     with pytest.raises(ValueError, match="teacher_logits contains non-finite"):
         kd_loss(zs, bad_t)
-    assert not torch.isfinite(kd_loss(zs, bad_t, check_finite=False)) or True  # no error raised
+    # check_finite=False: no check, no error; the +inf teacher logit makes its row's
+    # softmax inf/inf = NaN (logit_mse: (zs − inf)² = +inf), the other rows are unaffected
+    for dtype in (torch.float32, torch.float64):
+        zs_d, zt_d, bad_d = zs.to(dtype), zt.to(dtype), bad_t.to(dtype)
+        for kind in KINDS:
+            rows = kd_loss(zs_d, bad_d, 2.0, kind=kind, reduction="none", check_finite=False)
+            if kind == "logit_mse":
+                assert rows[0].item() == float("inf")
+            else:
+                assert torch.isnan(rows[0])
+            finite = kd_loss(zs_d[1:], zt_d[1:], 2.0, kind=kind, reduction="none")
+            torch.testing.assert_close(rows[1:], finite, rtol=0, atol=0)
+            if dtype == torch.float64:
+                torch.testing.assert_close(rows[1:], _kd_rows_fp64(zs_d[1:], zt_d[1:], 2.0, kind), rtol=1e-10, atol=0)
+            batch = kd_loss(zs_d, bad_d, 2.0, kind=kind, check_finite=False)
+            assert (batch.item() == float("inf")) if kind == "logit_mse" else torch.isnan(batch).item()
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="same device"):
             kd_loss(zs, zt.cuda())
@@ -405,16 +478,21 @@ def test_triton_kernels_multi_block_online_softmax(kind, scale):
     zt[1] = zt[1].sort(descending=True).values  # max at the start
     zs[2] = zs[2] + 30.0 * torch.linspace(-1, 1, v, device=zs.device)  # drifting maximum
     mask = torch.tensor([True, True, True, False], device=zs.device)
+    grad_rows = torch.tensor([0.5, -1.0, 2.0, 3.0], device=zs.device)
+    m = mask.double()
+    w = (grad_rows.double() * m)[:, None]
     for tau in TAUS:
-        rows64, _ = kd_loss_rows_reference(zs.double(), zt.double(), tau, kind, scale)
-        gs64, gt64 = kd_loss_grads_reference(zs.double(), zt.double(), tau, kind, scale)
+        # fp64 reference: the independent formulas and autograd (row i of the gradient of
+        # Σ_i ℓ_i is ∂ℓ_i/∂z_i: rows do not interact)
+        zs64, zt64 = zs.double().requires_grad_(True), zt.double().requires_grad_(True)
+        rows64 = _kd_rows_fp64(zs64, zt64, tau, kind, scale)
+        gs64, gt64 = torch.autograd.grad(rows64.sum(), (zs64, zt64))
+        rows64 = rows64.detach()
+        # same-dtype yardstick: the fp32 PyTorch path (the backend the kernels replace)
         rows32, _ = kd_loss_rows_reference(zs, zt, tau, kind, scale)
         gs32, gt32 = kd_loss_grads_reference(zs, zt, tau, kind, scale)
         loss, stats = kd_loss_forward(zs, zt, mask, tau, kind, scale, block_v=32)
-        grad_rows = torch.tensor([0.5, -1.0, 2.0, 3.0], device=zs.device)
         gs, gt = kd_loss_backward(grad_rows, zs, zt, stats, mask, tau, kind, scale, True, True, block_v=32)
-        m = mask.double()
-        w = (grad_rows.double() * m)[:, None]
         floor = _floor(torch.float32, v)
         assert loss[3] == 0 and (gs[3] == 0).all() and (gt[3] == 0).all()
         assert _rel(loss, rows64 * m) <= 2 * _rel(rows32 * m, rows64 * m) + floor
@@ -425,18 +503,22 @@ def test_triton_kernels_multi_block_online_softmax(kind, scale):
 @needs_triton
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", INTERPRET_DTYPES, ids=str)
-def test_triton_large_logits_finite(kind, dtype):
-    from fastmeta.kernels.kd_loss import kd_loss_backward, kd_loss_forward  # noqa: F401
+def test_triton_large_logits_finite(kind, dtype, monkeypatch):
+    """Large logits (see LARGE_SHIFT) through kd_loss: the rows in one block and, with the
+    kernels' block size forced to 64, in 5 blocks (online max/sum rescaling at |z|/τ up to 2e4)."""
+    from fastmeta.kernels import kd_loss as kernel_module
 
-    amplitude = 100.0 if (dtype == torch.float16 and kind == "logit_mse") else 1e4  # see torch-path test
-    tau = _tau_for(kind, dtype, "large")
-    zs, zt, mask = _make_inputs((3,), 257, dtype, scale=amplitude / 4, masked=True, seed=5)
-    zs, zt = zs.clamp(-amplitude, amplitude), zt.clamp(-amplitude, amplitude)
+    tau = LARGE_TAUS[(KINDS.index(kind) + INTERPRET_DTYPES.index(dtype)) % len(LARGE_TAUS)]
+    zs, zt, mask = _large_logit_inputs(dtype, tau, kind, seed=5)
+    _assert_non_degenerate(zs, zt, tau, mask)
     ref_errs = _errors(zs, zt, tau, kind, "batchmean", mask, "torch")
-    tri_errs = _errors(zs, zt, tau, kind, "batchmean", mask, "triton")
-    cond = _divergence_floor(zs, zt, tau, kind, "batchmean", mask)
-    for e_tri, e_ref, e_cond in zip(tri_errs, ref_errs, cond):
-        assert e_tri <= 2 * e_ref + _floor(dtype, 257) + e_cond, (tau, tri_errs, ref_errs, cond)
+    floor = _floor(dtype, LARGE_V)
+    for block in (None, 64):
+        if block is not None:
+            monkeypatch.setattr(kernel_module, "block_size", lambda vocab, device, block=block: block)
+        tri_errs = _errors(zs, zt, tau, kind, "batchmean", mask, "triton")
+        for e_tri, e_ref in zip(tri_errs, ref_errs):
+            assert e_tri <= 2 * e_ref + floor, (tau, block, tri_errs, ref_errs, floor)
 
 
 @needs_triton
@@ -474,6 +556,37 @@ def test_triton_path_under_torch_compile():
     torch.testing.assert_close(b.grad, b2.grad)
 
 
+# ----------------------------------------------------------------------------- native CUDA, LLM vocabularies
+NATIVE_VOCABS = [32000, 128256]
+NATIVE_DEVICE = "cuda"
+
+
+@pytest.mark.cuda
+@needs_triton
+@pytest.mark.parametrize("vocab", NATIVE_VOCABS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_native_cuda_bf16_llm_vocab(kind, vocab):
+    """The compiled kernels on the GPU with bf16 logits at LLM vocabulary sizes (8 / 32 blocks
+    of 4096 per row), 16 rows (some masked), per-row weights (reduction "none").
+    Flash-attention's rule against the fp64 oracle (computed on the GPU in float64): kernel
+    error <= 2x the bf16 PyTorch path's error + a floor.  Floors: the gradients are
+    [16, V] tensors whose largest entries both paths round to bf16 (their errors are ~half
+    an ulp of the largest entry, the kernel's fp32 differences on top): fp32 accumulation
+    of V terms only; the 16 per-row losses may round luckily close for the PyTorch path,
+    so theirs is half an ulp of bf16 (2^-8) relative."""
+    tau = 2.0 if vocab == NATIVE_VOCABS[0] else 1.0
+    zs, zt, mask = _make_inputs((16,), vocab, torch.bfloat16, masked=True, seed=vocab + KINDS.index(kind),
+                                device=NATIVE_DEVICE)
+    assert zs.device.type == NATIVE_DEVICE and zs.dtype == torch.bfloat16
+    ref_errs = _errors(zs, zt, tau, kind, "none", mask, "torch")
+    tri_errs = _errors(zs, zt, tau, kind, "none", mask, "triton")
+    grad_floor = 4 * EPS[torch.float32] * math.sqrt(vocab)
+    floors = (EPS[torch.bfloat16], grad_floor, grad_floor)
+    for name, e_tri, e_ref, floor in zip(("loss", "grad_student", "grad_teacher"), tri_errs, ref_errs, floors):
+        assert e_ref <= TOL[torch.bfloat16], (name, e_ref)
+        assert e_tri <= 2 * e_ref + floor, (name, tau, e_tri, e_ref, floor)
+
+
 def test_backend_triton_rejects_float64():
     zs = torch.randn(2, 3, dtype=torch.float64)
     if HAS_TRITON:
@@ -501,59 +614,3 @@ def test_bench_kernels_refuses_without_cuda_and_smoke_runs_on_cpu(tmp_path):
     assert all(r["median_ms"] > 0 for r in data["results"])
     assert "SMOKE" in (tmp_path / "kernels_cpu.md").read_text()
 
-
-# ----------------------------------------------------------------------------- real compilation (no GPU needed)
-_COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import fastmeta
-from fastmeta.kernels import kd_loss as K, kd_second_order as S
-
-def build(fn, sig, const):
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
-    assert "cubin" in k.asm, fn.__name__
-
-fwd = {"zs_ptr": "*bf16", "zt_ptr": "*bf16", "mask_ptr": "*i8", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
-       "stride_zs": "i64", "stride_zt": "i64", "V": "i32", "inv_tau": "fp32", "loss_scale": "fp32",
-       "KIND": "constexpr", "HAS_MASK": "constexpr", "BLOCK_V": "constexpr"}
-bwd = {"zs_ptr": "*bf16", "zt_ptr": "*bf16", "stats_ptr": "*fp32", "grad_rows_ptr": "*fp32",
-       "mask_ptr": "*i8", "gs_ptr": "*bf16", "gt_ptr": "*bf16", "stride_zs": "i64", "stride_zt": "i64",
-       "stride_gs": "i64", "stride_gt": "i64", "V": "i32", "inv_tau": "fp32", "grad_scale": "fp32",
-       "KIND": "constexpr", "HAS_MASK": "constexpr", "NEED_S": "constexpr", "NEED_T": "constexpr",
-       "BLOCK_V": "constexpr"}
-so = {"zs_ptr": "*fp16", "zt_ptr": "*fp16", "u_ptr": "*fp32", "mask_ptr": "*i8", "c_ptr": "*fp16",
-      "w_ptr": "*fp32", "stride_zs": "i64", "stride_zt": "i64", "stride_u": "i64", "stride_c": "i64",
-      "V": "i32", "inv_tau": "fp32", "c_scale": "fp32", "w_scale": "fp32", "KIND": "constexpr",
-      "HAS_MASK": "constexpr", "NEED_C": "constexpr", "NEED_W": "constexpr", "BLOCK_V": "constexpr"}
-for kind in (0, 2, 3):
-    build(K._kd_loss_forward_kernel, fwd, {"KIND": kind, "HAS_MASK": kind != 2, "BLOCK_V": 4096})
-    build(K._kd_loss_backward_kernel, bwd, {"KIND": kind, "HAS_MASK": kind != 3, "NEED_S": True,
-                                            "NEED_T": kind != 0, "BLOCK_V": 4096})
-for kind in (0, 1, 2, 3):
-    build(S._kd_second_order_kernel, so, {"KIND": kind, "HAS_MASK": kind % 2 == 0, "NEED_C": kind != 1,
-                                          "NEED_W": True, "BLOCK_V": 2048})
-print("compiled")
-"""
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_kernels_compile_to_cubin_for_sm90():
-    """The interpreter does not type-check like the compiler: compile the kernels for an
-    H100 target (ttir -> ptx -> cubin with Triton's bundled ptxas; no GPU needed), in a
-    subprocess without TRITON_INTERPRET (under it @triton.jit functions are interpreted)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    try:
-        import triton.backends.nvidia.compiler  # noqa: F401
-    except Exception as exc:  # pragma: no cover
-        pytest.skip(f"triton's NVIDIA backend is unavailable: {exc}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=str(root),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
