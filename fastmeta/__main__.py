@@ -21,8 +21,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from .backends import backends, format_backends
 
-    report = backends(build_extension=not args.no_build)
+    try:
+        report = backends(build_extension=not args.no_build)
+        failure = None
+    except RuntimeError as exc:  # FASTMETA_REQUIRE_CUDA_EXTENSION=1 and no CUDA build
+        report = backends(build_extension=False)
+        failure = report["required_extension_error"] = str(exc)
     print(json.dumps(report, indent=2) if args.json else format_backends(report))
+    if failure:
+        print(failure, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -32,6 +32,22 @@ def triton_mode() -> str:
     return "native" if torch.cuda.is_available() else "unavailable"
 
 
+def cuda_toolkit_report(ext: Optional[_extension.ExtensionStatus] = None) -> str:
+    """The CUDA toolkit the extension's CUDA build uses (root and how it was found), or
+    exactly why there is none: which candidates were tried and what each lacked."""
+    ext = ext if ext is not None else _extension.status()
+    if torch.version.cuda is None:
+        return f"not needed (torch {torch.__version__} is CPU-only)"
+    if ext.cuda and ext.cuda_toolkit:
+        return f"{ext.cuda_toolkit} (used by the CUDA build)"
+    toolkit = _extension.cuda_toolkit()
+    if not toolkit.found:
+        return toolkit.describe()
+    if not torch.cuda.is_available():
+        return f"{toolkit.describe()}; no CUDA build here (no GPU visible)"
+    return toolkit.describe()
+
+
 def backends(build_extension: bool = True) -> Dict[str, Any]:
     """Report what is active.
 
@@ -41,6 +57,7 @@ def backends(build_extension: bool = True) -> Dict[str, Any]:
     if build_extension:
         _extension.load_extension()
     ext = _extension.status()
+    toolkit = cuda_toolkit_report(ext)
     cuda = torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})" if cuda else "cpu"
     mode = triton_mode()
@@ -61,6 +78,7 @@ def backends(build_extension: bool = True) -> Dict[str, Any]:
             "disabled": ext.disabled,
             "error": ext.error,
             "build_directory": ext.build_directory,
+            "cuda_toolkit": toolkit,
         },
         "triton_mode": mode,
         "dispatch": {
