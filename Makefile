@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 DATA_DIR   ?= ../shared/data/glue/SST-2
 PY          = $(VENV)/bin/python
 
-.PHONY: venv demo test info bench clean-venv
+.PHONY: venv demo test info bench clean-venv check-cuda-build gpu-check
 
 $(VENV)/.installed: pyproject.toml requirements/ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ venv: $(VENV)/.installed
 
 info: venv
 	$(PY) -m fastmeta info
+
+# CPU machine, not in CI (downloads a few GB once into .venv-cuda): build the full CUDA
+# extension (torch 2.11.0+cu130, sm_90) and compile every Triton kernel launch configuration
+# to an sm_90 cubin (triton 3.6.0), as the GPU machines do.  Run it when csrc/ or kernels/ change.
+check-cuda-build:
+	bash tools/check_cuda_build.sh $(CHECK_CUDA_BUILD_ARGS)
 
 # The main job: MetaDistil (exact meta-gradient) on SST-2 with the real
 # all-MiniLM-L6-v2 teacher (fine-tuned for 100 steps first) and its first 2
@@ -43,6 +49,15 @@ test: venv
 bench: venv
 	$(PY) -m bench.meta_step
 	$(PY) -m bench.table4
+
+# The one command for a lent GPU (fresh checkout, the machine's own python3, no venv, no
+# network, no ../shared): versions, extension build (CUDA required), the CUDA tests,
+# bench.meta_step/kernels/hvp on CUDA, in ~8 min; results in bench/results/*_cuda.* and,
+# with GPU_CHECK_OUT=<dir>, a tarball + summary there.  GPU_CHECK_DRY_RUN=1: the same steps
+# on CPU at tiny sizes (CI runs it: tests/test_gpu_check.py), e.g.
+#   make gpu-check PYTHON=.venv/bin/python GPU_CHECK_DRY_RUN=1
+gpu-check:
+	$(PYTHON) -m bench.gpu_check
 
 clean-venv:
 	rm -rf $(VENV)

@@ -300,6 +300,8 @@ def environment_info(device: str, *, shared_machine: bool | None = None) -> dict
         },
         "git_commit": _git_commit(),
     }
+    if device == "cuda":
+        info["cuda_device"] = cuda_device_info()
     if shared_machine is None:
         shared_machine = bool(load and load[0] > 0.5)
     info["shared_machine"] = shared_machine
@@ -309,6 +311,33 @@ def environment_info(device: str, *, shared_machine: bool | None = None) -> dict
         "the robust figures)." if shared_machine else
         f"{cores}-core machine; no other load was seen at the start of the run."
     )
+    return info
+
+
+def cuda_device_info() -> dict[str, Any]:
+    """GPU 0: name, compute capability, memory, SMs, driver, and the precision flags that change
+    fp32 timings (TF32 for matmuls / cuDNN)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    info: dict[str, Any] = {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "total_memory_bytes": int(props.total_memory),
+        "multiprocessors": int(props.multi_processor_count),
+        "count": torch.cuda.device_count(),
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "driver": None,
+    }
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=15)
+        info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except Exception:  # noqa: BLE001 - no nvidia-smi: the driver stays unknown
+        pass
     return info
 
 

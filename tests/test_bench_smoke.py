@@ -6,7 +6,6 @@ path) and check the JSON / markdown / PNG outputs and their schema.
 """
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -128,6 +127,40 @@ def test_meta_step_worker_subprocess(tmp_path):
         model="tiny", batch_size=2, seq_len=8, dtype="fp32", algorithm="kd", hypergrad=None))
     assert res["kind"] == "step" and res["median_s"] > 0
     assert res["memory"]["peak_bytes"] >= res["memory"]["rss_before_steps_bytes"]
+
+
+def test_meta_step_priority_plan_and_cuda_defaults():
+    """--priority: those configurations of every setting first (after its floor), then the rest."""
+    from bench import meta_step
+
+    args = meta_step.parse_args(["--device", "cuda", "--priority", "kd", "metadistil/exact", "metadistil/autograd"])
+    assert (args.isolation, args.warmup, args.repeats, args.threads) == ("inprocess", 2, 5, None)
+    settings = meta_step.settings_for(args)
+    assert [(s["batch_size"], s["dtype"]) for s in settings] == [(4, "fp32"), (4, "bf16"), (32, "fp32"), (32, "bf16")]
+    assert all(s["model"] == "bert-base" and s["seq_len"] == 128 for s in settings)
+    items = meta_step.plan(args, settings)
+    confs = meta_step.configurations(args.algorithms, args.hypergrads)
+    assert len(confs) == 12 and len(items) == 4 * 13
+    first = items[:16]
+    assert [(i, k) for i, k, _, _ in first[::4]] == [(0, "floor"), (1, "floor"), (2, "floor"), (3, "floor")]
+    assert {(a, h) for _, k, a, h in first if k == "step"} == {("kd", None), ("metadistil", "exact"),
+                                                              ("metadistil", "autograd")}
+    assert ("metadistil", "finite_diff") in {(a, h) for _, _, a, h in items[16:]}
+    with pytest.raises(SystemExit, match="--priority"):
+        meta_step.plan(meta_step.parse_args(["--priority", "magic/exact"]), settings)
+    cpu = meta_step.parse_args([])
+    assert (cpu.isolation, cpu.warmup, cpu.repeats, cpu.threads) == ("subprocess", 1, 3, 1)
+
+
+def test_kernels_deadline_skips_and_writes(tmp_path):
+    from bench import kernels
+
+    assert kernels.main(["--device", "cpu", "--sizes", "tiny", "--out-dir", str(tmp_path), "--time-budget-s", "0"]) == 0
+    data = json.loads((tmp_path / "kernels_cpu.json").read_text())
+    assert data["results"] and all(r["skipped"] == "time" for r in data["results"])
+    assert "skipped (time)" in (tmp_path / "kernels_cpu.md").read_text()
+    order = kernels.plan_cases(kernels.SIZES["full"], ["bf16", "fp32"], ["fastmeta", "eager", "compile"])
+    assert [c[3] for c in order[-4:]] == ["compile"] * 4 and "compile" not in [c[3] for c in order[:-4]]
 
 
 def test_meta_step_cuda_refuses_without_gpu(tmp_path):

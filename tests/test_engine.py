@@ -3,6 +3,10 @@
 The references here are written from the papers' definitions with plain autograd
 (``torch.autograd.grad(..., create_graph=True)`` through a functional pilot step,
 hand-written cross-entropy and KL) and share no code with the engine.
+
+Every test that computes something runs on each device of ``conftest.DEVICES`` (the
+``device`` fixture: "cpu", and "cuda" when a GPU is present): models, batches and the
+float64 references all live on that device (CUDA has float64).
 """
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.func import functional_call
 
 import fastmeta
@@ -102,22 +105,32 @@ def cnn_batch(batch_size, seed, dtype=torch.float64):
     return (torch.randn(batch_size, 3, 7, 7, generator=g, dtype=dtype), torch.randint(0, 5, (batch_size,), generator=g))
 
 
-def family(name, dtype=torch.float64):
-    """(teacher, student, batch, quiz_batch, shift_labels) for a model family."""
+def to_device(batch, device):
+    """A dict or tuple batch with every tensor moved to ``device`` (the data is generated on CPU)."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    return tuple(t.to(device) for t in batch)
+
+
+def family(name, dtype=torch.float64, device="cpu"):
+    """(teacher, student, batch, quiz_batch, shift_labels) for a model family, on ``device``."""
     if name in ("bert-eager", "bert-sdpa"):
         attn = name.split("-")[1]
-        return (
+        out = (
             make_bert(24, 2, attn, seed=1, dtype=dtype),
             make_bert(16, 1, attn, seed=2, dtype=dtype),
             bert_batch(5, 11, seed=3),
             bert_batch(4, 9, seed=4),
             False,
         )
-    if name == "gpt2":
-        return make_gpt2(24, 2, seed=1, dtype=dtype), make_gpt2(16, 1, seed=2, dtype=dtype), gpt2_batch(3, 10, 3), gpt2_batch(2, 8, 4), True
-    if name == "cnn":
-        return make_cnn(6, seed=1, dtype=dtype), make_cnn(4, seed=2, dtype=dtype), cnn_batch(6, 3, dtype), cnn_batch(5, 4, dtype), False
-    raise ValueError(name)
+    elif name == "gpt2":
+        out = make_gpt2(24, 2, seed=1, dtype=dtype), make_gpt2(16, 1, seed=2, dtype=dtype), gpt2_batch(3, 10, 3), gpt2_batch(2, 8, 4), True
+    elif name == "cnn":
+        out = make_cnn(6, seed=1, dtype=dtype), make_cnn(4, seed=2, dtype=dtype), cnn_batch(6, 3, dtype), cnn_batch(5, 4, dtype), False
+    else:
+        raise ValueError(name)
+    teacher, student, batch, quiz, shift = out
+    return teacher.to(device), student.to(device), to_device(batch, device), to_device(quiz, device), shift
 
 
 # --------------------------------------------------------------------------- independent reference
@@ -200,8 +213,8 @@ FAMILIES = ["bert-eager", "bert-sdpa", "gpt2", "cnn"]
 
 # --------------------------------------------------------------------------- exact vs references
 @pytest.mark.parametrize("name", FAMILIES)
-def test_exact_matches_autograd_and_reference_float64(name):
-    teacher, student, batch, quiz, shift = family(name)
+def test_exact_matches_autograd_and_reference_float64(name, device):
+    teacher, student, batch, quiz, shift = family(name, device=device)
     kwargs = dict(inner_lr=0.3, temperature=2.0, kd_weight=0.7, shift_labels=shift)
     torch.manual_seed(0)
     exact = fastmeta.meta_grad(teacher, student, batch, quiz, hypergrad="exact", **kwargs)
@@ -215,24 +228,25 @@ def test_exact_matches_autograd_and_reference_float64(name):
     assert rel_err(auto, ref) <= 1e-10
 
 
-def test_exact_with_dropout_in_train_mode_matches_reference():
-    """Dropout active in both models: the JVP replays the masks of the forward it differentiates."""
-    teacher = make_bert(24, 2, "eager", dropout=0.2, seed=1).train()
-    student = make_bert(16, 2, "eager", dropout=0.2, seed=2).train()
-    batch, quiz = bert_batch(5, 11, 3), bert_batch(4, 9, 4)
-    torch.manual_seed(7)
+def test_exact_with_dropout_in_train_mode_matches_reference(device):
+    """Dropout active in both models: the JVP replays the masks of the forward it differentiates
+    (on CUDA the masks come from the CUDA generator, whose state the engine replays)."""
+    teacher = make_bert(24, 2, "eager", dropout=0.2, seed=1).train().to(device)
+    student = make_bert(16, 2, "eager", dropout=0.2, seed=2).train().to(device)
+    batch, quiz = to_device(bert_batch(5, 11, 3), device), to_device(bert_batch(4, 9, 4), device)
+    torch.manual_seed(7)  # seeds the CPU generator and every CUDA one
     exact = fastmeta.meta_grad(teacher, student, batch, quiz, inner_lr=0.5, temperature=1.5, kd_weight=0.6)
-    after_exact = torch.rand(1)
+    after_exact = torch.rand(1, device=device)
     torch.manual_seed(7)
     ref = reference_meta_grad(teacher, student, batch, quiz, lr=0.5, tau=1.5, w=0.6)
-    after_ref = torch.rand(1)
+    after_ref = torch.rand(1, device=device)
     assert rel_err(exact, ref) <= 1e-10
     assert torch.equal(after_exact, after_ref)  # the replayed JVP forward consumed no extra randomness
 
 
 @pytest.mark.parametrize("kind", ["kl", "reverse_kl", "softmax_mse", "logit_mse"])
-def test_every_kd_kind_exact_matches_autograd(kind):
-    teacher, student, batch, quiz, shift = family("gpt2")
+def test_every_kd_kind_exact_matches_autograd(kind, device):
+    teacher, student, batch, quiz, shift = family("gpt2", device=device)
     kwargs = dict(inner_lr=0.2, temperature=3.0, kd_weight=0.5, kd_loss=kind, shift_labels=shift)
     exact = meta_gradient(teacher, student, batch, quiz, hypergrad="exact", compute_influence=True, **kwargs)
     auto = meta_gradient(teacher, student, batch, quiz, hypergrad="autograd", compute_influence=True, **kwargs)
@@ -241,14 +255,14 @@ def test_every_kd_kind_exact_matches_autograd(kind):
 
 
 @pytest.mark.parametrize("name", ["bert-sdpa", "gpt2"])
-def test_finite_diff_float32_within_1e_3(name):
+def test_finite_diff_float32_within_1e_3(name, device):
     """float32 finite differences against the float64 exact meta-gradient.
 
     ``fd_mode="logits"`` with its default ε; LGTM's teacher-gradient difference with
     ε = 1e-3/‖v‖.  LGTM's own ε = 0.01/‖v‖ has a larger *truncation* error (the same
     in float64: 3.5e-3 on the GPT-2 pair here), checked separately below.
     """
-    teacher, student, batch, quiz, shift = family(name)
+    teacher, student, batch, quiz, shift = family(name, device=device)
     kwargs = dict(inner_lr=0.3, temperature=2.0, kd_weight=0.7, shift_labels=shift)
     exact64 = meta_gradient(teacher, student, batch, quiz, keep_pilot=True, **kwargs)
     v_norm = sum(float(v.square().sum()) for v in exact64.quiz_grads.values()) ** 0.5
@@ -296,8 +310,8 @@ def reference_influence(teacher, student, batch, val, *, lr, tau, w, shift=False
 
 
 @pytest.mark.parametrize("name", ["bert-sdpa", "gpt2", "cnn"])
-def test_influence_matches_per_sample_loop(name):
-    teacher, student, batch, quiz, shift = family(name)
+def test_influence_matches_per_sample_loop(name, device):
+    teacher, student, batch, quiz, shift = family(name, device=device)
     if name == "cnn":  # per-sample forwards need batch-independent normalisation
         teacher.eval()
         student.eval()
@@ -307,10 +321,10 @@ def test_influence_matches_per_sample_loop(name):
     assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
 
 
-def test_influence_finite_diff_lgtm_float32():
+def test_influence_finite_diff_lgtm_float32(device):
     """LGTM's per-sample difference [ℓ_i(θ+εv) − ℓ_i(θ−εv)]/2ε with the paper's ε = 0.01/‖v‖:
     float32 reproduces float64 of the same approximation to 1e-3; its truncation error vs exact is < 1e-2."""
-    teacher, student, batch, quiz, shift = family("bert-eager")
+    teacher, student, batch, quiz, shift = family("bert-eager", device=device)
     exact = fastmeta.influence(teacher, student, batch, quiz, inner_lr=0.4, temperature=2.0)
     kwargs = dict(inner_lr=0.4, temperature=2.0, hypergrad="finite_diff", compute_influence=True)
     fd64 = meta_gradient(teacher, student, batch, quiz, **kwargs).influences
@@ -321,8 +335,8 @@ def test_influence_finite_diff_lgtm_float32():
 
 
 # --------------------------------------------------------------------------- frozen, multi-step, optimizers
-def test_frozen_parameters_respected():
-    teacher, student, batch, quiz, _ = family("bert-eager")
+def test_frozen_parameters_respected(device):
+    teacher, student, batch, quiz, _ = family("bert-eager", device=device)
     teacher.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     student.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     student.bert.encoder.layer[0].attention.self.query.bias.requires_grad_(False)
@@ -337,8 +351,8 @@ def test_frozen_parameters_respected():
 
 
 @pytest.mark.parametrize("name", ["bert-eager", "cnn"])
-def test_inner_steps_2_matches_unrolled_double_backward(name):
-    teacher, student, batch, quiz, shift = family(name)
+def test_inner_steps_2_matches_unrolled_double_backward(name, device):
+    teacher, student, batch, quiz, shift = family(name, device=device)
     kwargs = dict(inner_lr=0.25, temperature=2.0, kd_weight=0.6, shift_labels=shift, inner_steps=2)
     torch.manual_seed(0)
     exact = fastmeta.meta_grad(teacher, student, batch, quiz, hypergrad="exact", **kwargs)
@@ -401,8 +415,8 @@ def momentum_sgd_step(optimizer, student):
 
 
 @pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd_momentum", "sgd_nesterov"])
-def test_preconditioned_pilot_matches_double_backward_of_same_linearised_step(opt_name):
-    teacher, student, batch, quiz, _ = family("bert-eager")
+def test_preconditioned_pilot_matches_double_backward_of_same_linearised_step(opt_name, device):
+    teacher, student, batch, quiz, _ = family("bert-eager", device=device)
     params = list(student.parameters())
     if opt_name == "adam":
         opt = torch.optim.Adam(params, lr=1e-2, weight_decay=0.01)
@@ -438,8 +452,9 @@ def test_preconditioned_pilot_matches_double_backward_of_same_linearised_step(op
 
 # --------------------------------------------------------------------------- side effects
 @pytest.mark.parametrize("hypergrad", ["exact", "finite_diff", "autograd"])
-def test_nothing_changes(hypergrad):
-    teacher, student, batch, quiz, _ = family("cnn", dtype=torch.float32 if hypergrad == "finite_diff" else torch.float64)
+def test_nothing_changes(hypergrad, device):
+    teacher, student, batch, quiz, _ = family("cnn", dtype=torch.float32 if hypergrad == "finite_diff" else torch.float64,
+                                              device=device)
     teacher.eval()
     student.train()
     student.head.eval()  # a mixed-mode module tree must stay mixed
@@ -465,8 +480,8 @@ def test_nothing_changes(hypergrad):
         assert m.training == mode
 
 
-def test_finite_diff_restores_parameters_within_two_ulp_of_perturbation():
-    teacher, student, batch, quiz, _ = family("bert-sdpa", dtype=torch.float32)
+def test_finite_diff_restores_parameters_within_two_ulp_of_perturbation(device):
+    teacher, student, batch, quiz, _ = family("bert-sdpa", dtype=torch.float32, device=device)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     result = meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, hypergrad="finite_diff", keep_pilot=True)
     norm = sum(float(v.double().square().sum()) for v in result.quiz_grads.values()) ** 0.5
@@ -478,8 +493,8 @@ def test_finite_diff_restores_parameters_within_two_ulp_of_perturbation():
 
 
 # --------------------------------------------------------------------------- errors
-def test_bad_input_raises_clear_errors_and_changes_nothing():
-    teacher, student, batch, quiz, _ = family("bert-eager")
+def test_bad_input_raises_clear_errors_and_changes_nothing(device):
+    teacher, student, batch, quiz, _ = family("bert-eager", device=device)
     snapshot = [p.detach().clone() for p in student.parameters()]
     kw = dict(inner_lr=0.1)
     with pytest.raises(ValueError, match="labels"):
@@ -494,13 +509,13 @@ def test_bad_input_raises_clear_errors_and_changes_nothing():
         fastmeta.meta_grad(teacher, student, batch, quiz, hypergrad="magic", **kw)
     with pytest.raises(ValueError, match="first-order term is identically zero"):
         fastmeta.meta_grad(teacher, student, batch, quiz, hypergrad="first_order", **kw)
-    other_teacher = make_bert(24, 1, num_labels=4, seed=5)
+    other_teacher = make_bert(24, 1, num_labels=4, seed=5).to(device)
     with pytest.raises(ValueError, match="do not match student logits"):
         fastmeta.meta_grad(other_teacher, student, batch, quiz, **kw)
     meta_teacher = make_bert(24, 1, seed=5).to("meta")
     with pytest.raises(ValueError, match="different devices"):
         fastmeta.meta_grad(meta_teacher, student, batch, quiz, **kw)
-    lm_teacher, lm_student, lm_batch, lm_quiz, _ = family("gpt2")
+    lm_teacher, lm_student, lm_batch, lm_quiz, _ = family("gpt2", device=device)
     with pytest.raises(ValueError, match="shift_labels"):
         fastmeta.meta_grad(lm_teacher, lm_student, {**lm_batch, "labels": lm_batch["labels"][:, :-1]}, lm_quiz, **kw)
     all_ignored = {**lm_batch, "labels": torch.full_like(lm_batch["labels"], -100)}
@@ -514,8 +529,8 @@ def test_bad_input_raises_clear_errors_and_changes_nothing():
     assert all(p.grad is None for p in student.parameters())
 
 
-def test_tuple_batches_and_result_fields():
-    teacher, student, batch, quiz, _ = family("cnn")
+def test_tuple_batches_and_result_fields(device):
+    teacher, student, batch, quiz, _ = family("cnn", device=device)
     result = meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, compute_influence=True, keep_pilot=True)
     assert result.influences.shape == (6,)
     assert result.student_loss.dim() == 0 and result.quiz_loss.dim() == 0
@@ -534,12 +549,12 @@ def test_tuple_batches_and_result_fields():
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "sgd_momentum", "adam", "adamw_amsgrad"])
-def test_pilot_preconditioner_agrees_with_fastmeta_ops_precondition(opt_name):
+def test_pilot_preconditioner_agrees_with_fastmeta_ops_precondition(opt_name, device):
     """The engine's P ⊙ v equals the hvp helper's fastmeta.ops.precondition on the same state (cross-check)."""
     from fastmeta import ops
     from fastmeta.engine import _pilot_step
 
-    _, student, _, quiz, _ = family("cnn")
+    _, student, _, quiz, _ = family("cnn", device=device)
     params = list(student.parameters())
     wd = 0.01
     opt = {
@@ -564,10 +579,10 @@ def test_pilot_preconditioner_agrees_with_fastmeta_ops_precondition(opt_name):
 
 
 @pytest.mark.parametrize("name", ["bert-eager", "cnn"])
-def test_inner_steps_2_finite_diff(name):
+def test_inner_steps_2_finite_diff(name, device):
     """LGTM-style differences along a 2-step trajectory (student HVPs by gradient differences):
     float32 reproduces float64 of the same approximation to 1e-3, which is within 1e-2 of exact."""
-    teacher, student, batch, quiz, shift = family(name)
+    teacher, student, batch, quiz, shift = family(name, device=device)
     kwargs = dict(inner_lr=0.25, temperature=2.0, kd_weight=0.6, shift_labels=shift, inner_steps=2)
     torch.manual_seed(0)
     exact = fastmeta.meta_grad(teacher, student, batch, quiz, **kwargs)

@@ -1,4 +1,9 @@
-"""Tests of fastmeta.functional (student JVPs, RNG replay, math attention) and fastmeta.batching."""
+"""Tests of fastmeta.functional (student JVPs, RNG replay, math attention) and fastmeta.batching.
+
+The numerical tests run on each device of ``conftest.DEVICES`` (the ``device`` fixture); on
+CUDA, dropout draws from the CUDA generator, so the RNG checks read that generator too.
+Argument validation stays on CPU.
+"""
 from __future__ import annotations
 
 import pytest
@@ -28,11 +33,22 @@ def tiny_bert(attn, dropout=0.0, dtype=torch.float64, seed=0):
     return transformers.BertForSequenceClassification(cfg).to(dtype)
 
 
-def inputs(seed=0, batch=4, length=9):
+def inputs(seed=0, batch=4, length=9, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[0, -3:] = 0
-    return {"input_ids": torch.randint(0, 50, (batch, length), generator=g), "attention_mask": mask}
+    return {"input_ids": torch.randint(0, 50, (batch, length), generator=g).to(device), "attention_mask": mask.to(device)}
+
+
+def rng_states(device):
+    """The generator states a forward on ``device`` draws from (CPU, plus CUDA's on CUDA)."""
+    device = torch.device(device)
+    return (torch.random.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def same_rng(a, b):
+    return torch.equal(a[0], b[0]) and (a[1] is None) == (b[1] is None) and (a[1] is None or torch.equal(a[1], b[1]))
 
 
 def double_vjp_jvp(model, x, tangents, rng_state):
@@ -47,25 +63,25 @@ def double_vjp_jvp(model, x, tangents, rng_state):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_forward_jvp_matches_double_vjp_with_dropout(attn):
-    model = tiny_bert(attn, dropout=0.3).train()
-    x = inputs()
+def test_forward_jvp_matches_double_vjp_with_dropout(attn, device):
+    model = tiny_bert(attn, dropout=0.3).train().to(device)
+    x = inputs(device=device)
     tangents = {n: torch.randn_like(p) for n, p in trainable_parameters(model).items()}
-    state = capture_rng_state()
+    state = capture_rng_state(device)
     with math_attention():
         z_primal = model(**x).logits.detach()
-    after_primal = torch.random.get_rng_state()
+    after_primal = rng_states(device)
     z, u = jvp_logits(model, x, tangents, rng_state=state)
-    assert torch.equal(torch.random.get_rng_state(), after_primal)  # the replay put the stream back
+    assert same_rng(rng_states(device), after_primal)  # the replay put the stream back
     z_ref, u_ref = double_vjp_jvp(model, x, tangents, state)
     assert torch.equal(z, z_primal)  # same dropout masks as the forward it pairs with
     assert float((u - u_ref).norm() / u_ref.norm()) <= 1e-12
     assert model.training
 
 
-def test_forward_jvp_at_other_params_and_partial_tangents():
-    model = tiny_bert("eager").eval()
-    x = inputs(1)
+def test_forward_jvp_at_other_params_and_partial_tangents(device):
+    model = tiny_bert("eager").eval().to(device)
+    x = inputs(1, device=device)
     params = {n: p.detach() + 0.01 * torch.randn_like(p) for n, p in trainable_parameters(model).items()}
     names = [n for n in params if "encoder" in n]
     tangents = {n: torch.randn_like(params[n]) for n in names}
@@ -84,11 +100,11 @@ def test_forward_jvp_at_other_params_and_partial_tangents():
     assert float((u - u_fd).norm() / u_fd.norm()) <= 1e-7
 
 
-def test_finite_diff_jvp_float32_and_restore():
-    model64 = tiny_bert("sdpa", dropout=0.2).train()
-    x = inputs(2)
+def test_finite_diff_jvp_float32_and_restore(device):
+    model64 = tiny_bert("sdpa", dropout=0.2).train().to(device)
+    x = inputs(2, device=device)
     tangents64 = {n: torch.randn_like(p) for n, p in trainable_parameters(model64).items()}
-    state = capture_rng_state()
+    state = capture_rng_state(device)
     _, u64 = jvp_logits(model64, x, tangents64, rng_state=state)
     model = model64.float()
     tangents = {n: t.float() for n, t in tangents64.items()}
@@ -118,10 +134,10 @@ def test_jvp_rejects_frozen_unknown_and_misshaped_tangents():
         jvp_logits(model, x, {}, method="magic")
 
 
-def test_jvp_in_train_mode_batchnorm_leaves_running_stats():
+def test_jvp_in_train_mode_batchnorm_leaves_running_stats(device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2)).double()
-    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2)).double().to(device)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64).to(device)
     model(x)  # materialise the lazy layer
     stats = [b.clone() for b in model.buffers()]
     tangents = {n: torch.randn_like(p) for n, p in trainable_parameters(model).items()}
@@ -162,10 +178,10 @@ def test_split_batch_forms_and_errors():
         batching.split_batch(ids)
 
 
-def test_align_and_cross_entropy_with_ignored_tokens_and_shift():
+def test_align_and_cross_entropy_with_ignored_tokens_and_shift(device):
     torch.manual_seed(0)
-    logits = torch.randn(3, 6, 11, dtype=torch.float64)
-    labels = torch.randint(0, 11, (3, 6))
+    logits = torch.randn(3, 6, 11, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 11, (3, 6)).to(device)
     labels[0, 4:] = -100
     z, y = batching.align_logits_labels(logits, labels, shift_labels=True)
     assert z.shape == (3, 5, 11) and torch.equal(y, labels[:, 1:])
@@ -180,11 +196,11 @@ def test_align_and_cross_entropy_with_ignored_tokens_and_shift():
         batching.cross_entropy(z, torch.full_like(y, 11))
 
 
-def test_student_loss_masks_kd_rows_like_ce():
+def test_student_loss_masks_kd_rows_like_ce(device):
     torch.manual_seed(1)
-    zs = torch.randn(2, 4, 7, dtype=torch.float64)
-    zt = torch.randn(2, 4, 7, dtype=torch.float64)
-    labels = torch.randint(0, 7, (2, 4))
+    zs = torch.randn(2, 4, 7, dtype=torch.float64).to(device)
+    zt = torch.randn(2, 4, 7, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 7, (2, 4)).to(device)
     labels[1, 1:] = -100
     loss = batching.student_loss(zs, zt, labels, temperature=2.0, kd_weight=0.3, kind="kl")
     keep = labels != -100

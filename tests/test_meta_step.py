@@ -4,6 +4,9 @@ A failing ``meta_step`` -- bad input, or a non-finite loss that only shows up af
 one model has already been updated (a poisoned forward) -- must raise a clear
 error and leave BOTH models (state_dict and ``.grad``) and BOTH optimizers
 (state_dict) exactly as they were, bitwise.
+
+The tests run on each device of ``conftest.DEVICES`` (the ``device`` fixture); rollback
+restores saved copies, so "bitwise" holds on CUDA too.  Pure argument validation stays on CPU.
 """
 from __future__ import annotations
 
@@ -50,18 +53,19 @@ class Net(torch.nn.Module):
         return z
 
 
-def make_batch(seed, size=6, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(size, 5, generator=g, dtype=torch.float64), torch.randint(0, classes, (size,), generator=g))
+def make_batch(seed, size=6, classes=3, device="cpu"):
+    g = torch.Generator().manual_seed(seed)  # generated on CPU, then moved: the same data on every device
+    return (torch.randn(size, 5, generator=g, dtype=torch.float64).to(device),
+            torch.randint(0, classes, (size,), generator=g).to(device))
 
 
-def setup(algorithm, hypergrad, classes_t=3, classes_s=3):
-    teacher = Net(8, classes_t, seed=1).double()
-    student = Net(8, classes_s, seed=2).double()
+def setup(algorithm, hypergrad, classes_t=3, classes_s=3, device="cpu"):
+    teacher = Net(8, classes_t, seed=1).double().to(device)
+    student = Net(8, classes_s, seed=2).double().to(device)
     opt_t = torch.optim.Adam(teacher.parameters(), lr=0.01)
     opt_s = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
     if classes_t == classes_s:  # prime both optimizers so that their state is not empty
-        fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s,
+        fastmeta.meta_step(teacher, student, make_batch(1, device=device), make_batch(2, device=device), opt_t, opt_s,
                            algorithm=algorithm, hypergrad=hypergrad, temperature=2.0)
     return teacher, student, opt_t, opt_s
 
@@ -95,15 +99,17 @@ def assert_same(a, b):
 
 def call(teacher, student, opt_t, opt_s, algorithm, hypergrad, batch=None, quiz=None, **kwargs):
     kwargs.setdefault("temperature", 2.0)
+    device = next(student.parameters()).device
     return fastmeta.meta_step(
-        teacher, student, make_batch(3) if batch is None else batch, make_batch(4) if quiz is None else quiz,
+        teacher, student, make_batch(3, device=device) if batch is None else batch,
+        make_batch(4, device=device) if quiz is None else quiz,
         opt_t, opt_s, algorithm=algorithm, hypergrad=hypergrad, **kwargs,
     )
 
 
 @pytest.mark.parametrize("algorithm,hypergrad", CASES)
-def test_step_output_and_updates(algorithm, hypergrad):
-    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+def test_step_output_and_updates(algorithm, hypergrad, device):
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad, device=device)
     before_t = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     before_s = {n: p.detach().clone() for n, p in student.named_parameters()}
     out = call(teacher, student, opt_t, opt_s, algorithm, hypergrad)
@@ -124,9 +130,9 @@ def test_step_output_and_updates(algorithm, hypergrad):
 @pytest.mark.parametrize("algorithm,hypergrad", CASES)
 @pytest.mark.parametrize("poisoned", ["teacher", "student"])
 @pytest.mark.parametrize("which_call", ["first", "last"])
-def test_non_finite_anywhere_leaves_everything_untouched(algorithm, hypergrad, poisoned, which_call):
+def test_non_finite_anywhere_leaves_everything_untouched(algorithm, hypergrad, poisoned, which_call, device):
     """NaN logits at the first or last forward of either model in a step: error, nothing changed."""
-    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad, device=device)
     model = teacher if poisoned == "teacher" else student
     # count the forwards of one clean step (on copies, the real ones stay as they are)
     t2, s2, ot2, os2 = copy.deepcopy(teacher), copy.deepcopy(student), None, None
@@ -149,21 +155,27 @@ def test_non_finite_anywhere_leaves_everything_untouched(algorithm, hypergrad, p
     call(teacher, student, opt_t, opt_s, algorithm, hypergrad)
 
 
-def _bad_inputs():
-    x, y = make_batch(5)
+def _bad_inputs(device="cpu"):
+    device = torch.device(device)
+    x, y = make_batch(5, device=device)
+
+    def mb(seed):
+        return make_batch(seed, device=device)
+
     return {
-        "missing labels": (lambda: ({"x": x}, make_batch(4)), {}, ValueError, "labels"),
-        "empty batch": (lambda: ((x[:0], y[:0]), make_batch(4)), {}, ValueError, "empty"),
-        "empty quiz batch": (lambda: (make_batch(3), (x[:0], y[:0])), {}, ValueError, "empty"),
-        "temperature 0": (lambda: (make_batch(3), make_batch(4)), {"temperature": 0.0}, ValueError, "temperature"),
-        "temperature < 0": (lambda: (make_batch(3), make_batch(4)), {"temperature": -1.0}, ValueError, "temperature"),
-        "nan input": (lambda: ((torch.full_like(x, float("nan")), y), make_batch(4)), {}, FloatingPointError, "finite"),
-        "batch on another device": (lambda: ((x.to("meta"), y.to("meta")), make_batch(4)), {}, ValueError, "on meta but the models are on cpu"),
-        "labels out of range": (lambda: ((x, y + 7), make_batch(4)), {}, ValueError, "outside"),
-        "kd_weight > 1": (lambda: (make_batch(3), make_batch(4)), {"kd_weight": 1.5}, ValueError, "kd_weight"),
-        "unknown option": (lambda: (make_batch(3), make_batch(4)), {"no_such_option": 1}, TypeError, "unknown option"),
-        "bad kd_loss": (lambda: (make_batch(3), make_batch(4)), {"kd_loss": "js"}, ValueError, "kd_loss"),
-        "inner_lr <= 0": (lambda: (make_batch(3), make_batch(4)), {"inner_lr": 0.0}, ValueError, "inner_lr"),
+        "missing labels": (lambda: ({"x": x}, mb(4)), {}, ValueError, "labels"),
+        "empty batch": (lambda: ((x[:0], y[:0]), mb(4)), {}, ValueError, "empty"),
+        "empty quiz batch": (lambda: (mb(3), (x[:0], y[:0])), {}, ValueError, "empty"),
+        "temperature 0": (lambda: (mb(3), mb(4)), {"temperature": 0.0}, ValueError, "temperature"),
+        "temperature < 0": (lambda: (mb(3), mb(4)), {"temperature": -1.0}, ValueError, "temperature"),
+        "nan input": (lambda: ((torch.full_like(x, float("nan")), y), mb(4)), {}, FloatingPointError, "finite"),
+        "batch on another device": (lambda: ((x.to("meta"), y.to("meta")), mb(4)), {}, ValueError,
+                                    f"on meta but the models are on {device.type}"),
+        "labels out of range": (lambda: ((x, y + 7), mb(4)), {}, ValueError, "outside"),
+        "kd_weight > 1": (lambda: (mb(3), mb(4)), {"kd_weight": 1.5}, ValueError, "kd_weight"),
+        "unknown option": (lambda: (mb(3), mb(4)), {"no_such_option": 1}, TypeError, "unknown option"),
+        "bad kd_loss": (lambda: (mb(3), mb(4)), {"kd_loss": "js"}, ValueError, "kd_loss"),
+        "inner_lr <= 0": (lambda: (mb(3), mb(4)), {"inner_lr": 0.0}, ValueError, "inner_lr"),
     }
 
 
@@ -181,9 +193,9 @@ BAD_CASES = [
 
 
 @pytest.mark.parametrize("algorithm,hypergrad,case", BAD_CASES)
-def test_bad_input_raises_and_leaves_everything_untouched(algorithm, hypergrad, case):
-    make, kwargs, error, match = BAD[case]
-    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+def test_bad_input_raises_and_leaves_everything_untouched(algorithm, hypergrad, case, device):
+    make, kwargs, error, match = _bad_inputs(device)[case]
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad, device=device)
     batch, quiz = make()
     saved = snapshot(teacher, student, opt_t, opt_s)
     with pytest.raises(error, match=match):
@@ -192,22 +204,22 @@ def test_bad_input_raises_and_leaves_everything_untouched(algorithm, hypergrad, 
 
 
 @pytest.mark.parametrize("algorithm,hypergrad", [c for c in CASES if c[1] != "autograd"])
-def test_logits_shape_mismatch(algorithm, hypergrad):
-    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad, classes_t=4, classes_s=3)
+def test_logits_shape_mismatch(algorithm, hypergrad, device):
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad, classes_t=4, classes_s=3, device=device)
     saved = snapshot(teacher, student, opt_t, opt_s)
     with pytest.raises(ValueError, match="do not match"):
         call(teacher, student, opt_t, opt_s, algorithm, hypergrad)
     assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
 
 
-def test_models_on_different_devices():
-    teacher = Net(8, seed=1).double()
+def test_models_on_different_devices(device):
+    teacher = Net(8, seed=1).double().to(device)
     student = Net(8, seed=2).double().to("meta")
     opt_t = torch.optim.SGD(teacher.parameters(), lr=0.1)
     opt_s = torch.optim.SGD(student.parameters(), lr=0.1)
     saved = snapshot(teacher, opt_t)
     with pytest.raises(ValueError, match="different devices"):
-        fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s)
+        fastmeta.meta_step(teacher, student, make_batch(1, device=device), make_batch(2, device=device), opt_t, opt_s)
     assert_same(snapshot(teacher, opt_t), saved)
 
 
@@ -237,36 +249,38 @@ def test_argument_errors():
     assert out.teacher_updated is False
 
 
-def test_schedulers_step_once_after_success_only():
-    teacher, student = Net(8, seed=1).double(), Net(8, seed=2).double()
+def test_schedulers_step_once_after_success_only(device):
+    teacher, student = Net(8, seed=1).double().to(device), Net(8, seed=2).double().to(device)
     opt_t = torch.optim.SGD(teacher.parameters(), lr=0.1)
     opt_s = torch.optim.SGD(student.parameters(), lr=0.1)
     sched_t = torch.optim.lr_scheduler.StepLR(opt_t, step_size=1, gamma=0.5)
     sched_s = torch.optim.lr_scheduler.StepLR(opt_s, step_size=1, gamma=0.5)
     kw = dict(teacher_scheduler=sched_t, student_scheduler=sched_s)
-    fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s, **kw)
+    fastmeta.meta_step(teacher, student, make_batch(1, device=device), make_batch(2, device=device), opt_t, opt_s, **kw)
     assert opt_t.param_groups[0]["lr"] == 0.05 and opt_s.param_groups[0]["lr"] == 0.05
-    bad = (torch.full((6, 5), float("nan"), dtype=torch.float64), make_batch(1)[1])
+    bad = (torch.full((6, 5), float("nan"), dtype=torch.float64, device=device), make_batch(1, device=device)[1])
     with pytest.raises(FloatingPointError):
-        fastmeta.meta_step(teacher, student, bad, make_batch(2), opt_t, opt_s, **kw)
+        fastmeta.meta_step(teacher, student, bad, make_batch(2, device=device), opt_t, opt_s, **kw)
     assert opt_t.param_groups[0]["lr"] == 0.05 and opt_s.param_groups[0]["lr"] == 0.05
 
 
-def test_inner_lr_none_uses_student_lr():
-    """inner_lr=None is the student optimizer's lr: same result as passing it explicitly."""
+def test_inner_lr_none_uses_student_lr(device):
+    """inner_lr=None is the student optimizer's lr: same result as passing it explicitly (bitwise: the
+    two runs launch the same kernels on the same data; the MLP has no atomics-based kernel on CUDA)."""
     results = []
     for inner_lr in (None, 0.1):
-        teacher, student = Net(8, seed=1).double(), Net(8, seed=2).double()
+        teacher, student = Net(8, seed=1).double().to(device), Net(8, seed=2).double().to(device)
         opt_t = torch.optim.SGD(teacher.parameters(), lr=0.1)
         opt_s = torch.optim.SGD(student.parameters(), lr=0.1)
-        fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s, inner_lr=inner_lr)
+        fastmeta.meta_step(teacher, student, make_batch(1, device=device), make_batch(2, device=device), opt_t, opt_s,
+                           inner_lr=inner_lr)
         results.append([p.detach().clone() for p in teacher.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
 
-def test_frozen_parameters_and_modes_respected():
-    teacher, student = Net(8, seed=1).double(), Net(8, seed=2).double()
+def test_frozen_parameters_and_modes_respected(device):
+    teacher, student = Net(8, seed=1).double().to(device), Net(8, seed=2).double().to(device)
     teacher.layer[0].weight.requires_grad_(False)
     student.layer[0].weight.requires_grad_(False)
     teacher.eval()
@@ -274,7 +288,7 @@ def test_frozen_parameters_and_modes_respected():
     opt_t = torch.optim.SGD([p for p in teacher.parameters() if p.requires_grad], lr=0.1)
     opt_s = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
     for algorithm, hypergrad in CASES:
-        fastmeta.meta_step(teacher, student, make_batch(1), make_batch(2), opt_t, opt_s,
+        fastmeta.meta_step(teacher, student, make_batch(1, device=device), make_batch(2, device=device), opt_t, opt_s,
                            algorithm=algorithm, hypergrad=hypergrad)
     assert torch.equal(teacher.layer[0].weight, frozen[0]) and torch.equal(student.layer[0].weight, frozen[1])
     assert teacher.layer[0].weight.grad is None and student.layer[0].weight.grad is None

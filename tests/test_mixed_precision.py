@@ -12,6 +12,10 @@
   default: the finite-difference tangent needs it (its two perturbed forwards in bf16
   lose the difference); the forward-mode JVP is as accurate either way (measured and
   asserted below, so the docs' claim stays true).
+
+Every test but the argument checks runs on each device of ``conftest.DEVICES`` (the
+``device`` fixture), with ``torch.autocast(device.type, ...)``: bf16/fp16 autocast on CUDA
+there.  Bitwise comparisons are between two runs on the same device (same kernels).
 """
 from __future__ import annotations
 
@@ -23,15 +27,15 @@ import torch
 import fastmeta
 from fastmeta import engine
 from fastmeta.amp import DynamicLossScale
-from test_engine import bert_batch, make_bert, rel_err
+from test_engine import bert_batch, make_bert, rel_err, to_device
 from test_meta_step import CASES, assert_same, make_batch, setup, snapshot
 
 
 # --------------------------------------------------------------------------- loss_scale is exact
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("algorithm,hypergrad", CASES)
-def test_power_of_two_loss_scale_is_bitwise_the_unscaled_step(algorithm, hypergrad, dtype):
-    base = setup(algorithm, hypergrad)
+def test_power_of_two_loss_scale_is_bitwise_the_unscaled_step(algorithm, hypergrad, dtype, device):
+    base = setup(algorithm, hypergrad, device=device)
     runs = []
     for loss_scale in (None, 1024.0):
         teacher, student, opt_t, opt_s = copy.deepcopy(base)
@@ -41,8 +45,8 @@ def test_power_of_two_loss_scale_is_bitwise_the_unscaled_step(algorithm, hypergr
         opt_s = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
         options = {"teacher_ce": True} if algorithm == "kd" else {}
         for step in range(3):
-            x, y = make_batch(10 + step)
-            q, yq = make_batch(20 + step)
+            x, y = make_batch(10 + step, device=device)
+            q, yq = make_batch(20 + step, device=device)
             fastmeta.meta_step(teacher, student, (x.to(dtype), y), (q.to(dtype), yq), opt_t, opt_s,
                                algorithm=algorithm, hypergrad=hypergrad, temperature=2.0, loss_scale=loss_scale,
                                **options)
@@ -62,7 +66,7 @@ def test_bad_loss_scale_and_jvp_precision_are_rejected(bad, error):
     assert_same(before, snapshot(teacher, student, opt_t, opt_s))
 
 
-# --------------------------------------------------------------------------- fp16 autocast on CPU
+# --------------------------------------------------------------------------- fp16 autocast (CPU and CUDA)
 class DeepNarrow(torch.nn.Module):
     """An MLP with two small layers (weights ~1e-4, still fp16 normal numbers): the gradient that
     reaches the first layer is their product times the loss gradient, ~1e-8: below fp16's range."""
@@ -81,38 +85,40 @@ class DeepNarrow(torch.nn.Module):
         return self.head(torch.tanh(self.middle(torch.tanh(self.first(x)))))
 
 
-def _kd_step_gradient(loss_scale, autocast):
+def _kd_step_gradient(loss_scale, autocast, device="cpu"):
     """The first layer's gradient a kd ``meta_step`` stepped the student with (``.grad`` after the step)."""
-    teacher, student = DeepNarrow(1, small=1.0), DeepNarrow(2)
+    device = torch.device(device)
+    teacher, student = DeepNarrow(1, small=1.0).to(device), DeepNarrow(2).to(device)
     opt_t = torch.optim.SGD(teacher.parameters(), lr=1e-3)
     opt_s = torch.optim.SGD(student.parameters(), lr=1e-3)
-    x, y = make_batch(5, size=8)
-    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+    x, y = make_batch(5, size=8, device=device)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
         fastmeta.meta_step(teacher, student, (x.float(), y), None, opt_t, opt_s, algorithm="kd",
                            loss_scale=loss_scale)
     return student.first.weight.grad.detach().clone()
 
 
-def test_fp16_loss_scale_recovers_underflowing_gradients():
-    reference = _kd_step_gradient(None, autocast=False)
+def test_fp16_loss_scale_recovers_underflowing_gradients(device):
+    reference = _kd_step_gradient(None, autocast=False, device=device)
     assert 1e-11 < reference.abs().max() < 1e-7  # fp16's smallest subnormal is 6e-8
-    unscaled = _kd_step_gradient(None, autocast=True)
-    scaled = _kd_step_gradient(2.0**14, autocast=True)
+    unscaled = _kd_step_gradient(None, autocast=True, device=device)
+    scaled = _kd_step_gradient(2.0**14, autocast=True, device=device)
     err_unscaled = float((unscaled - reference).norm() / reference.norm())
     err_scaled = float((scaled - reference).norm() / reference.norm())
     assert err_unscaled > 0.5, err_unscaled  # fp16 flushed most of the first layer's gradient
     assert err_scaled < 5e-3, err_scaled  # fp16 rounding of the forward and of the activations' gradients
 
 
-def test_fp16_overflow_rolls_back_then_dynamic_scale_backs_off_until_the_step_goes_through():
+def test_fp16_overflow_rolls_back_then_dynamic_scale_backs_off_until_the_step_goes_through(device):
     torch.manual_seed(0)
-    teacher, student = DeepNarrow(1, small=1.0), DeepNarrow(2, small=1.0)
+    teacher, student = DeepNarrow(1, small=1.0).to(device), DeepNarrow(2, small=1.0).to(device)
     opt_t = torch.optim.Adam(teacher.parameters(), lr=1e-3)
     opt_s = torch.optim.Adam(student.parameters(), lr=1e-3)
-    batch, quiz = (lambda b: (b[0].float(), b[1]))(make_batch(3)), (lambda b: (b[0].float(), b[1]))(make_batch(4))
+    batch = (lambda b: (b[0].float(), b[1]))(make_batch(3, device=device))
+    quiz = (lambda b: (b[0].float(), b[1]))(make_batch(4, device=device))
     before = snapshot(teacher, student, opt_t, opt_s)
     scale = DynamicLossScale(init_scale=2.0**40, growth_interval=3)
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(device.type, dtype=torch.float16):
         with pytest.raises(FloatingPointError):
             fastmeta.meta_step(teacher, student, batch, quiz, opt_t, opt_s, loss_scale=scale.value)
         assert_same(before, snapshot(teacher, student, opt_t, opt_s))
@@ -146,17 +152,28 @@ def test_dynamic_loss_scale_schedule_and_state_dict():
 
 # --------------------------------------------------------------------------- the meta-gradient under autocast
 @pytest.fixture(scope="module")
-def bert_pair():
+def cpu_bert_pair():
     teacher = make_bert(32, 2, seed=0, dtype=torch.float64)
     student = make_bert(32, 1, seed=10, dtype=torch.float64)
     return teacher, student, bert_batch(8, 12, 0), bert_batch(8, 12, 1)
 
 
+@pytest.fixture
+def bert_pair(cpu_bert_pair, device):
+    """The float64 pair on ``device`` (models built once per module on CPU, copied per test)."""
+    if device.type == "cpu":
+        return cpu_bert_pair
+    teacher, student, batch, quiz = cpu_bert_pair
+    return (copy.deepcopy(teacher).to(device), copy.deepcopy(student).to(device), to_device(batch, device),
+            to_device(quiz, device))
+
+
 def _autocast_error(bert_pair, dtype, inner_lr, **kwargs):
     teacher, student, batch, quiz = bert_pair
+    device = next(teacher.parameters()).device
     reference = engine.meta_gradient(teacher, student, batch, quiz, inner_lr=inner_lr).teacher_grads
     t32, s32 = copy.deepcopy(teacher).float(), copy.deepcopy(student).float()
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device.type, dtype=dtype):
         result = engine.meta_gradient(t32, s32, batch, quiz, inner_lr=inner_lr, **kwargs)
     assert all(g.dtype == torch.float32 for g in result.teacher_grads.values())
     return rel_err({k: v.double() for k, v in result.teacher_grads.items()}, reference), result

@@ -1,4 +1,9 @@
-"""python -m fastmeta.train: a short run on tiny models, its outputs, and bad input rejected before training."""
+"""python -m fastmeta.train: a short run on tiny models, its outputs, and bad input rejected before training.
+
+Every run names its device: CPU (``--device cpu`` / ``device="cpu"``), never the default
+"auto", which would put these runs on a GPU whenever one is present (the CLI on CUDA is
+exercised by ``make gpu-check``'s benchmarks and the device-parametrized engine tests).
+"""
 from __future__ import annotations
 
 import json
@@ -54,7 +59,7 @@ def test_train_function_is_reusable(tmp_path, assets):
     result = train(TrainConfig(task="mrpc", data_dir=str(assets["data"]), teacher=str(assets["teacher"]),
                                student=str(assets["student"]), output_dir=str(tmp_path / "o"), batch_size=8,
                                epochs=2, teacher_warmup_steps=0, algorithm="lgtm", quiz_from="validation",
-                               max_seq_length=32, progress="none", num_threads=1, save_best=False),
+                               max_seq_length=32, progress="none", num_threads=1, save_best=False, device="cpu"),
                    callback=seen.append)
     # 36 train examples... quiz from validation keeps all 40 in train: 5 batches per epoch, eval per epoch
     student_evals = [r for r in result.history if r["model"] == "student"]
@@ -131,7 +136,7 @@ def test_first_k_layers_student_init(tmp_path, assets, student_init):
                                student="first-1-layers", student_init=student_init, output_dir=str(tmp_path / "o"),
                                batch_size=8, max_steps=1, teacher_warmup_steps=2, teacher_warmup_lr=1e-2,
                                algorithm="kd", optimizer="sgd", student_lr=1e-12, max_seq_length=32,
-                               progress="none", num_threads=1, save_best=False, dropout=0.0),
+                               progress="none", num_threads=1, save_best=False, dropout=0.0, device="cpu"),
                    return_models=True)
     teacher, student = result.models
     assert student.config.num_hidden_layers == 1

@@ -91,4 +91,4 @@ def write_sst2(directory: Path, n_train=40, n_dev=12, seed=0) -> Path:
 def tiny_cli_args(tmp_path: Path, *, data_dir: Path, teacher: Path, student: Path, out: Path, extra=()):
     return ["--task", "mrpc", "--data-dir", str(data_dir), "--teacher", str(teacher), "--student", str(student),
             "--output-dir", str(out), "--batch-size", "4", "--max-seq-length", "32", "--teacher-warmup-steps", "0",
-            "--progress", "none", "--num-threads", "1", *extra]
+            "--progress", "none", "--num-threads", "1", "--device", "cpu", *extra]
