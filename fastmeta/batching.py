@@ -12,7 +12,9 @@ A *batch* is either
 that counts in neither the cross-entropy nor the distillation loss.  With
 ``shift_labels=True`` (causal language models, HuggingFace convention: labels =
 input_ids) the prediction at position ``t`` is scored against the label at
-``t + 1``: ``logits[:, :-1]`` against ``labels[:, 1:]``.
+``t + 1``: ``logits[:, :-1]`` against ``labels[:, 1:]``.  ``shift_labels="auto"``
+(see :func:`resolve_shift_labels`) shifts exactly when a model is a HuggingFace
+causal LM, as HF's own loss does.
 
 A model returns its logits, or an object with a ``.logits`` attribute (HF
 ``ModelOutput``), or a Mapping with a ``"logits"`` key.
@@ -29,6 +31,7 @@ plain-PyTorch twin with the same per-row definitions.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -47,6 +50,8 @@ __all__ = [
     "extract_logits",
     "model_logits",
     "align_logits_labels",
+    "is_causal_lm",
+    "resolve_shift_labels",
     "cross_entropy",
     "kd_rows",
     "kd_loss",
@@ -183,6 +188,62 @@ def align_logits_labels(
     if labels.numel() == 0:
         raise ValueError(f"no rows left after aligning {name} logits with labels (sequence length 1 with shift_labels?)")
     return logits, labels
+
+
+def _unwrap(model: Any) -> Any:
+    """The module inside DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, torch.nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"
+        ):
+            inner = getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
+def is_causal_lm(model: Any) -> bool:
+    """True when ``model`` (unwrapped from DDP/DataParallel/FSDP/``torch.compile``) is a HuggingFace causal LM.
+
+    Rule: its class name ends with ``"ForCausalLM"`` (every HF causal-LM class but a
+    few, and PEFT's ``PeftModelForCausalLM``), or it is one of the causal-LM classes
+    transformers registers for ``AutoModelForCausalLM`` (``GPT2LMHeadModel``,
+    ``BertLMHeadModel``, ...; looked up only when transformers is already imported).
+    Sequence classifiers, masked LMs and encoder-decoders (whose labels are not
+    shifted by the user) are not causal LMs.
+    """
+    name = type(_unwrap(model)).__name__
+    if name.endswith("ForCausalLM"):
+        return True
+    if "transformers" not in sys.modules:
+        return False
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - a transformers without the auto mapping
+        return False
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        if name == value or (isinstance(value, (tuple, list)) and name in value):
+            return True
+    return False
+
+
+def resolve_shift_labels(shift_labels: Any, *models: Any) -> bool:
+    """``shift_labels`` as a bool: True/False as given; ``"auto"``: True when a model is an HF causal LM.
+
+    ``"auto"`` follows HuggingFace: a causal LM given ``labels`` (= ``input_ids``) scores
+    position ``t`` against token ``t + 1``, so fastmeta shifts when :func:`is_causal_lm`
+    holds for any of ``models`` (the teacher and the student), else not.  Anything but
+    True, False or ``"auto"`` is a ``TypeError``/``ValueError`` naming ``shift_labels``.
+    """
+    if isinstance(shift_labels, bool):
+        return shift_labels
+    if isinstance(shift_labels, str):
+        if shift_labels == "auto":
+            return any(is_causal_lm(model) for model in models)
+        raise ValueError(f"shift_labels must be True, False or 'auto', got {shift_labels!r}")
+    raise TypeError(f"shift_labels must be True, False or 'auto', got {type(shift_labels).__name__}")
 
 
 def row_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,8 @@ __all__ = [
     "functional_logits",
     "jvp_logits",
     "add_scaled_",
+    "Perturbation",
+    "central_pair",
     "transform_buffers",
     "default_fd_eps",
 ]
@@ -202,6 +204,71 @@ def add_scaled_(tensors: list[torch.Tensor], vectors: list[torch.Tensor], alpha:
             torch._foreach_add_(tensors, vectors, alpha=float(alpha))
 
 
+RESTORES = ("fast", "exact")
+
+
+class Perturbation:
+    """``θ ← θ + offset·v`` IN PLACE on a list of tensors, and its undo (the one perturb/restore helper).
+
+    ``restore="fast"`` undoes by adding the perturbation back (``θ + εv − 2εv + εv``:
+    within a couple of ulp of ``max(|θ|, |εv|)`` per element, no copy); ``"exact"``
+    keeps a copy of the tensors and copies it back (bitwise, one copy).  Arguments are
+    trusted (``restore`` in :data:`RESTORES`, tensors and vectors aligned).
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], vectors: list[torch.Tensor], restore: str = "fast"):
+        self.tensors, self.vectors = tensors, vectors
+        self.offset = 0.0
+        self.saved = [t.detach().clone() for t in tensors] if restore == "exact" else None
+
+    def move_to(self, offset: float) -> None:
+        """Put the tensors at ``θ + offset·v``."""
+        add_scaled_(self.tensors, self.vectors, offset - self.offset)
+        self.offset = offset
+
+    def undo(self) -> None:
+        if self.offset == 0.0:
+            return
+        if self.saved is not None:
+            with torch.no_grad():
+                for t, s in zip(self.tensors, self.saved):
+                    t.copy_(s)
+        else:
+            add_scaled_(self.tensors, self.vectors, -self.offset)
+        self.offset = 0.0
+
+
+def central_pair(
+    tensors: list[torch.Tensor],
+    vectors: list[torch.Tensor],
+    eps: float,
+    evaluate,
+    *,
+    rng_state: RNGState | None = None,
+    restore: str = "fast",
+):
+    """``(evaluate() at θ + εv, evaluate() at θ − εv)``: perturb in place, replay the RNG, restore.
+
+    The one home of the central-difference pattern (``jvp_logits(method="finite_diff")``,
+    :func:`fastmeta.hvp` / :func:`fastmeta.mixed_hvp` with ``method="finite_diff"``, the
+    engine's LGTM differences): ``tensors`` are moved to ``θ ± εv`` with a
+    :class:`Perturbation`, each ``evaluate()`` runs under :func:`replay_rng` of
+    ``rng_state`` (both draw the dropout masks of the forward they pair with), and the
+    tensors are restored (``restore``) whatever happens, an exception included.
+    """
+    perturbation = Perturbation(tensors, vectors, restore)
+    try:
+        perturbation.move_to(eps)
+        with replay_rng(rng_state):
+            plus = evaluate()
+        perturbation.move_to(-eps)
+        with replay_rng(rng_state):
+            minus = evaluate()
+    finally:
+        perturbation.undo()
+    return plus, minus
+
+
 def default_fd_eps(params: list[torch.Tensor], direction: list[torch.Tensor]) -> float:
     """Central-difference step ``ε = sqrt(macheps) · max(1, ‖θ‖) / ‖v‖`` (norms over the perturbed tensors).
 
@@ -296,21 +363,10 @@ def jvp_logits(
     eps = float(eps)
     if not (eps > 0.0) or not math.isfinite(eps):
         raise ValueError(f"eps must be finite and > 0, got {eps}")
-    offset = 0.0  # current perturbation: θ + offset·v
     with torch.no_grad():
-        try:
-            add_scaled_(tensors, vectors, eps)
-            offset = eps
-            with replay_rng(rng_state):
-                plus = functional_logits(model, None, split)
-            add_scaled_(tensors, vectors, -2.0 * eps)
-            offset = -eps
-            with replay_rng(rng_state):
-                minus = functional_logits(model, None, split)
-        finally:
-            # restore θ whatever happened above (an exception in a forward included)
-            if offset != 0.0:
-                add_scaled_(tensors, vectors, -offset)
+        plus, minus = central_pair(
+            tensors, vectors, eps, lambda: functional_logits(model, None, split), rng_state=rng_state
+        )
     compute = torch.promote_types(plus.dtype, torch.float32)
     tangent_out = ((plus.to(compute) - minus.to(compute)) / (2.0 * eps)).to(plus.dtype)
     logits = ((plus.to(compute) + minus.to(compute)) * 0.5).to(plus.dtype)

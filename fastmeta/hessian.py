@@ -8,7 +8,7 @@ r"""Hessian-vector products without double backward: ``fastmeta.hvp`` and ``fast
     logit-level loss ``L = ℓ(zs, zt)`` of two modules (teacher ``T``, student ``S``),
     ``v`` over the student's parameters, the result over the teacher's.  This is the
     teacher's meta-gradient of MetaDistil / LGTM (times ``-η``; see
-    ``shared/design/meta-gradient.md``).
+    ``docs/meta-gradient.md``).
 
 Parameters and vectors
 ----------------------
@@ -77,9 +77,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import ops
-from .functional import as_split_inputs, capture_rng_state, functional_logits, jvp_logits, math_attention, replay_rng
+from .functional import (
+    RESTORES,
+    as_split_inputs,
+    capture_rng_state,
+    central_pair,
+    functional_logits,
+    jvp_logits,
+    math_attention,
+)
 
-__all__ = ["hvp", "mixed_hvp"]
+__all__ = ["hvp", "mixed_hvp", "forward_over_reverse"]
 
 HVP_METHODS = ("forward_over_reverse", "finite_diff", "autograd")
 MIXED_METHODS = ("exact", "forward_over_reverse", "finite_diff", "autograd")
@@ -167,31 +175,6 @@ def _finite_diff_eps(vectors: List[torch.Tensor], r: float) -> float:
     return r / v_norm if v_norm > 0 else 0.0
 
 
-class _Perturbation:
-    """θ ← θ + offset·v in place, with a fast (add back) or exact (copy back) restore."""
-
-    def __init__(self, params: List[torch.Tensor], vectors: List[torch.Tensor], restore: str):
-        _check_choice("restore", restore, ("fast", "exact"))
-        self.params, self.vectors, self.restore = params, vectors, restore
-        self.offset = 0.0
-        self.saved = [p.detach().clone() for p in params] if restore == "exact" else None
-
-    def move_to(self, offset: float) -> None:
-        ops.add_scaled_(self.params, self.vectors, offset - self.offset)
-        self.offset = offset
-
-    def undo(self) -> None:
-        if self.offset == 0.0:
-            return
-        if self.saved is not None:
-            with torch.no_grad():
-                for p, s in zip(self.params, self.saved):
-                    p.copy_(s)
-        else:
-            ops.add_scaled_(self.params, self.vectors, -self.offset)
-        self.offset = 0.0
-
-
 def _model_device(module: torch.nn.Module) -> Optional[torch.device]:
     for p in module.parameters():
         return p.device
@@ -234,6 +217,7 @@ def hvp(
         parameters' dtype.
     """
     _check_choice("method", method, HVP_METHODS)
+    _check_choice("restore", restore, RESTORES)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if isinstance(module_or_params, torch.nn.Module):
@@ -278,6 +262,22 @@ def _call_loss(loss_fn, module, params):
     return loss.reshape(())
 
 
+def forward_over_reverse(loss_fn: Callable, primals, tangents, *, has_aux: bool = False):
+    """``torch.func.jvp`` of ``torch.func.grad(loss_fn)`` at ``primals`` along ``tangents``: ``H·t``.
+
+    The exact Hessian-vector primitive (no double backward), run under ``no_grad``
+    (forward-mode AD is unaffected; no backward graph outlives the call) and
+    :func:`~fastmeta.functional.math_attention`.  ``has_aux=True``: ``loss_fn`` returns
+    ``(loss, aux)`` and the result is ``(H·t, tangent of aux)``, e.g. the student's
+    logit tangent ``J_S t`` from the same pass (the engine's multi-step sweep).
+    ``primals``/``tangents`` are any pytree ``torch.func`` accepts (tuples, dicts).
+    """
+    grad_of = torch.func.grad(loss_fn, has_aux=has_aux)
+    with torch.no_grad(), math_attention():
+        _, tangent_out = torch.func.jvp(grad_of, (primals,), (tangents,))
+    return tangent_out
+
+
 def _hvp_forward_over_reverse(loss_fn, module, names, params, vectors):
     primals = tuple(p.detach() for p in params)
     if module is not None:
@@ -295,9 +295,7 @@ def _hvp_forward_over_reverse(loss_fn, module, names, params, vectors):
         def loss_of(flat):
             return _call_loss(loss_fn, None, list(flat))
 
-    grad_of = torch.func.grad(loss_of)
-    with math_attention():
-        _, tangent_out = torch.func.jvp(grad_of, (primals,), (tuple(vectors),))
+    tangent_out = forward_over_reverse(loss_of, primals, tuple(vectors))
     return [t.detach() for t in tangent_out]
 
 
@@ -319,22 +317,14 @@ def _hvp_finite_diff(loss_fn, module, params, vectors, r, restore, device):
     if eps == 0.0:
         return [torch.zeros_like(p) for p in params]
     rng = capture_rng_state(device)
-    perturbation = _Perturbation(params, vectors, restore)
 
     def gradient():
-        with torch.enable_grad(), replay_rng(rng):
+        with torch.enable_grad():
             loss = _call_loss(loss_fn, module, params)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return _grads_or_zeros(grads, params)
 
-    try:
-        perturbation.move_to(eps)
-        g_plus = gradient()
-        perturbation.move_to(-eps)
-        g_minus = gradient()
-    finally:
-        perturbation.undo()
-    del perturbation
+    g_plus, g_minus = central_pair(params, vectors, eps, gradient, rng_state=rng, restore=restore)
     # written into g_plus: two gradient-sized lists at the peak, not three
     g_plus = [g if g.is_contiguous() else g.contiguous() for g in g_plus]
     return ops.central_difference(g_plus, g_minus, eps, inplace=True)
@@ -438,10 +428,12 @@ def mixed_hvp(
     Returns:
         The teacher-parameter vector ``∇²_{θT θS} L · v`` (the teacher's meta-gradient
         of one SGD pilot step is ``−η`` times it, with ``L`` the KD part of the student
-        loss; multiply ``v`` by :func:`fastmeta.ops.precondition` for Adam/momentum).
+        loss; for another optimizer replace ``v`` by the direction ``−(∂θS'/∂g)ᵀ v/η`` of
+        :mod:`fastmeta.engine.optimizer`, as :func:`fastmeta.engine.meta_gradient` does).
     """
     _check_choice("method", method, MIXED_METHODS)
     _check_choice("student_jvp", student_jvp, ("forward", "finite_diff"))
+    _check_choice("restore", restore, RESTORES)
     if not isinstance(teacher, torch.nn.Module) or not isinstance(student, torch.nn.Module):
         raise TypeError("teacher and student must be nn.Modules")
     loss_callable, kd_kwargs, kwargs = _resolve_loss(loss, loss_kwargs)
@@ -494,17 +486,11 @@ def _mixed_finite_diff(teacher, student, split_t, split_s, s_list, vectors, t_li
     with torch.enable_grad():
         zt = functional_logits(teacher, None, split_t, name="teacher")
     rng = capture_rng_state(_model_device(student))
-    perturbation = _Perturbation(s_list, vectors, restore)
-    try:
-        with torch.no_grad():
-            perturbation.move_to(eps)
-            with replay_rng(rng):
-                zs_plus = functional_logits(student, None, split_s, name="student")
-            perturbation.move_to(-eps)
-            with replay_rng(rng):
-                zs_minus = functional_logits(student, None, split_s, name="student")
-    finally:
-        perturbation.undo()
+    with torch.no_grad():
+        zs_plus, zs_minus = central_pair(
+            s_list, vectors, eps, lambda: functional_logits(student, None, split_s, name="student"),
+            rng_state=rng, restore=restore,
+        )
     c_plus = _logit_teacher_grad(loss, kwargs, zs_plus, zt)
     c_minus = _logit_teacher_grad(loss, kwargs, zs_minus, zt)
     (c,) = ops.central_difference([c_plus], [c_minus], eps)

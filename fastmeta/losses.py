@@ -7,7 +7,7 @@ Public functions
 ``kd_teacher_cotangent(student_logits, teacher_logits, student_tangent, temperature=1.0, *, kind="kl", reduction="batchmean", mask=None)``
     ``c = ∂/∂zt ⟨∂L/∂zs, u⟩`` with ``L = kd_loss(...)`` (same arguments) and
     ``u = student_tangent``: the teacher-logit cotangent of the meta-gradient
-    (``∇θT = J_Tᵀ c``, see shared/design/meta-gradient.md).
+    (``∇θT = J_Tᵀ c``, see docs/meta-gradient.md).
 ``kd_influence(student_logits, teacher_logits, student_tangent, temperature=1.0, *, kind="kl", mask=None)``
     Per-row influence dots ``w_i = ⟨∂ℓ_i/∂zs_i, u_i⟩`` with ``ℓ_i`` the row's
     loss as ``reduction="none"`` returns it (LGTM's distillation influence).

@@ -8,15 +8,15 @@ Drop it into an existing loop::
                                  algorithm="metadistil", temperature=2.0, kd_weight=0.5)
         print(out.student_loss.item(), out.quiz_loss.item())
 
-Notation (as in ``shared/design/meta-gradient.md``)::
+Notation (as in ``docs/meta-gradient.md``)::
 
     LS(x; θS, θT) = (1 − w)·CE(y, S(x; θS)) + w·KD(S(x; θS), T(x; θT))   (w = kd_weight)
-    θS' = θS − η·P ⊙ ∇θS LS                                             (pilot / course step)
+    θS' = U(θS, ∇θS LS)                                                 (pilot / course step)
     LQ  = CE(yq, S(xq; θS'))                                             (quiz loss)
 
-``η`` is ``inner_lr`` (None: each parameter's student param-group learning rate) and
-``P`` the student optimizer's diagonal preconditioner (1 for plain SGD; see
-``fastmeta.ops.precondition`` for momentum SGD and Adam/AdamW).
+``U`` is the student optimizer's update (SGD, momentum, Adam, AdamW, amsgrad; its exact
+Jacobian in ``fastmeta.engine.optimizer``; ``pilot="sgd"``: ``θS − η·∇θS LS``) and
+``η`` is ``inner_lr`` (None: each parameter's student param-group learning rate).
 
 Algorithms (``algorithm=``; one module each in ``fastmeta.algorithms``):
 
@@ -34,21 +34,25 @@ Algorithms (``algorithm=``; one module each in ``fastmeta.algorithms``):
                   student layer by layer (gradient ``θT − θS'`` through the teacher
                   optimizer), then the student step.
 ``"ikd"``         IKD (Liu et al., 2021): course step (the real student step with the
-                  current teacher), exam step (teacher updated from the student's
-                  quiz feedback).
+                  current teacher) and exam step (teacher updated from the student's
+                  quiz feedback), both from the same point, committed together.
+
+Each module follows its paper; every default that differs from the paper or the
+official code is a row of ``docs/deviations.md`` with the option reproducing it.
 
 ``hypergrad`` (how the teacher's meta-gradient is computed):
 ``"exact"`` (JVP + closed-form cotangent + one teacher backward), ``"finite_diff"``,
 ``"autograd"`` (double backward; the reference) for metadistil/lgtm/ikd;
 ``"first_order"`` only for reptile (where ``"exact"`` means the same: Reptile is
-first order by construction) and ikd (its first-order feedback rule).  ``kd``
+first order by construction) and ikd (the paper's Eq. 14: the exam gradient at the
+current student).  ``kd``
 computes no meta-gradient: it accepts exact/finite_diff/autograd and ignores them.
 
 Atomicity: ``meta_step`` computes every gradient with ``torch.autograd.grad``
 (writing no ``.grad``), checks the losses and gradients, and only then steps an
 optimizer.  Where an algorithm needs the updated teacher before it can finish
 (metadistil, lgtm, reptile: the real student step uses the updated teacher's
-logits; ikd with ``"first_order"``: the exam needs the updated student), the first update is applied
+logits; ikd: the two updates of one step), the first update is applied
 after saving what it overwrites, and any error later in the call (a non-finite
 loss, a bad shape, an exception from a model) restores both models and both
 optimizers bitwise before re-raising (``atomic=False`` skips the snapshot and its
@@ -61,7 +65,9 @@ are never touched.  Buffers (BatchNorm running statistics) change only through
 the forwards of the step the algorithm actually trains with (the real student
 step's teacher and student forwards; kd's; ikd's course step) -- the engine's and
 the auxiliary forwards preserve them -- and a failing call restores them too.
-Train/eval modes are left as the caller set them.
+Train/eval modes are left as the caller set them (lgtm's ``"official"``
+objectives switch both models to eval for their difference and restore every
+submodule's mode).
 
 Multi-process training: ``meta_step`` has no collective of its own; average the
 gradients the optimizers step with (optimizer step pre-hooks, as
@@ -80,7 +86,7 @@ import torch
 
 from fastmeta import batching
 from fastmeta.algorithms import ALGORITHMS, HYPERGRADS, check_hypergrad
-from fastmeta.algorithms._common import StepContext, Transaction
+from fastmeta.algorithms._common import StepContext, Transaction, check_flag, check_max_grad_norm, check_number
 
 __all__ = ["meta_step", "StepOutput"]
 
@@ -95,14 +101,15 @@ class StepOutput:
             student's parameters before the step and with the teacher whose logits
             that step used (metadistil/lgtm/reptile: the UPDATED teacher; kd/ikd: the
             current one, ikd's student step being its course step).
-        quiz_loss: ``LQ = CE(yq, S(xq; θS'))`` after the pilot (course) step; None for kd
-            and reptile (which read no quiz batch).
+        quiz_loss: ``LQ = CE(yq, S(xq; θS'))`` after the pilot (course) step (ikd with
+            ``"first_order"``: at the current student, Eq. 14); None for kd and reptile
+            (which read no quiz batch).
         pilot_student_loss: ``LS`` at the pre-step student with the pre-update teacher
             (the loss of the pilot/course step); None for kd.
         teacher_loss: the teacher's own objective where the algorithm has one: lgtm's
             auxiliary ``α·CE(y, T(x)) + (1 − α)·KD_T``, kd's ``CE(y, T(x))`` with
-            ``teacher_ce=True``, reptile's ``½‖θT − θS'‖²`` over the mapped parameters;
-            else None.
+            ``teacher_ce=True``, reptile's ``½‖θT − θS'‖²`` over the mapped parameters,
+            ikd's ``γ·LQ + (1 − γ)·CE(y, T(x))`` (Eq. 10); else None.
         influences: LGTM's per-sample distillation influences ``w_i`` ``[batch size]``
             where computed (lgtm; any algorithm with ``compute_influence=True`` that
             calls the engine), else None.
@@ -112,9 +119,9 @@ class StepOutput:
             ``"meta_gradient.<phase>"`` (teacher_forward, student_forward_backward,
             pilot_update, quiz_forward_backward, student_jvp, teacher_backward, total);
             ``"pilot.teacher_forward"``, ``"pilot.forward_backward"``, ``"pilot.update"``
-            (reptile), ``"course.teacher_forward"``, ``"course.forward_backward"`` and
-            ``"exam"`` (ikd first-order); ``"teacher_gradient"`` (work beyond the engine: LGTM's auxiliary
-            loss, Reptile's differences, IKD's feedback, kd's teacher CE);
+            (reptile); ``"teacher_gradient"`` (work beyond the engine: LGTM's auxiliary
+            loss and official mixed product, Reptile's differences, IKD's teacher CE, kd's
+            teacher CE);
             ``"teacher_update"`` / ``"student_update"`` (optimizer steps, snapshot
             included); ``"student_step.teacher_forward"`` and
             ``"student_step.forward_backward"`` (the real student step); ``"total"``.
@@ -144,13 +151,7 @@ def _resolve_inner_lr(inner_lr: Optional[float], student_optimizer: torch.optim.
             if not (lr > 0.0) or lr == float("inf"):
                 raise ValueError(f"inner_lr=None takes the student optimizer's lr, which is {lr}: pass inner_lr > 0")
         return None
-    try:
-        lr = float(inner_lr)
-    except (TypeError, ValueError):
-        raise TypeError(f"inner_lr must be a number or None, got {type(inner_lr).__name__}") from None
-    if not (lr > 0.0) or lr == float("inf"):
-        raise ValueError(f"inner_lr must be finite and > 0, got {lr}")
-    return lr
+    return check_number("inner_lr", inner_lr, low=0.0, low_open=True)
 
 
 def meta_step(
@@ -189,12 +190,17 @@ def meta_step(
 
     Algorithm options (keyword arguments; an unknown one is a ``TypeError``):
         common: ``teacher_scheduler=``, ``student_scheduler=`` (stepped once after
-        both updates), ``shift_labels=False`` (causal LM labels), ``inner_steps=1``
+        both updates), ``shift_labels="auto"`` (causal-LM alignment, ``logits[:, :-1]``
+        against ``labels[:, 1:]``: True/False, or ``"auto"`` = True when the teacher or the
+        student is a HuggingFace causal LM, :func:`fastmeta.batching.resolve_shift_labels`),
+        ``max_grad_norm=None`` (clip each committed update's gradients, the teacher's and
+        the student's, to this global L2 norm as ``torch.nn.utils.clip_grad_norm_`` does,
+        like the official MetaDistil/ReptileDistil code; ``.grad`` holds the clipped
+        gradient), ``inner_steps=1``
         (engine), ``atomic=True`` (see the module docstring), ``grad_sync=None``
         (data parallelism: a callable averaging a list of tensors in place over the
         processes, applied by the engine to the pilot and quiz gradients so the
-        engine-based algorithms (metadistil, lgtm, ikd with a second-order
-        hypergrad) follow the global batch; see ``fastmeta.engine.meta_gradient``;
+        engine-based algorithms (metadistil, lgtm, ikd) follow the global batch; see ``fastmeta.engine.meta_gradient``;
         the gradients the optimizers step with are averaged by the caller, e.g. DDP),
         ``loss_scale=None`` (float16: every backward of the step runs on ``S·loss`` and
         its gradients are divided by S, see ``fastmeta.engine.scaled_grad``; a step whose
@@ -202,13 +208,25 @@ def meta_step(
         dynamic scaler such as :class:`fastmeta.amp.DynamicLossScale` can back off and
         retry), ``jvp_precision="fp32"`` (under a bf16/fp16 autocast the engine's student
         tangent runs with autocast off; ``"autocast"`` keeps it under the caller's
-        autocast; see ``fastmeta.engine.meta_gradient``).
+        autocast; see ``fastmeta.engine.meta_gradient``), ``pilot="optimizer"`` (the
+        engine's pilot step is the student optimizer's real update: SGD/momentum/Adam/
+        AdamW/amsgrad, differentiated exactly; ``"sgd"``: MetaDistil's official
+        look-ahead ``θS' = θS − η·∇LS`` whatever the optimizer), ``adam_jacobian="exact"``
+        (``"frozen_second_moment"``: Adam's second moment held fixed in the Jacobian, an
+        approximation); ``inner_steps`` must be an int >= 1 (a float or bool is a
+        ``TypeError``).
+        Flags must be bools and numbers numbers (``"false"`` or ``"0.5"`` is a ``TypeError``).
         kd: ``teacher_ce=False``.
-        lgtm: ``alpha=0.5``, ``influence_objective="mixed"|"weighted"``.
+        metadistil: ``compute_influence=False``.
+        lgtm: ``alpha=0.6`` (the teacher's CE weight, the paper's value),
+        ``influence_objective="mixed"|"weighted"|"official"|"official_exact"``,
+        ``compute_influence`` (default: True when ``inner_steps == 1``).
         reptile: ``layer_strategy="first"|"last"|"skip"|"both"``, ``layer_mapping=None``,
-        ``non_layer="shared"|"none"``.
-        ikd: none beyond the common ones.
-        The engine-based algorithms also take ``compute_influence=False``.
+        ``non_layer="shared"|"none"``, ``pilot_optimizer="student"|"fresh_adamw"``,
+        ``pilot_max_grad_norm=None``.
+        ikd: ``gamma=1.0`` (Eq. 10), ``compute_influence=False``; the exact hypergrads
+        refuse ``inner_steps > 1``, an ``inner_lr`` unlike the optimizer's, ``pilot="sgd"``
+        for a non-SGD student and ``max_grad_norm``.
 
     Returns:
         :class:`StepOutput`.
@@ -238,19 +256,21 @@ def meta_step(
         raise TypeError(f"teacher_optimizer must be a torch.optim.Optimizer or None, got {type(teacher_optimizer).__name__}")
     if teacher_optimizer is not None and teacher_optimizer is student_optimizer:
         raise ValueError("teacher_optimizer and student_optimizer must be two different optimizers")
-    temperature = batching.check_temperature(temperature)
-    kd_weight = batching.check_kd_weight(kd_weight)
+    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+    kd_weight = check_number("kd_weight", kd_weight, low=0.0, high=1.0)
     batching.check_kd_kind(kd_loss)
     inner_lr_value = _resolve_inner_lr(inner_lr, student_optimizer)
     options = dict(algorithm_options)
-    shift_labels = bool(options.pop("shift_labels", False))
-    inner_steps = int(options.pop("inner_steps", 1))
-    if inner_steps < 1:
-        raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
-    atomic = bool(options.pop("atomic", True))
-    grad_sync = options.pop("grad_sync", None)
-    from fastmeta.engine import JVP_PRECISIONS, check_loss_scale
+    shift_labels = batching.resolve_shift_labels(options.pop("shift_labels", "auto"), teacher, student)
+    max_grad_norm = check_max_grad_norm("max_grad_norm", options.pop("max_grad_norm", None))
+    from fastmeta.engine import JVP_PRECISIONS, check_count, check_loss_scale, check_pilot_options
 
+    inner_steps = check_count(options.pop("inner_steps", 1), "inner_steps")
+    pilot = options.pop("pilot", "optimizer")
+    adam_jacobian = options.pop("adam_jacobian", "exact")
+    check_pilot_options(pilot, adam_jacobian)
+    atomic = check_flag("atomic", options.pop("atomic", True))
+    grad_sync = options.pop("grad_sync", None)
     loss_scale = check_loss_scale(options.pop("loss_scale", None))
     jvp_precision = options.pop("jvp_precision", "fp32")
     if jvp_precision not in JVP_PRECISIONS:
@@ -296,15 +316,18 @@ def meta_step(
         grad_sync=grad_sync,
         loss_scale=loss_scale,
         jvp_precision=jvp_precision,
+        pilot=pilot,
+        adam_jacobian=adam_jacobian,
         transaction=transaction,
         timings=timings,
+        max_grad_norm=max_grad_norm,
     )
     # ------------------------------------------------------------------ compute, check, commit
     try:
         if inner_steps != 1 and not (getattr(module, "USES_ENGINE", False) and hypergrad != "first_order"):
             raise ValueError(
                 f"inner_steps={inner_steps} is only meaningful for the engine's pilot step "
-                f"(metadistil, lgtm, ikd with a second-order hypergrad); algorithm={algorithm!r} "
+                f"(metadistil, lgtm); algorithm={algorithm!r} "
                 f"with hypergrad={hypergrad!r} takes one pilot/course step"
             )
         module.check_options(ctx)

@@ -211,10 +211,11 @@ def ref_lgtm(T, S, optT, optS, batch, quiz, eta, alpha, weighted):
                 influence[n] += -eta * W / B * t
     if weighted:
         zs_d = zs.detach()
+        # Eq. 9 with the official code's sign: −(1/B)·Σ_i w_i·∇θT ℓ_i (descends the quiz loss)
         objective = sum(ws[i] * ref_kl_rows(zs_d[i : i + 1], zt[i : i + 1]).sum() for i in range(B)) / B
         ti = torch.autograd.grad(objective, list(tp.values()), retain_graph=True)
         for (n, _), t in zip(tp.items(), ti):
-            influence[n] += t
+            influence[n] -= t
     # teacher auxiliary loss: α·CE(y, T(x)) + (1 − α)·τ²·mean KL(ps ‖ pt), student detached
     log_pt = torch.log_softmax(zt / TAU, -1)
     log_ps = torch.log_softmax(zs.detach() / TAU, -1)
@@ -254,31 +255,25 @@ def ref_reptile(T, S, optT, optS, batch, eta, pairs):
     ref_student_step(T, S, optS, batch)
 
 
-def ref_ikd(T, S, optT, optS, batch, quiz, eta, first_order):
+def ref_ikd(T, S, optT, optS, batch, quiz, eta, first_order, shift=False):
+    """IKD: course step and exam step from the same (θS, θT), committed together.
+
+    exact: Eq. 13, ∇θT LQ(θS − η∇LS(θT)); first_order: Eq. 14, the exam gradient v at the
+    CURRENT student, −η·∇θT⟨∇θS LS, v⟩ (only LS's KD term depends on θT).
+    """
     if not first_order:
-        tg, g, _ = ref_meta_gradient(T, S, batch, quiz, eta)
+        tg, g, _ = ref_meta_gradient(T, S, batch, quiz, eta, shift)
         set_grads_and_step(optS, S, g)
         set_grads_and_step(optT, T, tg)
         return
-    zt, y = ref_logits(T, batch)
-    ref_student_step_with = zt.detach()
-    zs, _ = ref_logits(S, batch)
-    loss = ref_ls(zs, ref_student_step_with, y)
-    optS.zero_grad(set_to_none=True)
-    loss.backward()
-    optS.step()  # course step
-    sp = trainable_dict(S)
-    zq, yq = ref_logits(S, quiz)
+    sp, tp = trainable_dict(S), trainable_dict(T)
+    zt, y = ref_logits(T, batch, shift=shift)
+    zs, _ = ref_logits(S, batch, shift=shift)
+    g = torch.autograd.grad(ref_ls(zs, zt, y), list(sp.values()), create_graph=True)
+    zq, yq = ref_logits(S, quiz, shift=shift)
     v = torch.autograd.grad(ref_ce(zq, yq), list(sp.values()))
-    corrected = copy.deepcopy(S)
-    with torch.no_grad():
-        for (n, p), vi in zip(trainable_dict(corrected).items(), v):
-            p.sub_(eta * vi)
-        z_taught, _ = ref_logits(S, batch)
-        z_corrected, _ = ref_logits(corrected, batch)
-    feedback = W * (ref_kd(z_corrected, zt, y) - ref_kd(z_taught, zt, y))
-    tp = trainable_dict(T)
-    tg = torch.autograd.grad(feedback, list(tp.values()), allow_unused=True)
+    tg = torch.autograd.grad(-eta * sum((gi * vi).sum() for gi, vi in zip(g, v)), list(tp.values()), allow_unused=True)
+    set_grads_and_step(optS, S, {n: gi.detach() for n, gi in zip(sp, g)})
     set_grads_and_step(optT, T, dict(zip(tp, tg)))
 
 
@@ -427,12 +422,12 @@ def test_metadistil_cnn_eval_mode_frozen_parameter(device):
     assert not teacher.training and not student.training
 
 
-def ref_adam_pilot_meta_gradient(T, S, optS, batch, quiz):
+def ref_adam_pilot_meta_gradient(T, S, optS, batch, quiz, frozen_second_moment=False):
     """MetaDistil's meta-gradient through ONE Adam step of the student, written out by hand.
 
     θ' = θ − lr·m̂'/(sqrt(ŝ')+eps) with m' = β1·m + (1−β1)·g, s' = β2·s + (1−β2)·g²: the value is Adam's
-    next step; the derivative treats s' as a constant (the documented first-order treatment of Adam's
-    second moment) and differentiates the first moment exactly.
+    next step, differentiated exactly; ``frozen_second_moment``: s' held constant in the derivative
+    (the engine's ``adam_jacobian="frozen_second_moment"`` approximation).
     """
     group = optS.param_groups[0]
     beta1, beta2 = group["betas"]
@@ -448,7 +443,9 @@ def ref_adam_pilot_meta_gradient(T, S, optS, batch, quiz):
         m = state["exp_avg"] if state else torch.zeros_like(p)
         v = state["exp_avg_sq"] if state else torch.zeros_like(p)
         m_new = beta1 * m + (1 - beta1) * gi
-        v_new = (beta2 * v + (1 - beta2) * gi * gi).detach()
+        v_new = beta2 * v + (1 - beta2) * gi * gi
+        if frozen_second_moment:
+            v_new = v_new.detach()
         denom = (v_new / (1 - beta2**t)).sqrt() + eps
         fast[n] = p - lr * (m_new / (1 - beta1**t)) / denom
     zq, yq = ref_logits(S, quiz, params=fast)
@@ -456,16 +453,18 @@ def ref_adam_pilot_meta_gradient(T, S, optS, batch, quiz):
     return dict(zip(tp, torch.autograd.grad(ref_ce(zq, yq), list(tp.values()))))
 
 
-def test_metadistil_adam_student_matches_hand_written_adam_pilot(device):
+@pytest.mark.parametrize("adam_jacobian", ["exact", "frozen_second_moment"])
+def test_metadistil_adam_student_matches_hand_written_adam_pilot(adam_jacobian, device):
     teacher, student = tiny_bert(2, seed=1), tiny_bert(1, seed=2)
     batches, quizzes = bert_data()
+    frozen = adam_jacobian == "frozen_second_moment"
 
     def reference(T, S, optT, optS, batch, quiz):
-        set_grads_and_step(optT, T, ref_adam_pilot_meta_gradient(T, S, optS, batch, quiz))
+        set_grads_and_step(optT, T, ref_adam_pilot_meta_gradient(T, S, optS, batch, quiz, frozen))
         ref_student_step(T, S, optS, batch)
 
-    run_both(teacher, student, ("sgd", "adam"), (0.5, 0.02), batches, quizzes, {"algorithm": "metadistil"}, reference,
-             device=device)
+    run_both(teacher, student, ("sgd", "adam"), (0.5, 0.02), batches, quizzes,
+             {"algorithm": "metadistil", "adam_jacobian": adam_jacobian}, reference, device=device)
 
 
 @pytest.mark.parametrize("algorithm", ["metadistil", "lgtm"])
@@ -645,24 +644,7 @@ def test_ikd_first_order_gpt2_token_level(device):
     eta = 0.5
 
     def reference(T, S, optT, optS, batch, quiz):
-        # the same formulas with shifted labels
-        zt, y = ref_logits(T, batch, shift=True)
-        zs, _ = ref_logits(S, batch, shift=True)
-        optS.zero_grad(set_to_none=True)
-        ref_ls(zs, zt.detach(), y).backward()
-        optS.step()
-        sp = trainable_dict(S)
-        zq, yq = ref_logits(S, quiz, shift=True)
-        v = torch.autograd.grad(ref_ce(zq, yq), list(sp.values()))
-        corrected = copy.deepcopy(S)
-        with torch.no_grad():
-            for (n, p), vi in zip(trainable_dict(corrected).items(), v):
-                p.sub_(eta * vi)
-            z_taught, _ = ref_logits(S, batch, shift=True)
-            z_corr, _ = ref_logits(corrected, batch, shift=True)
-        feedback = W * (ref_kd(z_corr, zt, y) - ref_kd(z_taught, zt, y))
-        tp = trainable_dict(T)
-        set_grads_and_step(optT, T, dict(zip(tp, torch.autograd.grad(feedback, list(tp.values())))))
+        ref_ikd(T, S, optT, optS, batch, quiz, eta, first_order=True, shift=True)
 
     run_both(teacher, student, ("sgd", "sgd"), (0.3, eta), batches, quizzes,
              {"algorithm": "ikd", "hypergrad": "first_order", "shift_labels": True}, reference, device=device)

@@ -20,8 +20,7 @@ Registry ``ALGORITHMS``: name -> module.  Every module defines
 from __future__ import annotations
 
 from fastmeta.algorithms import ikd, kd, lgtm, metadistil, reptile
-
-HYPERGRADS = ("exact", "finite_diff", "autograd", "first_order")
+from fastmeta.engine import HYPERGRAD_METHODS as HYPERGRADS  # defined once, by the engine
 
 ALGORITHMS = {
     "kd": kd,

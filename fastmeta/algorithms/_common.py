@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -45,6 +47,64 @@ def check_finite_grads(grads: Dict[str, Optional[torch.Tensor]], what: str) -> N
         if g is not None and not bool(torch.isfinite(g).all()):
             raise FloatingPointError(f"{what} for parameter {name!r} is not finite")
     raise FloatingPointError(f"{what} is not finite")
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` must be exactly True or False (``"false"``, 0, None are a ``TypeError`` naming ``name``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_number(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    """A real number in ``[low, high]`` (``(low, high]`` with ``low_open``), as a float.
+
+    Python/numpy numbers and one-element real tensors are numbers; a bool, a string or
+    None is a ``TypeError`` naming ``name`` (``"0.5"`` is not silently converted).
+    """
+    is_tensor = isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex()
+    if not is_tensor and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    below = number <= low if low_open else number < low
+    if math.isnan(number) or below or number > high or (high == math.inf and math.isinf(number)):
+        interval = f"{'(' if low_open else '['}{low}, {high}{']' if high != math.inf else ')'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return number
+
+
+def check_max_grad_norm(name: str, value: Any) -> Optional[float]:
+    """None (no clipping) or a finite number > 0."""
+    return None if value is None else check_number(name, value, low=0.0, low_open=True)
+
+
+def clipped(grads: Dict[str, Optional[torch.Tensor]], max_norm: float) -> Dict[str, Optional[torch.Tensor]]:
+    """``grads`` scaled to global L2 norm ``max_norm`` at most (new tensors; None entries kept).
+
+    The rule of ``torch.nn.utils.clip_grad_norm_`` (what the official codes call before
+    each optimizer step): ``g ← g·min(1, max_norm/(‖g‖ + 1e-6))`` with ``‖g‖`` over all
+    the gradients together.
+    """
+    present = [g for g in grads.values() if g is not None]
+    if not present:
+        return dict(grads)
+    norms = [torch.linalg.vector_norm(g.detach(), 2, dtype=torch.float64) for g in present]
+    total = torch.linalg.vector_norm(torch.stack(norms), 2)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return {name: None if g is None else g.detach() * coef.to(g.dtype) for name, g in grads.items()}
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """Put ``modules`` in eval mode for the block; afterwards every submodule's own flag is put back."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 @contextlib.contextmanager
@@ -119,11 +179,15 @@ class Transaction:
         grads: Dict[str, Optional[torch.Tensor]],
         scheduler: Any = None,
         final: bool = False,
+        max_grad_norm: Optional[float] = None,
     ) -> None:
         """Step ``optimizer`` with ``grads``; ``final=True``: nothing can fail after this update, no snapshot.
 
         Parameters that are not in any param group of ``optimizer`` are left alone (the
-        caller chose not to train them with it).
+        caller chose not to train them with it).  ``max_grad_norm``: the stepped
+        gradients are first clipped to this global L2 norm (:func:`clipped`, the rule of
+        ``torch.nn.utils.clip_grad_norm_`` that the official MetaDistil/ReptileDistil code
+        calls before each optimizer step); ``.grad`` then holds the clipped gradient.
         """
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         stepped = [(name, p) for name, p in params if grads.get(name) is not None and id(p) in in_optimizer]
@@ -137,6 +201,8 @@ class Transaction:
             self._snapshots.append(_Snapshot(touched, optimizer))
         for p in touched:
             p.grad = None
+        if max_grad_norm is not None:
+            grads = clipped({name: grads[name] for name, _ in stepped}, max_grad_norm)
         for name, p in stepped:
             p.grad = grads[name].detach().to(p.dtype)
         optimizer.step()
@@ -187,6 +253,9 @@ class StepContext:
     loss_scale: float = 1.0  # float16 loss scaling: see fastmeta.engine.scaled_grad
     jvp_precision: str = "fp32"  # see fastmeta.engine.meta_gradient(jvp_precision=)
     tangent_precision: Optional[str] = None  # set by engine_meta_gradient
+    pilot: str = "optimizer"  # see fastmeta.engine.meta_gradient(pilot=)
+    adam_jacobian: str = "exact"  # see fastmeta.engine.meta_gradient(adam_jacobian=)
+    max_grad_norm: Optional[float] = None  # clip both models' committed gradients (meta_step option)
 
     # ------------------------------------------------------------------ gradients
     def grad(self, loss: torch.Tensor, tensors: List[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
@@ -255,12 +324,11 @@ class StepContext:
         )
 
     def student_lrs(self) -> Dict[str, float]:
-        """``{student parameter name: η}``: ``inner_lr``, or (None) the parameter's param-group lr."""
-        group_lr = {id(p): float(g["lr"]) for g in self.student_optimizer.param_groups for p in g["params"]}
-        return {
-            name: (self.inner_lr if self.inner_lr is not None else group_lr.get(id(p), float("nan")))
-            for name, p in trainable(self.student)
-        }
+        """``{student parameter name: η}``: ``inner_lr``, or (None) the parameter's param-group lr
+        (nan for a parameter in no group); ``fastmeta.engine.optimizer.resolve_lrs``."""
+        from fastmeta.engine.optimizer import resolve_lrs
+
+        return resolve_lrs(dict(trainable(self.student)), self.student_optimizer, self.inner_lr, missing=float("nan"))
 
     def require_teacher_optimizer(self) -> torch.optim.Optimizer:
         if self.teacher_optimizer is None:
@@ -296,45 +364,50 @@ class StepContext:
         """Student optimizer step; ``final``: the last update of the step (no snapshot needed)."""
         with self.phase("student_update"):
             self.transaction.apply(
-                self.student_optimizer, trainable(self.student), grads, self.student_scheduler, final=final
+                self.student_optimizer, trainable(self.student), grads, self.student_scheduler, final=final,
+                max_grad_norm=self.max_grad_norm,
             )
 
     def apply_teacher(self, grads: Dict[str, Optional[torch.Tensor]], *, final: bool) -> None:
         """Teacher optimizer step; ``final``: the last update of the step (no snapshot needed)."""
         optimizer = self.require_teacher_optimizer()
         with self.phase("teacher_update"):
-            self.transaction.apply(optimizer, trainable(self.teacher), grads, self.teacher_scheduler, final=final)
+            self.transaction.apply(
+                optimizer, trainable(self.teacher), grads, self.teacher_scheduler, final=final,
+                max_grad_norm=self.max_grad_norm,
+            )
 
     # ------------------------------------------------------------------ the engine
-    def engine_meta_gradient(self, *, compute_influence: bool = False, hypergrad: Optional[str] = None):
-        """``fastmeta.engine.meta_gradient`` on this step's models, batches and hyper-parameters."""
-        from fastmeta import engine
+    def engine_meta_gradient(
+        self, *, compute_influence: bool = False, hypergrad: Optional[str] = None, quiz_point: str = "pilot",
+        keep_pilot: bool = False, compute_teacher_grads: bool = True,
+    ):
+        """``fastmeta.engine`` on this step's models, batches and (already validated) hyper-parameters.
+
+        ``quiz_point="current"``: the quiz gradient at the current student (IKD's exam);
+        ``keep_pilot``, ``compute_teacher_grads``: as in ``fastmeta.engine.meta_gradient``.  Only what ``meta_step`` could not
+        check alone (the combination of options, the student optimizer) is checked here,
+        once, before the engine runs (``fastmeta.engine.api.check_plan``).
+        """
+        from fastmeta.engine import api
 
         method = self.hypergrad if hypergrad is None else hypergrad
+        options = api.Options(
+            inner_lr=self.inner_lr, temperature=self.temperature, kd_weight=self.kd_weight, kd_loss=self.kd_loss,
+            hypergrad=method, inner_steps=self.inner_steps, pilot=self.pilot, adam_jacobian=self.adam_jacobian,
+            quiz_point=quiz_point, compute_influence=compute_influence, shift_labels=self.shift_labels,
+            keep_pilot=keep_pilot, compute_teacher_grads=compute_teacher_grads,
+            grad_sync=self.grad_sync, jvp_precision=self.jvp_precision, loss_scale=self.loss_scale,
+        )
+        api.check_plan(self.student, self.student_optimizer, options)
         # finite differences perturb the student's parameters in place and restore them to within a
         # couple of ulp; put back the exact bits afterwards (success or failure) so meta_step stays atomic
         saved = None
         if method == "finite_diff":
             saved = [(p, p.detach().clone()) for _, p in trainable(self.student)]
         with self.phase("meta_gradient"), _non_finite_as_floating_point_error(), _restored(saved):
-            result = engine.meta_gradient(
-                self.teacher,
-                self.student,
-                self.raw_batch,
-                self.raw_quiz,
-                inner_lr=self.inner_lr,
-                temperature=self.temperature,
-                kd_weight=self.kd_weight,
-                kd_loss=self.kd_loss,
-                hypergrad=method,
-                inner_steps=self.inner_steps,
-                student_optimizer=self.student_optimizer,
-                compute_influence=compute_influence,
-                shift_labels=self.shift_labels,
-                grad_sync=self.grad_sync,
-                jvp_precision=self.jvp_precision,
-                loss_scale=self.loss_scale,
-            )
+            result = api.run(self.teacher, self.student, self.batch, self.quiz, self.device, self.student_optimizer,
+                             options)
         self.tangent_precision = result.tangent_precision
         for key, value in (getattr(result, "timings", None) or {}).items():
             self.timings[f"meta_gradient.{key}"] = float(value)
@@ -351,6 +424,7 @@ def simulate_optimizer_step(
     params: List[Tuple[str, torch.nn.Parameter]],
     grads: Dict[str, Optional[torch.Tensor]],
     lr: Optional[float] = None,
+    max_grad_norm: Optional[float] = None,
 ) -> Dict[str, torch.Tensor]:
     """``θ'``: the parameters ONE ``optimizer.step()`` with ``grads`` would produce, leaving everything as it was.
 
@@ -358,7 +432,7 @@ def simulate_optimizer_step(
     the step is taken for real on the live parameters and then undone bitwise
     (parameters, ``.grad``, ``optimizer.state_dict()``, which includes the param
     groups' learning rates).  ``lr`` (if given) replaces every param group's
-    learning rate for this step.  Returns ``{name: θ'}`` (new tensors) for the
+    learning rate for this step; ``max_grad_norm`` clips ``grads`` first (:func:`clipped`).  Returns ``{name: θ'}`` (new tensors) for the
     parameters with a gradient.  Cost: one copy of the parameters and of the
     optimizer state while it runs.
     """
@@ -373,7 +447,7 @@ def simulate_optimizer_step(
         if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        Transaction(atomic=False).apply(optimizer, params, grads)
+        Transaction(atomic=False).apply(optimizer, params, grads, max_grad_norm=max_grad_norm)
         return {name: p.detach().clone() for name, p in params if grads.get(name) is not None}
     finally:
         snapshot.restore()

@@ -1,143 +1,123 @@
 """``algorithm="ikd"``: Interactive Knowledge Distillation (Liu, Sun, Qiu, Huang: "Learning to
-Teach with Student Feedback", arXiv:2109.04641, 2021): a course step, then an exam step.
+Teach with Student Feedback", arXiv:2109.04641, 2021): course and exam steps, trained jointly.
 
-IKD alternates two steps: a *course step* optimises the student with the
-teacher's soft targets, an *exam step* optimises the teacher with the feedback of
-the student.  Unlike MetaDistil there is no pilot update: the course step IS the
-student's real update, and the teacher learns from the student it has just
-taught (MetaDistil's "pilot update" was introduced to remove exactly this
-one-step lag).  One ``meta_step``::
+The *course step* is the student's real update with the current teacher (Eq. 4-5,
+``LS = (1 − w)·CE + w·KD``, ``w = kd_weight`` = the paper's λ).  The *exam step*
+updates the teacher with the student's feedback (Eq. 6-11)::
 
-    course   θS' = student_optimizer step with ∇θS LS(x; θS, θT)         (real, committed)
-    exam     LQ  = CE(yq, S(xq; θS')),   v = ∇θS' LQ
-             θT ← teacher_optimizer step with the teacher's feedback gradient G
+    G_tea = γ·G_meta + (1 − γ)·∇θT CE(y, T(x; θT))              (Eq. 10; option gamma)
+    G_meta = ∇θT LQ(φ_{t+1}(θT)) = −η·w·∇θT ⟨∇θS KD(θS, θT), D ⊙ v⟩
 
-The exam objective is the student's quiz loss after the course, as a function of
-the teacher that taught it: ``∇θT LQ(θS'(θT)) = −η·w·∇θT ⟨∇θS KD(θS, θT), P ⊙ v⟩``
-(second order: the mixed derivative).
+with ``LQ = CE(yq, S(xq))`` on the quiz (exam) batch, ``η·D`` the Jacobian of the
+student optimizer's step (plain SGD: ``D = 1``, the paper's Eq. 5) and ``v`` the exam
+gradient.  Both updates are computed from ``(θS, θT)`` and committed together (Eq. 12,
+``L_IKD = L_stu + L_tea``: joint).  ``hypergrad`` chooses ``v``:
 
-``hypergrad="first_order"`` -- the first-order feedback (only first derivatives)
-    The mixed product is replaced by a one-sided difference of the KD loss between
-    the taught student and the student *corrected by its exam*,
-    ``θS'' = θS' − η·v`` (one plain gradient step on the quiz loss; ``η`` = ``inner_lr``,
-    or each parameter's student param-group lr when it is None):
+``"first_order"`` -- Eq. 14: ``v = ∇θS LQ(θS)`` at the CURRENT student (the paper's
+    ``φ_{t+1} ≈ φ_t``): no pilot point, no second student.  The mixed product is still
+    exact: one student JVP and one teacher backward (``fastmeta.engine`` with
+    ``quiz_point="current"``), the JVP replaying the dropout masks of the forward it
+    differentiates.
+``"exact" | "autograd" | "finite_diff"`` -- Eq. 13: ``v = ∇LQ(φ_{t+1})`` at the student
+    after the course step, i.e. the engine's pilot point, which must be the student
+    that is committed: ``inner_steps=1``, ``inner_lr`` None or equal to every param
+    group's lr, ``pilot="sgd"`` only for a plain-SGD student, no ``max_grad_norm``
+    (a ``ValueError`` names the option otherwise).  The engine differentiates the
+    student optimizer's real update (Adam included).
 
-        G = w·∇θT [ KD(S(x; θS''), T(x; θT)) − KD(S(x; θS'), T(x; θT)) ]
-
-    By Taylor, ``KD(θS' − ηv) − KD(θS') = −η⟨∇θS KD(θS', θT), v⟩ + O(η²‖v‖²)``, so
-    ``G = −η·w·∇θT⟨∇θS KD(θS', θT), v⟩ + O(η²)``: the exam's meta-gradient to first
-    order in ``η``, evaluated at the taught student (the exam happens after the
-    course).  Reading: the teacher lowers its distillation loss toward where the
-    exam says the student should go and raises it toward where the student is.
-    Cost: a quiz forward/backward at θS', two student forwards on ``x`` without
-    graph (at θS' and at θS'', the latter through ``functional_call`` with the
-    shifted parameters: no copy of the module) and one teacher backward (the
-    teacher forward of the course step keeps its graph for it).  This is our
-    reading of IKD's first-order exam step, written down here because the paper's
-    exact update is not reproduced from its code; it is tested against an
-    independent float64 implementation of these formulas.
-
-``hypergrad="exact" | "finite_diff" | "autograd"`` -- the exam's exact meta-gradient
-    ``G = ∇θT LQ(θS'(θT))`` from ``fastmeta.engine.meta_gradient``, whose pilot step
-    is the course step (``student_grads = ∇θS LS`` at θS); both updates are then
-    committed together, so the exact IKD step costs one engine call and no further
-    pass.  (For SGD the engine's θS' is the optimizer's step exactly; for momentum
-    and Adam it is the engine's linearisation, see ``fastmeta.ops.precondition``.)
-
-``pilot_student_loss`` is the course loss ``LS``; ``student_loss`` too (it is the
-loss of the student step that was applied); ``quiz_loss`` the exam loss ``LQ``.
+Option ``gamma`` (default 1.0): the paper gives no value (nor λ, τ or the learning
+rates); 1.0 is the pure exam feedback, fastmeta's behaviour before the option existed.
+``StepOutput``: ``student_loss`` = ``pilot_student_loss`` = the course loss ``LS``;
+``quiz_loss`` = ``LQ`` (at ``φ_{t+1}``, or ``φ_t`` for first_order); ``teacher_loss`` =
+``L_tea = γ·LQ + (1 − γ)·CE(y, T(x))``.  Deviations: ``docs/deviations.md``.
 """
 from __future__ import annotations
 
 import torch
 
 from fastmeta import batching
-from fastmeta.algorithms._common import StepContext, check_finite_grads, trainable
+from fastmeta.algorithms._common import StepContext, check_finite_grads, check_flag, check_number, trainable
 
 HYPERGRADS = ("exact", "finite_diff", "autograd", "first_order")
 NEEDS_QUIZ = True
-USES_ENGINE = True  # inner_steps > 1 goes to fastmeta.engine
+USES_ENGINE = True  # inner_steps > 1 goes to fastmeta.engine (and is refused below)
+
+
+def _plain_sgd(optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.SGD) and all(
+        float(g.get("momentum", 0.0)) == 0.0 and float(g.get("weight_decay", 0.0)) == 0.0 and not g.get("maximize", False)
+        for g in optimizer.param_groups
+    )
+
+
+def _check_quiz_student_is_committed(ctx: StepContext) -> None:
+    """Eq. 13 evaluates the exam at φ_{t+1}: refuse what would make the engine's pilot point differ from it."""
+    why = f"ikd with hypergrad={ctx.hypergrad!r} (Eq. 13) evaluates the exam at the student it commits"
+    if ctx.inner_steps != 1:
+        raise ValueError(f"{why}: inner_steps must be 1 (got {ctx.inner_steps}); the course step is one step")
+    if ctx.inner_lr is not None:
+        lrs = sorted({float(g["lr"]) for g in ctx.student_optimizer.param_groups})
+        if any(lr != ctx.inner_lr for lr in lrs):
+            raise ValueError(
+                f"{why}: inner_lr={ctx.inner_lr} differs from the student optimizer's lr {lrs}; leave inner_lr=None"
+            )
+    if ctx.pilot == "sgd" and not _plain_sgd(ctx.student_optimizer):
+        raise ValueError(
+            f"{why}: pilot='sgd' differs from the {type(ctx.student_optimizer).__name__} step that is committed; "
+            "leave pilot='optimizer'"
+        )
+    if ctx.max_grad_norm is not None:
+        raise ValueError(f"{why}: max_grad_norm would clip the committed step but not the exam's; leave it None")
 
 
 def check_options(ctx: StepContext) -> None:
     ctx.require_teacher_optimizer()
-    ctx.settings["compute_influence"] = bool(ctx.option("compute_influence", False))
-    if ctx.hypergrad == "first_order" and ctx.settings["compute_influence"]:
-        raise ValueError("ikd with hypergrad='first_order' computes no influences (compute_influence=True needs an exact hypergrad)")
+    ctx.settings["compute_influence"] = check_flag("compute_influence", ctx.option("compute_influence", False))
+    ctx.settings["gamma"] = check_number("gamma", ctx.option("gamma", 1.0), low=0.0, high=1.0)
+    if ctx.hypergrad != "first_order":
+        _check_quiz_student_is_committed(ctx)
 
 
-def _run_exact(ctx: StepContext):
+def run(ctx: StepContext):
+    from fastmeta.functional import preserved_buffers
     from fastmeta.step import StepOutput
 
-    result = ctx.engine_meta_gradient(compute_influence=ctx.settings["compute_influence"])
+    first_order = ctx.hypergrad == "first_order"
+    gamma = ctx.settings["gamma"]
+    result = ctx.engine_meta_gradient(
+        compute_influence=ctx.settings["compute_influence"],
+        hypergrad="exact" if first_order else None,
+        quiz_point="current" if first_order else "pilot",
+    )
     student_grads = dict(result.student_grads)
     check_finite_grads(student_grads, "student gradient")
+    teacher_grads = result.teacher_grads
+    teacher_loss = result.quiz_loss.detach()
+    if gamma != 1.0:  # Eq. 10: the teacher's own CE on the course batch
+        with ctx.phase("teacher_gradient"), preserved_buffers(ctx.teacher):
+            params = trainable(ctx.teacher)
+            ce = batching.cross_entropy(ctx.teacher_logits(grad=True), ctx.labels(), name="batch labels")
+            batching.check_finite(ce.detach(), "teacher CE")
+            grads = ctx.grad(ce, [p for _, p in params])
+            teacher_grads = {}
+            for (name, _), g in zip(params, grads):
+                meta = result.teacher_grads.get(name)
+                own = None if g is None else (1.0 - gamma) * g
+                if meta is None:
+                    teacher_grads[name] = own
+                else:
+                    teacher_grads[name] = gamma * meta if own is None else gamma * meta + own.to(meta.dtype)
+            check_finite_grads(teacher_grads, "IKD teacher gradient")
+        teacher_loss = gamma * teacher_loss + (1.0 - gamma) * ce.detach()
     ctx.apply_student(student_grads, final=False)
-    ctx.apply_teacher(result.teacher_grads, final=True)
+    ctx.apply_teacher(teacher_grads, final=True)
     loss = result.student_loss.detach()
     return StepOutput(
         algorithm="ikd",
         student_loss=loss,
         quiz_loss=result.quiz_loss.detach(),
         pilot_student_loss=loss,
+        teacher_loss=teacher_loss,
         influences=None if result.influences is None else result.influences.detach(),
         teacher_updated=True,
     )
-
-
-def _run_first_order(ctx: StepContext):
-    from fastmeta.functional import functional_logits, preserved_buffers
-    from fastmeta.step import StepOutput
-
-    # course step: the teacher forward keeps its graph for the exam's teacher backward
-    with ctx.phase("course.teacher_forward"):
-        teacher_logits = ctx.teacher_logits(grad=True)
-    course_loss, course_grads = ctx.student_step_gradients(teacher_logits.detach(), phase="course")
-    ctx.apply_student(course_grads, final=False)  # snapshot taken: undone if the exam fails
-
-    with ctx.phase("exam"), preserved_buffers(ctx.student):
-        params = trainable(ctx.student)
-        quiz_logits = ctx.student_logits(ctx.quiz)
-        batching.check_finite(quiz_logits.detach(), "student logits on quiz_batch")
-        quiz_loss = batching.cross_entropy(quiz_logits, ctx.labels(ctx.quiz), name="quiz_batch labels")
-        batching.check_finite(quiz_loss.detach(), "quiz loss")
-        quiz_grads = ctx.grad(quiz_loss, [p for _, p in params])
-        check_finite_grads({n: g for (n, _), g in zip(params, quiz_grads)}, "quiz gradient")
-        with torch.no_grad():
-            taught = ctx.student_logits(grad=False)
-            lrs = ctx.student_lrs()
-            corrected_params = {
-                name: (p.detach() - lrs[name] * g.to(p.dtype)) if g is not None else p.detach()
-                for (name, p), g in zip(params, quiz_grads)
-            }
-            corrected = functional_logits(ctx.student, corrected_params, ctx.batch, name="student")
-            corrected, _ = batching.align_logits_labels(
-                corrected, ctx.batch.labels, shift_labels=ctx.shift_labels, name="student"
-            )
-    batching.check_finite(taught, "student logits on batch after the course step")
-    batching.check_finite(corrected, "exam-corrected student logits on batch")
-    with ctx.phase("teacher_gradient"):
-        labels = ctx.labels()
-        mask = labels != batching.IGNORE_INDEX
-        t_params = trainable(ctx.teacher)
-        feedback = ctx.kd_weight * (
-            batching.kd_loss(corrected, teacher_logits, ctx.temperature, kind=ctx.kd_loss, mask=mask)
-            - batching.kd_loss(taught, teacher_logits, ctx.temperature, kind=ctx.kd_loss, mask=mask)
-        )
-        grads = ctx.grad(feedback, [p for _, p in t_params])
-        teacher_grads = {name: g for (name, _), g in zip(t_params, grads)}
-        check_finite_grads(teacher_grads, "IKD teacher feedback gradient")
-    ctx.apply_teacher(teacher_grads, final=True)
-    return StepOutput(
-        algorithm="ikd",
-        student_loss=course_loss,
-        quiz_loss=quiz_loss.detach(),
-        pilot_student_loss=course_loss,
-        teacher_updated=True,
-    )
-
-
-def run(ctx: StepContext):
-    if ctx.hypergrad == "first_order":
-        return _run_first_order(ctx)
-    return _run_exact(ctx)

@@ -20,17 +20,15 @@ like for every non-first-order algorithm.
 """
 from __future__ import annotations
 
-import torch
-
 from fastmeta import batching
-from fastmeta.algorithms._common import StepContext, check_finite_grads, trainable
+from fastmeta.algorithms._common import StepContext, check_finite_grads, check_flag, trainable
 
 HYPERGRADS = ("exact", "finite_diff", "autograd")
 NEEDS_QUIZ = False
 
 
 def check_options(ctx: StepContext) -> None:
-    ctx.settings["teacher_ce"] = bool(ctx.option("teacher_ce", False))
+    ctx.settings["teacher_ce"] = check_flag("teacher_ce", ctx.option("teacher_ce", False))
     if ctx.settings["teacher_ce"]:
         ctx.require_teacher_optimizer()
 

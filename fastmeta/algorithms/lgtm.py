@@ -3,81 +3,117 @@ Student's Learning Levels Boosts Knowledge Distillation", ACL 2023), Algorithm 1
 
 One step on a training batch ``x`` (size B) and a quiz (validation) batch ``xq``::
 
-    1. pilot student step   θS' = θS − η·P ⊙ ∇θS LS(x; θS, θT),   g = ∇θS' CE(yq, S(xq; θS'))
-    2. teacher gradient     G = I + ∇θT [α·CE(y, T(x; θT)) + (1 − α)·KD_T]
+    1. pilot student step   θS' = the student optimizer's next step from θS on LS(x; θS, θT),
+                            g = ∇θS' CE(yq, S(xq; θS'))
+    2. teacher gradient     G = ∇θT L_aux + I,   L_aux = α·CE(y, T(x; θT)) + (1 − α)·KD_T
        teacher step         θT ← teacher_optimizer step with G
     3. student step         θS ← student_optimizer step with ∇θS LS(x; θS, θT_new)
 
-Distillation influence ``I`` (option ``influence_objective``):
+``KD_T`` fits the TEACHER's distribution to the (detached) student's: the ``kd_loss``
+kind with the roles swapped, for kl ``τ²·mean_rows KL(ps ‖ pt)`` (the official code:
+the same KL without ``τ²``, identical at its τ = 1).  ``alpha`` (default 0.6, the
+paper's App. D/E.2 value) weights the teacher's CE; the official ``t_alpha_kd = 0.4``
+is ``1 − α``.  The distillation influence ``I`` (option ``influence_objective``):
 
 * ``"mixed"`` (default): ``I = ∇θT LQ(θS'(θT)) = −η·w·∇θT Σ_i ⟨∇θS ℓ_i/B, P ⊙ g⟩``,
-  the gradient of the student's validation loss after the pilot step with respect
-  to the teacher -- the mixed second derivative that the paper's finite difference
-  (its Eq. 10 and 18, ``∇θT Σ_i [ℓ_i(θS + εg) − ℓ_i(θS − εg)]/2ε``) estimates,
-  scaled as the meta-gradient it is.  ``hypergrad="exact"``: exact, one student
-  JVP and one teacher backward (``fastmeta.engine``); ``"finite_diff"``: central
-  differences in the direction ``d = P ⊙ g`` with the paper's step ``ε = 0.01/‖d‖``
-  (the paper's approximation: ``fastmeta.engine``, ``fd_mode="lgtm"``);
-  ``"autograd"``: double backward (reference).
-* ``"weighted"``: the paper's Eq. 9 taken literally,
-  ``I = (1/B)·Σ_i w_i·∇θT ℓ_i(θS, θT)`` with the exact per-sample influences
-  ``w_i = ⟨∇θS ℓ_i, P ⊙ g⟩`` (``fastmeta.influence``, one JVP) held constant and
-  ``ℓ_i`` sample i's KD loss (``τ²·KL(pt_i ‖ ps_i)`` for kl; summed over the
-  sample's unmasked tokens for token-level outputs).
+  the exact meta-gradient that the paper's finite difference (Eq. 10/18) estimates,
+  scaled as the meta-gradient it is.  ``hypergrad``: ``"exact"`` (one JVP, one teacher
+  backward), ``"finite_diff"`` (central differences along ``P ⊙ g``, ``ε = 0.01/‖P ⊙ g‖``),
+  ``"autograd"`` (double backward).  ``inner_steps > 1`` needs no influences
+  (``compute_influence`` then defaults to False).
+* ``"weighted"``: Eq. 9 with the official code's sign, ``I = −(1/B)·Σ_i w_i·∇θT ℓ_i``
+  with the exact influences ``w_i = ⟨∇θS ℓ_i, P ⊙ g⟩`` held constant (the paper prints
+  ``+``, which moves the teacher UP the quiz loss).
+* ``"official"``: the official code's teacher gradient (``utils_glue.py:59-201``),
+  ``G = ∇θT L_aux − μ_T·h`` with ``μ_T`` the teacher optimizer's current lr (param
+  group 0), the raw ``v = g`` (not preconditioned), and
+  ``h = [∇θT L_T(θS + εv) − ∇θT L_T(θS − εv)]/2ε``, ``ε = 0.01/‖v‖``, both models in
+  eval mode (the caller's modes are put back afterwards), ``L_T = L_aux``: the
+  difference keeps ``(1 − α)·∇θT⟨∇θS KD_T, v⟩`` (``fastmeta.mixed_hvp``, finite
+  difference; the student's parameters are restored bitwise).
+* ``"official_exact"``: the same with ``h`` exact, ``(1 − α)·∇θT⟨∇θS KD_T, v⟩`` by
+  one JVP and one teacher backward (``fastmeta.mixed_hvp``, ``method="exact"``).
+  Both official objectives take one pilot step and ``hypergrad="exact"`` (their
+  mixed product is fixed by the name).
 
-``ℓ``, ``KD``: the ``kd_loss`` kind of ``LS``.  The teacher's own distillation term
-``KD_T`` fits the TEACHER's distribution to the (detached) student's: for kl,
-``KD_T = τ²·mean_rows KL(ps ‖ pt)`` -- the official LGTM code computes its
-teacher loss with the KD function's student slot filled by the teacher's logits
-and its target slot by the detached student's (``KL(p_student ‖ p_teacher)``),
-without the ``τ²`` factor (identical at τ = 1; we keep ``kd_loss``'s τ² scaling
-so that ``α`` balances the same units as ``kd_weight``).  In general ``KD_T =
-kd_loss(T(x), S(x).detach(), τ, kind)`` (roles swapped).  Option ``alpha`` is
-the weight of the teacher's CE: the official code's ``alpha_kd_t`` weights
-``KD_T`` (``alpha = 1 − alpha_kd_t``).  Default 0.5: an even balance, our choice (we
-could not confirm the paper's own default offline; set it explicitly to reproduce
-a run).
-
-Costs beyond the engine's meta-gradient: one teacher forward with graph and its
-backward (auxiliary loss; ``"weighted"`` shares it; the student's logits come from
-the engine's pilot forward), then the fresh teacher forward and student forward/backward of
-step 3.  ``StepOutput.teacher_loss`` is the auxiliary loss, ``influences`` the
-``w_i`` (computed for every LGTM step: they are the paper's diagnostics and cost
-no extra pass).
+``ℓ``: the ``kd_loss`` kind of ``LS`` (per sample, summed over its unmasked tokens).
+Option ``compute_influence`` (default: True when ``inner_steps == 1``) also returns the
+``w_i``; ``"weighted"`` needs them.  ``StepOutput.teacher_loss`` is ``L_aux``.
+Deviations from the paper and the official code: ``docs/deviations.md``.
 """
 from __future__ import annotations
 
 import torch
 
 from fastmeta import batching
-from fastmeta.algorithms._common import StepContext, check_finite_grads, trainable
+from fastmeta.algorithms._common import (
+    StepContext, _non_finite_as_floating_point_error, check_finite_grads, check_flag, check_number, eval_mode, trainable,
+)
 
 HYPERGRADS = ("exact", "finite_diff", "autograd")
 NEEDS_QUIZ = True
 USES_ENGINE = True  # inner_steps > 1 goes to fastmeta.engine
-INFLUENCE_OBJECTIVES = ("mixed", "weighted")
+INFLUENCE_OBJECTIVES = ("mixed", "weighted", "official", "official_exact")
+OFFICIAL = ("official", "official_exact")
+# KD_T(zt; zs) = kd_loss(zt, zs, kind) is kd_loss(zs, zt, kind') with the student first
+_ROLES_SWAPPED = {"kl": "reverse_kl", "reverse_kl": "kl"}
 
 
 def check_options(ctx: StepContext) -> None:
     ctx.require_teacher_optimizer()
-    alpha = float(ctx.option("alpha", 0.5))
-    if not (0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha (weight of the teacher's CE in its auxiliary loss) must lie in [0, 1], got {alpha}")
+    alpha = check_number("alpha (weight of the teacher's CE in its auxiliary loss)", ctx.option("alpha", 0.6), low=0.0, high=1.0)
     objective = ctx.option("influence_objective", "mixed")
     if objective not in INFLUENCE_OBJECTIVES:
         raise ValueError(f"influence_objective must be one of {INFLUENCE_OBJECTIVES}, got {objective!r}")
-    ctx.option("compute_influence", True)  # always computed for LGTM
-    ctx.settings.update(alpha=alpha, influence_objective=objective)
+    compute = ctx.option("compute_influence", None)
+    one_step = ctx.inner_steps == 1
+    if compute is None:
+        compute = one_step
+    compute = check_flag("compute_influence", compute)
+    if not one_step and (compute or objective != "mixed"):
+        what = "compute_influence=True" if objective == "mixed" else f"influence_objective={objective!r}"
+        raise ValueError(
+            f"lgtm with inner_steps={ctx.inner_steps}: {what} needs inner_steps=1 (LGTM's influences and the official "
+            "teacher update are defined for one pilot step); inner_steps > 1 works with influence_objective='mixed' "
+            "and compute_influence=False"
+        )
+    if objective == "weighted" and not compute:
+        raise ValueError("influence_objective='weighted' is built from the influences: it needs compute_influence=True")
+    if objective in OFFICIAL and ctx.hypergrad != "exact":
+        raise ValueError(
+            f"influence_objective={objective!r} fixes how its mixed product is computed ('official': the official "
+            f"code's central difference, 'official_exact': exact); leave hypergrad at 'exact' (got {ctx.hypergrad!r})"
+        )
+    ctx.settings.update(alpha=alpha, influence_objective=objective, compute_influence=compute)
+
+
+def _official_mixed_product(ctx: StepContext, v, exact: bool):
+    """``∇θT⟨∇θS KD_T(θS, θT), v⟩`` at the current student, teacher and student in eval mode."""
+    from fastmeta.hessian import mixed_hvp
+
+    mask = ctx.labels() != batching.IGNORE_INDEX
+    if ctx.shift_labels:  # KD_T over the raw logits: the last position predicts nothing
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
+    with eval_mode(ctx.teacher, ctx.student), _non_finite_as_floating_point_error():
+        return mixed_hvp(
+            ctx.teacher, ctx.student, ctx.batch, dict(v),
+            loss=_ROLES_SWAPPED.get(ctx.kd_loss, ctx.kd_loss),
+            loss_kwargs={"temperature": ctx.temperature, "mask": mask, "reduction": "batchmean"},
+            method="exact" if exact else "finite_diff",
+            restore="exact",
+        )
 
 
 def run(ctx: StepContext):
     from fastmeta.step import StepOutput
 
     alpha = ctx.settings["alpha"]
-    weighted = ctx.settings["influence_objective"] == "weighted"
-    result = ctx.engine_meta_gradient(compute_influence=True)
+    objective = ctx.settings["influence_objective"]
+    official = objective in OFFICIAL
+    extra = {"keep_pilot": True, "compute_teacher_grads": False} if official else {}
+    result = ctx.engine_meta_gradient(compute_influence=ctx.settings["compute_influence"], **extra)
     influences = result.influences
-    if weighted and influences is None:
+    if objective == "weighted" and influences is None:
         raise RuntimeError("the engine returned no influences: influence_objective='weighted' needs them")
 
     with ctx.phase("teacher_gradient"):
@@ -100,23 +136,31 @@ def run(ctx: StepContext):
             ).to(teacher_logits.dtype)
             aux = kd_t if aux is None else aux + kd_t
         batching.check_finite(aux.detach(), "LGTM teacher auxiliary loss")
-        objective = aux
-        if weighted:
+        objective_loss = aux
+        if objective == "weighted":
             rows = batching.kd_rows(student_logits.detach(), teacher_logits, ctx.temperature, ctx.kd_loss)
             rows = torch.where(mask, rows, rows.new_zeros(()))
             per_sample = batching.per_sample_sum(rows)
             weighted_term = (influences.detach().to(per_sample.dtype) * per_sample).sum() / per_sample.shape[0]
-            objective = objective + weighted_term.to(objective.dtype)
-        grads = ctx.grad(objective, [p for _, p in params])
+            objective_loss = objective_loss - weighted_term.to(objective_loss.dtype)  # descends the quiz loss
+        grads = ctx.grad(objective_loss, [p for _, p in params])
+        if objective == "mixed":
+            influence = result.teacher_grads
+        elif official:
+            h = _official_mixed_product(ctx, result.quiz_grads, exact=objective == "official_exact")
+            factor = -float(ctx.teacher_optimizer.param_groups[0]["lr"]) * (1.0 - alpha)
+            influence = {name: factor * value for name, value in h.items()}
+        else:
+            influence = {}
         teacher_grads = {}
         for (name, _), g in zip(params, grads):
-            influence_term = None if weighted else result.teacher_grads.get(name)
+            term = influence.get(name)
             if g is None:
-                teacher_grads[name] = influence_term
-            elif influence_term is None:
+                teacher_grads[name] = term
+            elif term is None:
                 teacher_grads[name] = g
             else:
-                teacher_grads[name] = g + influence_term.to(g.dtype)
+                teacher_grads[name] = g + term.to(g.dtype)
         check_finite_grads(teacher_grads, "LGTM teacher gradient")
 
     ctx.apply_teacher(teacher_grads, final=False)

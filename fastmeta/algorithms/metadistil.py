@@ -3,7 +3,7 @@ Knowledge Distillation with Meta Learning", ACL 2022), Algorithm 1 with the pilo
 
 One step on a training batch ``x`` and a quiz batch ``xq``::
 
-    1. pilot (experimental) student step    θS' = θS − η·P ⊙ ∇θS LS(x; θS, θT)
+    1. pilot (experimental) student step    θS' = U(θS, ∇θS LS(x; θS, θT))  (the student optimizer's update)
     2. quiz loss                            LQ  = CE(yq, S(xq; θS'))
     3. teacher meta-update                  θT ← teacher_optimizer step with ∇θT LQ(θS'(θT))
     4. real student step, same batch x      θS ← student_optimizer step with ∇θS LS(x; θS, θT_new)
@@ -14,7 +14,9 @@ copied -- the official code deep-copies it every step -- and with
 double-backward reference, ``"finite_diff"`` the in-place central differences).
 The exact meta-gradient (design note) is
 
-    ∇θT LQ = −η·w·∇θT ⟨∇θS KD(θS, θT), P ⊙ v⟩ = J_Tᵀ c,   v = ∇θS' LQ,
+    ∇θT LQ = −η·w·∇θT ⟨∇θS KD(θS, θT), D ⊙ v⟩ = J_Tᵀ c,   v = ∇θS' LQ,
+
+(``η·D`` the Jacobian of the update: plain SGD ``D = 1``, the paper's Eq. 2)
 
 one student JVP plus one teacher backward.  Step 4 cannot reuse the pilot's
 student gradient: the teacher changed in step 3, so it costs one fresh teacher
@@ -25,10 +27,13 @@ Atomicity: the teacher update (3) is applied with a snapshot; a failure in (4)
 optimizers (see ``fastmeta.step``).
 
 Option: ``compute_influence=False`` (also return LGTM's per-sample influences).
+The official code's step (``docs/deviations.md``): ``kd_loss="softmax_mse"``,
+``pilot="sgd", inner_lr=5e-5`` (its look-ahead), ``max_grad_norm=1.0``, the teacher in
+eval mode, the whole held set as ``quiz_batch`` (``tests/test_fidelity_metadistil.py``).
 """
 from __future__ import annotations
 
-from fastmeta.algorithms._common import StepContext
+from fastmeta.algorithms._common import StepContext, check_flag
 
 HYPERGRADS = ("exact", "finite_diff", "autograd")
 NEEDS_QUIZ = True
@@ -37,7 +42,7 @@ USES_ENGINE = True  # inner_steps > 1 goes to fastmeta.engine
 
 def check_options(ctx: StepContext) -> None:
     ctx.require_teacher_optimizer()
-    ctx.settings["compute_influence"] = bool(ctx.option("compute_influence", False))
+    ctx.settings["compute_influence"] = check_flag("compute_influence", ctx.option("compute_influence", False))
 
 
 def run(ctx: StepContext):

@@ -7,7 +7,7 @@ instead of differentiating through the adaptation)::
     1. pilot student step   θS' = one student_optimizer step with ∇θS LS(x; θS, θT)
                             (the optimizer's own rule and state, at lr = inner_lr;
                             computed on the live parameters and undone bitwise --
-                            no copy of the module)
+                            no copy of the module; option pilot_optimizer below)
     2. teacher step         for every mapped teacher parameter t with student sources s(t):
                                 G_t = θT_t − mean_{s ∈ s(t)} θS'_s
                             θT ← teacher_optimizer step with G
@@ -18,6 +18,14 @@ interpolation ``θT ← θT + ε·(θS' − θT)``: the teacher optimizer's lear
 is the Reptile step size (momentum/Adam turn it into a preconditioned one).
 The quiz batch is not used (it may be None); ``quiz_loss`` is None.
 
+Pilot options: ``pilot_optimizer="student"`` (default; an SGD student gives the
+paper's Eq. 9) or ``"fresh_adamw"`` -- the official code's pilot, the first step of a
+brand-new transformers AdamW at the base lr (:func:`fresh_adamw_step`);
+``pilot_max_grad_norm=None`` clips the pilot gradient first (official: 1.0).  The
+official step is ``pilot_optimizer="fresh_adamw", pilot_max_grad_norm=1.0,
+max_grad_norm=1.0, layer_strategy="skip", temperature=5`` with AdamW optimizers and
+the teacher in eval mode (``docs/deviations.md``, ``tests/test_fidelity_reptile.py``).
+
 Which teacher parameter follows which student parameter
 --------------------------------------------------------
 Layer parameters are recognised by a ``<prefix>.<i>.<rest>`` name whose
@@ -26,7 +34,8 @@ Layer parameters are recognised by a ``<prefix>.<i>.<rest>`` name whose
 student and ``L_t`` teacher layers under the same prefix, option
 ``layer_strategy`` maps student layer ``i`` to teacher layer(s)
 
-* ``"first"`` (default): ``i``            * ``"last"``: ``i + L_t − L_s``
+* ``"first"`` (default, as the official code; the paper's runs use ``"skip"``,
+  which needs ``L_t ≥ 2·L_s``): ``i``     * ``"last"``: ``i + L_t − L_s``
 * ``"skip"``:  ``2i + 1``                  * ``"both"``: ``2i`` and ``2i + 1``
 
 and the student parameter ``<prefix>.<i>.<rest>`` to the teacher's
@@ -45,18 +54,22 @@ first order by construction and computed exactly).  ``StepOutput.teacher_loss`` 
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from fastmeta.algorithms._common import StepContext, check_finite_grads, simulate_optimizer_step, trainable
+from fastmeta.algorithms._common import (
+    StepContext, check_finite_grads, check_max_grad_norm, clipped, simulate_optimizer_step, trainable,
+)
 
 HYPERGRADS = ("exact", "first_order")
 NEEDS_QUIZ = False
 STRATEGIES = ("first", "last", "skip", "both")
 NON_LAYER = ("shared", "none")
+PILOT_OPTIMIZERS = ("student", "fresh_adamw")
 
 _LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layer|layers|h|block|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
 
@@ -148,8 +161,57 @@ def build_mapping(
     return mapping
 
 
+def fresh_adamw_step(
+    optimizer: torch.optim.Optimizer,
+    params: List[Tuple[str, torch.nn.Parameter]],
+    grads: Dict[str, Optional[torch.Tensor]],
+    lr: Optional[float] = None,
+) -> Dict[str, torch.Tensor]:
+    """``θ'`` of the FIRST step of a brand-new AdamW (zero state), the official ReptileDistil pilot.
+
+    transformers' ``AdamW`` (``correct_bias=True``) as the official code builds it every
+    step (``run_glue_with_reptile.py:198-209,259``), written out for its first step::
+
+        m = (1−β1)·g,  s = (1−β2)·g²,  θ' = θ − lr·sqrt(1−β2)/(1−β1) · m/(sqrt(s) + eps),
+        then θ' ← θ' − lr·λ·θ'                     (decoupled decay, applied after the step)
+
+    ≈ ``θ − lr·sign(g)``.  Per parameter group of the student optimizer: ``lr`` = ``lr``
+    argument (inner_lr), else the group's base lr (``initial_lr``, set by a torch LR
+    scheduler, else ``lr``: a fresh linear schedule without warm-up starts at the base
+    lr); ``betas``/``eps`` = the group's (default (0.9, 0.999) / 1e-8); ``λ`` = the
+    group's ``weight_decay`` for an AdamW student, else 0.  Nothing is written.
+    """
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
+    pilot = {}
+    with torch.no_grad():
+        for name, p in params:
+            g = grads.get(name)
+            group = group_of.get(id(p))
+            if g is None or group is None:
+                continue
+            step_lr = float(lr if lr is not None else group.get("initial_lr", group["lr"]))
+            beta1, beta2 = (float(b) for b in group.get("betas", (0.9, 0.999)))
+            eps = float(group.get("eps", 1e-8))
+            g = g.to(p.dtype)
+            exp_avg = (1.0 - beta1) * g
+            denom = ((1.0 - beta2) * g * g).sqrt() + eps
+            step_size = step_lr * math.sqrt(1.0 - beta2) / (1.0 - beta1)
+            new = p.detach() - step_size * exp_avg / denom
+            decay = float(group.get("weight_decay", 0.0)) if decoupled else 0.0
+            if decay > 0.0:
+                new = new - step_lr * decay * new
+            pilot[name] = new
+    return pilot
+
+
 def check_options(ctx: StepContext) -> None:
     ctx.require_teacher_optimizer()
+    pilot_optimizer = ctx.option("pilot_optimizer", "student")
+    if pilot_optimizer not in PILOT_OPTIMIZERS:
+        raise ValueError(f"pilot_optimizer must be one of {PILOT_OPTIMIZERS}, got {pilot_optimizer!r}")
+    ctx.settings["pilot_optimizer"] = pilot_optimizer
+    ctx.settings["pilot_max_grad_norm"] = check_max_grad_norm("pilot_max_grad_norm", ctx.option("pilot_max_grad_norm", None))
     strategy = ctx.option("layer_strategy", "first")
     if strategy not in STRATEGIES:
         raise ValueError(f"layer_strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -173,7 +235,13 @@ def run(ctx: StepContext):
     with preserved_buffers(ctx.teacher, ctx.student):
         pilot_loss, pilot_grads = ctx.student_step_gradients(phase="pilot")
     with ctx.phase("pilot.update"):
-        pilot = simulate_optimizer_step(ctx.student_optimizer, trainable(ctx.student), pilot_grads, lr=ctx.inner_lr)
+        params, clip = trainable(ctx.student), ctx.settings["pilot_max_grad_norm"]
+        if ctx.settings["pilot_optimizer"] == "fresh_adamw":
+            if clip is not None:
+                pilot_grads = clipped(pilot_grads, clip)
+            pilot = fresh_adamw_step(ctx.student_optimizer, params, pilot_grads, lr=ctx.inner_lr)
+        else:
+            pilot = simulate_optimizer_step(ctx.student_optimizer, params, pilot_grads, lr=ctx.inner_lr, max_grad_norm=clip)
     # 2. teacher gradient θT − mean θS'
     with ctx.phase("teacher_gradient"), torch.no_grad():
         sources: Dict[str, List[str]] = defaultdict(list)

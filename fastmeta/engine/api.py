@@ -1,0 +1,402 @@
+"""The engine's public functions, the ONE place their arguments are checked, and the internal entry.
+
+:func:`meta_gradient` / :func:`meta_grad` / :func:`influence` check every argument
+(:func:`check_arguments`, :func:`check_plan`), then call :func:`run`, which trusts
+them.  ``fastmeta.meta_step`` checks its own arguments and calls :func:`check_plan`
+and :func:`run` through ``StepContext.engine_meta_gradient``: nothing is checked twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..batching import check_kd_kind, check_kd_weight, check_same_device, check_temperature, split_batch
+from ..functional import math_attention, preserved_buffers, trainable_parameters
+from . import autograd, exact, finite_diff
+from .optimizer import ADAM_JACOBIANS, PILOTS, check_student_optimizer, optimizer_update
+from .precision import JVP_PRECISIONS, at_least_fp32, check_loss_scale, tangent_precision, teacher_backward
+from .trajectory import Problem, Timer, pilot_trajectory, quiz_gradient, reverse_sweep, teacher_forward
+
+HYPERGRAD_METHODS = ("exact", "finite_diff", "autograd", "first_order")
+FD_MODES = ("lgtm", "logits")
+QUIZ_POINTS = ("pilot", "current")
+
+
+@dataclass
+class MetaGradient:
+    """Everything one meta-gradient computation produces (all tensors detached).
+
+    teacher_grads   ``{name: ∇θT LQ(θS'(θT))}`` for every teacher parameter that requires grad
+                    (``{}`` when ``compute_teacher_grads=False``).
+    influences      ``[B]`` per-sample influences ``w_i`` of ``batch`` (None unless requested).
+    student_loss    ``LS`` on ``batch`` at ``θS`` with the current teacher (0-dim).
+    quiz_loss       ``LQ = CE(yq, S(xq; θS'))`` at the pilot point (0-dim; at θS for
+                    ``quiz_point="current"``).
+    teacher_logits  the teacher's raw logits on ``batch`` (model output shape).
+    student_logits  the student's raw logits on ``batch`` at ``θS``.
+    student_grads   ``{name: ∇θS LS}`` at ``θS`` (trainable student parameters): the gradient of the
+                    pilot step, i.e. the real step's gradient when the teacher does not change.
+    pilot_params    ``θS'`` (``{name: Tensor}``, trainable parameters) when ``keep_pilot=True``.
+    quiz_grads      ``v = ∇LQ`` (at ``θS'``, or θS for ``quiz_point="current"``) when ``keep_pilot=True``.
+    inner_lr        the reference learning rate η (``inner_lr``, else the largest param-group lr).
+    hypergrad       the method used.
+    timings         seconds per phase (teacher_forward, student_forward_backward, pilot_update,
+                    quiz_forward_backward, student_jvp, teacher_backward, total; autograd:
+                    teacher_backward is the double backward).
+    tangent_precision  how the student tangent ``u = J_S a`` (or its finite difference) was
+                    computed: ``"default"`` (no low-precision autocast was active),
+                    ``"fp32 (autocast off)"`` (``jvp_precision="fp32"`` under a bf16/fp16
+                    autocast) or ``"autocast <dtype>"`` (``jvp_precision="autocast"``).
+    pilot, adam_jacobian, quiz_point   the pilot-step options used.
+    """
+
+    teacher_grads: dict
+    influences: torch.Tensor | None
+    student_loss: torch.Tensor
+    quiz_loss: torch.Tensor
+    teacher_logits: torch.Tensor
+    student_logits: torch.Tensor
+    student_grads: dict
+    pilot_params: dict | None = None
+    quiz_grads: dict | None = None
+    inner_lr: float = 0.0
+    hypergrad: str = "exact"
+    timings: dict = field(default_factory=dict)
+    tangent_precision: str = "default"
+    pilot: str = "optimizer"
+    adam_jacobian: str = "exact"
+    quiz_point: str = "pilot"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The engine's arguments, checked (:func:`run` trusts them)."""
+
+    inner_lr: Optional[float]
+    temperature: float = 1.0
+    kd_weight: float = 0.5
+    kd_loss: str = "kl"
+    hypergrad: str = "exact"
+    inner_steps: int = 1
+    pilot: str = "optimizer"
+    adam_jacobian: str = "exact"
+    quiz_point: str = "pilot"
+    compute_influence: bool = False
+    shift_labels: bool = False
+    compute_teacher_grads: bool = True
+    keep_pilot: bool = False
+    fd_eps: Optional[float] = None
+    fd_mode: str = "lgtm"
+    grad_sync: Optional[Callable] = None
+    jvp_precision: str = "fp32"
+    loss_scale: float = 1.0
+
+
+# --------------------------------------------------------------------------- checks
+def check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_count(value, name: str) -> int:
+    """A count argument: an ``int`` >= 1 (``bool``/``float`` are a ``TypeError`` naming it)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return value
+
+
+def check_pilot_options(pilot, adam_jacobian) -> None:
+    """``pilot`` in :data:`PILOTS`, ``adam_jacobian`` in :data:`ADAM_JACOBIANS` (``ValueError`` naming them)."""
+    check_choice("pilot", pilot, PILOTS)
+    check_choice("adam_jacobian", adam_jacobian, ADAM_JACOBIANS)
+
+
+def _check_inner_lr(inner_lr) -> Optional[float]:
+    if inner_lr is None:
+        return None
+    if isinstance(inner_lr, bool):
+        raise TypeError("inner_lr must be a number or None, got bool")
+    try:
+        value = float(inner_lr)
+    except (TypeError, ValueError):
+        raise TypeError(f"inner_lr must be a number or None, got {type(inner_lr).__name__}") from None
+    if not (value > 0.0) or not math.isfinite(value):
+        raise ValueError(f"inner_lr must be finite and > 0, got {inner_lr}")
+    return value
+
+
+def check_plan(student: torch.nn.Module, student_optimizer, options: Options) -> None:
+    """What no single argument says: the combinations, the student and its optimizer."""
+    if options.grad_sync is not None and (
+        not callable(options.grad_sync) or options.hypergrad == "autograd" or options.inner_steps != 1
+    ):
+        raise NotImplementedError(
+            "grad_sync must be a callable and is supported with inner_steps=1 and hypergrad 'exact' or "
+            f"'finite_diff' (got hypergrad={options.hypergrad!r}, inner_steps={options.inner_steps!r})"
+        )
+    if options.inner_steps > 1:
+        if options.hypergrad == "finite_diff" and options.fd_mode != "lgtm":
+            raise NotImplementedError("inner_steps > 1 with hypergrad='finite_diff' supports fd_mode='lgtm' only")
+        if options.compute_influence:
+            raise ValueError("compute_influence needs inner_steps=1 (LGTM's influence is defined for one pilot step)")
+        if options.quiz_point == "current":
+            raise ValueError("quiz_point='current' needs inner_steps=1 (the quiz gradient at the current student)")
+    params = trainable_parameters(student)
+    if not params:
+        raise ValueError("student has no parameter with requires_grad=True: there is no pilot step to differentiate")
+    check_student_optimizer(params, student_optimizer, inner_lr=options.inner_lr, pilot=options.pilot)
+
+
+def check_arguments(**kwargs) -> Options:
+    """The public functions' argument check: an :class:`Options` of the normalised values."""
+    hypergrad = kwargs["hypergrad"]
+    check_choice("hypergrad", hypergrad, HYPERGRAD_METHODS)
+    if hypergrad == "first_order":
+        raise ValueError(
+            "hypergrad='first_order' has no MetaDistil/LGTM meta-gradient: the teacher enters the quiz loss only "
+            "through the second-order term, so the first-order term is identically zero. Use 'exact', "
+            "'finite_diff' or 'autograd' (ReptileDistil/IKD first-order feedback: algorithm='reptile'/'ikd')"
+        )
+    check_choice("fd_mode", kwargs["fd_mode"], FD_MODES)
+    check_choice("jvp_precision", kwargs["jvp_precision"], JVP_PRECISIONS)
+    check_choice("quiz_point", kwargs["quiz_point"], QUIZ_POINTS)
+    check_pilot_options(kwargs["pilot"], kwargs["adam_jacobian"])
+    check_count(kwargs["inner_steps"], "inner_steps")
+    kwargs["loss_scale"] = check_loss_scale(kwargs["loss_scale"])
+    kwargs["temperature"] = check_temperature(kwargs["temperature"])
+    kwargs["kd_weight"] = check_kd_weight(kwargs["kd_weight"])
+    check_kd_kind(kwargs["kd_loss"])
+    kwargs["inner_lr"] = _check_inner_lr(kwargs["inner_lr"])
+    fd_eps = kwargs["fd_eps"]
+    if fd_eps is not None:
+        if not (float(fd_eps) > 0.0 and math.isfinite(float(fd_eps))):
+            raise ValueError(f"fd_eps must be finite and > 0, got {fd_eps}")
+        kwargs["fd_eps"] = float(fd_eps)
+    for flag in ("compute_influence", "shift_labels", "compute_teacher_grads", "keep_pilot"):
+        kwargs[flag] = bool(kwargs[flag])
+    return Options(**kwargs)
+
+
+# --------------------------------------------------------------------------- the internal entry
+def run(teacher, student, split_x, split_q, device: torch.device, student_optimizer, options: Options) -> MetaGradient:
+    """The meta-gradient with checked arguments (batches split, devices checked): trusts everything."""
+    start = time.perf_counter()
+    timer = Timer(device)
+    student_params = trainable_parameters(student)
+    teacher_params = trainable_parameters(teacher) if options.compute_teacher_grads else {}
+    update = optimizer_update(student_params, student_optimizer, inner_lr=options.inner_lr, pilot=options.pilot,
+                              adam_jacobian=options.adam_jacobian)
+    method = options.hypergrad
+    # with dropout active, the student's forwards on x must draw their masks as the JVP's math-attention
+    # forward does: run them under math attention too
+    x_attention = math_attention if (student.training and method == "exact") else contextlib.nullcontext
+    problem = Problem(
+        teacher=teacher, student=student, split_x=split_x, split_q=split_q, device=device, timer=timer,
+        update=update, student_params=student_params, teacher_params=teacher_params,
+        temperature=options.temperature, kd_weight=options.kd_weight, kd_loss=options.kd_loss,
+        shift_labels=options.shift_labels, loss_scale=options.loss_scale, x_attention=x_attention,
+    )
+    need_teacher = bool(teacher_params) and options.kd_weight != 0.0
+    context, precision = tangent_precision(device, options.jvp_precision)
+    outer = math_attention() if method == "autograd" else contextlib.nullcontext()
+    teacher_grads: dict = {}
+    influences = None
+    with preserved_buffers(teacher, student), outer, contextlib.ExitStack() as stack:
+        teacher_forward(problem, need_teacher)
+        if method == "autograd":
+            teacher_grads, lq, v, trajectory, influences = autograd.autograd_meta_gradient(
+                problem, options.inner_steps, options.quiz_point, options.compute_influence, need_teacher, context
+            )
+        else:
+            trajectory = pilot_trajectory(problem, options.inner_steps, options.grad_sync)
+            point = trajectory.theta if options.quiz_point == "pilot" else None
+            lq, v = quiz_gradient(problem, point, options.grad_sync)
+            stack.enter_context(context)  # the student tangent in fp32 under a low-precision autocast
+            if options.kd_weight != 0.0 or options.compute_influence:
+                if method == "exact":
+                    step = exact.tangent_step(problem)
+                else:
+                    step = finite_diff.tangent_step(problem, fd_eps=options.fd_eps, fd_mode=options.fd_mode)
+                cotangent, influences = reverse_sweep(problem, trajectory, v, step, options.compute_influence)
+                if need_teacher:
+                    with timer.phase("teacher_backward"):
+                        scaled = (-update.lr_ref * options.kd_weight) * at_least_fp32(cotangent)
+                        teacher_grads = teacher_backward(problem.teacher_aligned, teacher_params, scaled,
+                                                         options.loss_scale)
+        if options.compute_influence and influences is None:
+            influences = torch.zeros(split_x.size, dtype=problem.zt.dtype, device=device)
+        if options.compute_teacher_grads and teacher_params and not teacher_grads:
+            teacher_grads = {n: torch.zeros_like(p) for n, p in teacher_params.items()}
+    timer.timings["total"] = time.perf_counter() - start
+    return MetaGradient(
+        teacher_grads=teacher_grads,
+        influences=None if influences is None else influences.detach(),
+        student_loss=trajectory.first_loss,
+        quiz_loss=lq,
+        teacher_logits=problem.teacher_raw.detach(),
+        student_logits=trajectory.first_raw,
+        student_grads=trajectory.first_grads,
+        pilot_params=dict(trajectory.theta) if options.keep_pilot else None,
+        quiz_grads=v if options.keep_pilot else None,
+        inner_lr=update.lr_ref,
+        hypergrad=method,
+        timings=timer.timings,
+        tangent_precision=precision,
+        pilot=options.pilot,
+        adam_jacobian=options.adam_jacobian,
+        quiz_point=options.quiz_point,
+    )
+
+
+# --------------------------------------------------------------------------- public API
+def meta_gradient(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    batch: Any,
+    quiz_batch: Any,
+    *,
+    inner_lr: float | None,
+    temperature: float = 1.0,
+    kd_weight: float = 0.5,
+    kd_loss: str = "kl",
+    hypergrad: str = "exact",
+    inner_steps: int = 1,
+    student_optimizer: torch.optim.Optimizer | None = None,
+    compute_influence: bool = False,
+    shift_labels: bool = False,
+    compute_teacher_grads: bool = True,
+    keep_pilot: bool = False,
+    fd_eps: float | None = None,
+    fd_mode: str = "lgtm",
+    grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+    jvp_precision: str = "fp32",
+    loss_scale: float | None = None,
+    pilot: str = "optimizer",
+    adam_jacobian: str = "exact",
+    quiz_point: str = "pilot",
+) -> MetaGradient:
+    """Compute the teacher's meta-gradient ``∇θT CE(yq, S(xq; θS'(θT)))`` (:mod:`fastmeta.engine` for the math).
+
+    Arguments after ``inner_steps`` are extras of the engine:
+
+    student_optimizer       the student's optimizer, read only: the pilot step is ITS next update
+                            (SGD with momentum/dampening/nesterov/weight decay/maximize, Adam, AdamW,
+                            amsgrad), and the meta-gradient is the exact derivative through it.  None:
+                            SGD at ``inner_lr``.  Others: ``TypeError`` (use ``pilot="sgd"``).
+    pilot                   ``"optimizer"`` (default): the optimizer's update; ``"sgd"``: MetaDistil's
+                            official look-ahead ``θS' = θS − η·∇LS`` whatever the optimizer.
+    adam_jacobian           ``"exact"`` (default) or ``"frozen_second_moment"``: Adam's second moment
+                            held constant in the Jacobian (an approximation, see docs/meta-gradient.md
+                            for its measured error); the pilot point itself is the real step.
+    quiz_point              ``"pilot"`` (default): ``v = ∇LQ(θS')``; ``"current"``: ``v = ∇LQ(θS)``, the
+                            exam gradient at the current student (IKD's Eq. 14), direction still through
+                            the pilot step's Jacobian; ``inner_steps=1``.
+    compute_influence       also return the per-sample influences ``w_i`` of ``batch`` (inner_steps=1).
+    shift_labels            causal-LM alignment for both batches (``logits[:, :-1]`` vs ``labels[:, 1:]``).
+    compute_teacher_grads   False: skip the teacher backward (influences only; no teacher graph kept).
+    keep_pilot              also return ``θS'`` and ``v``.
+    fd_eps, fd_mode         ``hypergrad="finite_diff"`` options (:mod:`fastmeta.engine.finite_diff`).
+    grad_sync               data parallelism: a callable that replaces, in place, each tensor of a
+                            list by its mean over the processes (e.g. an ``all_reduce`` / world size).
+                            It is applied to the pilot gradient ``∇θS LS`` before the pilot step and to
+                            the quiz gradient ``v`` before the JVP, so every process takes the pilot
+                            step and the JVP direction of the GLOBAL batch; the teacher gradient stays
+                            this process's shard term (average it like any DDP gradient). With equal
+                            shards and batch-mean losses this equals one process on the concatenated
+                            batches.  Only ``inner_steps=1`` and ``hypergrad`` "exact"/"finite_diff".
+    jvp_precision           under a bf16/fp16 ``torch.autocast`` (the caller's): ``"fp32"`` (default)
+                            computes the student tangent with autocast switched off; ``"autocast"``
+                            leaves it under the caller's autocast (:mod:`fastmeta.engine.precision`).
+    loss_scale              float16 loss scaling: every backward runs on ``S·loss`` (the teacher's on
+                            ``S·c``) and its gradients are divided by ``S`` (:func:`scaled_grad`);
+                            None = 1.  A power of two changes nothing but fp16 underflow.
+
+    Raises ``ValueError``/``TypeError`` naming the argument for bad input (missing labels,
+    empty batch, logits shape mismatch, temperature <= 0, models on different devices,
+    ``inner_steps`` not an int >= 1, an unsupported ``student_optimizer``, ...) and
+    ``FloatingPointError`` for a non-finite loss; nothing is modified in either case.
+    """
+    options = check_arguments(
+        inner_lr=inner_lr, temperature=temperature, kd_weight=kd_weight, kd_loss=kd_loss, hypergrad=hypergrad,
+        inner_steps=inner_steps, pilot=pilot, adam_jacobian=adam_jacobian, quiz_point=quiz_point,
+        compute_influence=compute_influence, shift_labels=shift_labels, compute_teacher_grads=compute_teacher_grads,
+        keep_pilot=keep_pilot, fd_eps=fd_eps, fd_mode=fd_mode, grad_sync=grad_sync, jvp_precision=jvp_precision,
+        loss_scale=loss_scale,
+    )
+    check_plan(student, student_optimizer, options)
+    split_x = split_batch(batch, name="batch")
+    split_q = split_batch(quiz_batch, name="quiz_batch")
+    device = check_same_device(teacher, student, ("batch", split_x), ("quiz_batch", split_q))
+    return run(teacher, student, split_x, split_q, device, student_optimizer, options)
+
+
+def meta_grad(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    batch: Any,
+    quiz_batch: Any,
+    *,
+    inner_lr: float | None,
+    temperature: float = 1.0,
+    kd_weight: float = 0.5,
+    kd_loss: str = "kl",
+    hypergrad: str = "exact",
+    inner_steps: int = 1,
+    shift_labels: bool = False,
+    student_optimizer: torch.optim.Optimizer | None = None,
+    fd_eps: float | None = None,
+    pilot: str = "optimizer",
+    adam_jacobian: str = "exact",
+) -> dict[str, torch.Tensor]:
+    """``∇θT CE(yq, S(xq; θS'(θT)))`` for every teacher parameter that requires grad.
+
+    ``θS'`` is ``inner_steps`` updates of ``student_optimizer`` (None: SGD at ``inner_lr``;
+    ``pilot="sgd"``: SGD whatever the optimizer) on
+    ``LS = (1 − kd_weight)·CE(y, S(x)) + kd_weight·kd_loss(S(x), T(x), τ)``.  ``hypergrad``:
+    ``"exact"`` (student JVP + closed-form cotangent + one teacher backward; the exact
+    derivative through the optimizer's real update), ``"finite_diff"`` (LGTM's in-place
+    central difference), ``"autograd"`` (double backward through a transcription of the
+    optimizer's update, the reference).  Keys as in ``teacher.named_parameters()``.
+    Changes no parameter (finite_diff: within a couple of ulp), ``.grad``, mode, buffer or
+    optimizer state.
+    """
+    return meta_gradient(
+        teacher, student, batch, quiz_batch, inner_lr=inner_lr, temperature=temperature, kd_weight=kd_weight,
+        kd_loss=kd_loss, hypergrad=hypergrad, inner_steps=inner_steps, shift_labels=shift_labels,
+        student_optimizer=student_optimizer, fd_eps=fd_eps, pilot=pilot, adam_jacobian=adam_jacobian,
+    ).teacher_grads
+
+
+def influence(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    batch: Any,
+    val_batch: Any,
+    *,
+    inner_lr: float | None,
+    temperature: float = 1.0,
+    kd_weight: float = 0.5,
+    kd_loss: str = "kl",
+    shift_labels: bool = False,
+    student_optimizer: torch.optim.Optimizer | None = None,
+    pilot: str = "optimizer",
+    adam_jacobian: str = "exact",
+) -> torch.Tensor:
+    """LGTM's per-sample distillation influence, exactly: ``[B]`` tensor of
+    ``w_i = ⟨∇θS ℓ_i, a⟩`` with ``a = −(∂θS'/∂g)ᵀ ∇CE(y_val, S(x_val; θS'))/η`` (plain SGD:
+    ``a = ∇θS' Lval``, LGTM's definition, with ``θS' = θS − inner_lr·∇θS LS``) and ``ℓ_i``
+    sample i's KD loss (``τ²·KL(pt_i ‖ ps_i)`` for kl; summed over the sample's unmasked
+    tokens for token-level outputs).  One student JVP; no per-sample gradients.
+    """
+    return meta_gradient(
+        teacher, student, batch, val_batch, inner_lr=inner_lr, temperature=temperature, kd_weight=kd_weight,
+        kd_loss=kd_loss, hypergrad="exact", compute_influence=True, compute_teacher_grads=False,
+        shift_labels=shift_labels, student_optimizer=student_optimizer, pilot=pilot, adam_jacobian=adam_jacobian,
+    ).influences

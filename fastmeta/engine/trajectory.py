@@ -1,0 +1,235 @@
+"""What every hypergradient method shares: the teacher forward, the pilot trajectory, the quiz gradient
+and the reverse sweep through the student optimizer's updates.
+
+Forward (``inner_steps = k``; ``θ_0 = θS``, ``state_0`` = the optimizer's state, read only)::
+
+    for j < k:   g_j = ∇θ LS(θ_j, θT)            (teacher logits fixed; RNG state and zs_j kept)
+                 (θ_{j+1}, state_{j+1}) = U(θ_j, g_j, state_j)      (the optimizer's update, optimizer.py)
+    quiz:        v = ∇θ LQ(θ_k)                  (quiz_point="current": v = ∇θ LQ(θ_0), k = 1)
+
+Reverse (the exact adjoint of that trajectory; ``lr_ref`` = η, the reference learning rate)::
+
+    Aθ = v,  Astate = 0
+    for j = k−1 … 0:   (Aθ_direct, Ag, Astate) = vjp of U at (θ_j, g_j, state_j) with (Aθ, Astate)
+                       a_j = −Ag/η                       (the step's direction: P ⊙ v for one step)
+                       c  += ∂/∂zt ⟨∂KD/∂zs(zs_j, zt), J_S(θ_j)·a_j⟩       (tangent step, below)
+                       Aθ  = Aθ_direct − η·H_S(θ_j)·a_j   (j ≥ 1; H_S = ∇²θ LS, teacher logits fixed)
+    meta-gradient = −η·w·J_Tᵀ c                            (one teacher backward)
+
+Only the KD term of ``LS`` depends on θT, and only through ``zt``, so the teacher
+enters each step through ``∂g_j/∂θT``: ``Σ_j (∂g_j/∂θT)ᵀ Ag_j = w·J_Tᵀ Σ_j c_j(Ag_j)``.
+The *tangent step* (``J_S a`` and ``H_S a`` at ``θ_j``) is the method: forward-mode AD
+(:mod:`.exact`) or LGTM's central differences (:mod:`.finite_diff`).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import batching
+from ..batching import align_logits_labels, check_finite, check_logits_pair, cross_entropy, model_logits, row_mask
+from ..functional import capture_rng_state, functional_logits
+from .optimizer import OptimizerUpdate
+from .precision import grads_or_zeros, scaled_grad
+
+
+class Timer:
+    """Seconds per named phase (CUDA synchronised on both ends)."""
+
+    def __init__(self, device: torch.device):
+        self.sync = device.type == "cuda"
+        self.timings: dict[str, float] = {}
+        self.device = device
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize(self.device)
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class Problem:
+    """One meta-gradient's fixed data (validated by the public entry points; trusted here)."""
+
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    split_x: batching.SplitBatch
+    split_q: batching.SplitBatch
+    device: torch.device
+    timer: Timer
+    update: OptimizerUpdate
+    student_params: dict
+    teacher_params: dict
+    temperature: float
+    kd_weight: float
+    kd_loss: str
+    shift_labels: bool
+    loss_scale: float
+    x_attention: Callable = contextlib.nullcontext  # context of the student's forwards on x
+    # set by teacher_forward
+    teacher_raw: Any = None
+    teacher_aligned: Any = None
+    zt: Any = None
+    labels: Any = None
+    mask: Any = None
+
+    @property
+    def names(self) -> list:
+        return list(self.student_params)
+
+    @property
+    def lr_ref(self) -> float:
+        return self.update.lr_ref
+
+    def align(self, raw: torch.Tensor) -> torch.Tensor:
+        zs, _ = align_logits_labels(raw, self.split_x.labels, shift_labels=self.shift_labels, name="student")
+        return zs
+
+    def student_loss(self, zs: torch.Tensor, zt: torch.Tensor, *, higher_order: bool = False) -> torch.Tensor:
+        return batching.student_loss(zs, zt, self.labels, temperature=self.temperature, kd_weight=self.kd_weight,
+                                     kind=self.kd_loss, higher_order=higher_order)
+
+    def cotangent_and_influence(self, zs, u_raw, with_influence: bool):
+        """``c(zs, zt, u)`` on the teacher logits and (optionally) per-sample ``⟨∂ℓ_i/∂zs, u⟩`` for a raw tangent."""
+        u = u_raw[:, :-1] if self.shift_labels else u_raw
+        c = batching.kd_teacher_cotangent(zs, self.zt, u, self.temperature, kind=self.kd_loss, mask=self.mask)
+        influence = None
+        if with_influence:
+            influence = batching.per_sample_sum(
+                batching.kd_influence(zs, self.zt, u, self.temperature, kind=self.kd_loss, mask=self.mask)
+            )
+        return c, influence
+
+
+def teacher_forward(problem: Problem, need_graph: bool) -> None:
+    """Teacher logits on ``x`` (graph kept only when a teacher backward will follow)."""
+    with problem.timer.phase("teacher_forward"), torch.set_grad_enabled(need_graph):
+        raw = model_logits(problem.teacher, problem.split_x, name="teacher")
+    aligned, labels = align_logits_labels(raw, problem.split_x.labels, shift_labels=problem.shift_labels, name="teacher")
+    check_finite(aligned.detach(), "teacher logits on batch")
+    problem.teacher_raw, problem.teacher_aligned, problem.labels = raw, aligned, labels
+    problem.mask = row_mask(labels)
+    problem.zt = aligned.detach()
+
+
+@dataclass
+class Snapshot:
+    """Step j of the trajectory: ``θ_j``, ``g_j``, ``state_j`` (per name), the RNG state and ``zs_j``."""
+
+    theta: dict
+    grads: dict
+    states: dict
+    rng: Any
+    zs: torch.Tensor
+
+
+@dataclass
+class Trajectory:
+    snapshots: list
+    theta: dict  # θ_k (detached)
+    first_raw: torch.Tensor  # the student's raw logits on x at θS
+    first_loss: torch.Tensor  # LS at θS
+    first_grads: dict  # ∇θS LS (after grad_sync)
+    extras: dict = field(default_factory=dict)
+
+
+def pilot_trajectory(problem: Problem, steps: int, grad_sync: Optional[Callable] = None) -> Trajectory:
+    """The forward pass above, without graphs between steps (the exact and finite-difference methods)."""
+    timer, names, update = problem.timer, problem.names, problem.update
+    theta = {name: p.detach() for name, p in problem.student_params.items()}
+    states = {name: update.initial_state(name) for name in names}
+    snapshots = []
+    first = None
+    for j in range(steps):
+        with timer.phase("student_forward_backward"):
+            rng = capture_rng_state(problem.device)
+            with torch.enable_grad(), problem.x_attention():
+                if j == 0:
+                    current = problem.student_params
+                    raw = functional_logits(problem.student, None, problem.split_x)
+                else:
+                    current = {name: t.detach().requires_grad_(True) for name, t in theta.items()}
+                    raw = functional_logits(problem.student, current, problem.split_x)
+                zs = problem.align(raw)
+                if j == 0:
+                    check_logits_pair(zs, problem.teacher_aligned)
+                ls = problem.student_loss(zs, problem.zt)
+                check_finite(ls.detach(), "student loss LS on batch" + (f" (inner step {j})" if j else ""))
+                tensors = [current[name] for name in names]
+                grads = grads_or_zeros(scaled_grad(ls, tensors, problem.loss_scale, allow_unused=True), tensors)
+        grads = {name: g.detach() for name, g in zip(names, grads)}
+        if j == 0:
+            if grad_sync is not None:  # in place
+                with timer.phase("grad_sync"):
+                    grad_sync(list(grads.values()))
+            first = (raw.detach(), ls.detach(), grads)
+        snapshots.append(Snapshot(theta, grads, states, rng, zs.detach()))
+        with timer.phase("pilot_update"), torch.no_grad():
+            stepped = {name: update.step(name, theta[name], grads[name], states[name]) for name in names}
+        theta = {name: out[0] for name, out in stepped.items()}
+        states = {name: out[1] for name, out in stepped.items()}
+        del raw, zs, ls
+    return Trajectory(snapshots, theta, *first)
+
+
+def quiz_gradient(problem: Problem, point: Optional[dict], grad_sync: Optional[Callable] = None):
+    """``(LQ, v = ∇θ LQ)`` at ``point`` (``{name: tensor}``; None: the student's own parameters, θS)."""
+    names = problem.names
+    with problem.timer.phase("quiz_forward_backward"), torch.enable_grad():
+        if point is None:
+            leaves = problem.student_params
+            raw = functional_logits(problem.student, None, problem.split_q)
+        else:
+            leaves = {name: t.detach().requires_grad_(True) for name, t in point.items()}
+            raw = functional_logits(problem.student, leaves, problem.split_q)
+        logits, labels = align_logits_labels(raw, problem.split_q.labels, shift_labels=problem.shift_labels,
+                                             name="student")
+        lq = cross_entropy(logits, labels, name="quiz_batch labels")
+        where = "at the pilot point" if point is not None else "at the current student"
+        check_finite(lq.detach(), f"quiz loss LQ {where}")
+        tensors = [leaves[name] for name in names]
+        v = grads_or_zeros(scaled_grad(lq, tensors, problem.loss_scale, allow_unused=True), tensors)
+        v = {name: g.detach() for name, g in zip(names, v)}
+        if grad_sync is not None:
+            grad_sync(list(v.values()))
+    return lq.detach(), v
+
+
+TangentStep = Callable[..., tuple]
+"""``(j, snapshot, a, need_hvp, need_influence) -> (c_j, H_S(θ_j)·a or None, influences or None)``."""
+
+
+def reverse_sweep(problem: Problem, trajectory: Trajectory, v: dict, tangent_step: TangentStep,
+                  compute_influence: bool):
+    """The reverse pass above: ``(Σ_j c_j, influences of step 0 or None)``."""
+    update, names, lr_ref = problem.update, problem.names, problem.lr_ref
+    adj_theta = v
+    adj_state: dict = {name: None for name in names}
+    cotangent = influences = None
+    for j in reversed(range(len(trajectory.snapshots))):
+        snap = trajectory.snapshots[j]
+        direct, direction = {}, {}
+        with problem.timer.phase("pilot_update"):
+            for name in names:
+                direct[name], adj_g, adj_state[name] = update.vjp(
+                    name, snap.theta[name], snap.grads[name], snap.states[name], adj_theta[name], adj_state[name]
+                )
+                direction[name] = adj_g * (-1.0 / lr_ref)
+        c, hv, influence = tangent_step(j, snap, direction, j > 0, compute_influence and j == 0)
+        cotangent = c if cotangent is None else cotangent + c
+        if influence is not None:
+            influences = influence
+        if j > 0:
+            adj_theta = {name: direct[name] - lr_ref * hv[name] for name in names}
+    return cotangent, influences
