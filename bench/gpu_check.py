@@ -68,6 +68,7 @@ TEST_FILES = (
     "tests/test_mixed_precision.py",
     "tests/test_hessian.py",
     "tests/test_ops.py",
+    "tests/test_ops_pilot.py",
     "tests/test_kd_loss.py",
     "tests/test_kd_second_order.py",
 )
@@ -76,7 +77,8 @@ TEST_FILES = (
 TEST_WEIGHTS = {
     "tests/test_meta_step.py": 6.0, "tests/test_algorithms.py": 11.0, "tests/test_engine.py": 8.0,
     "tests/test_mixed_precision.py": 6.0, "tests/test_functional.py": 3.0, "tests/test_hessian.py": 10.0,
-    "tests/test_ops.py": 5.0, "tests/test_kd_loss.py": 20.0, "tests/test_kd_second_order.py": 15.0,
+    "tests/test_ops.py": 5.0, "tests/test_ops_pilot.py": 2.0, "tests/test_kd_loss.py": 20.0,
+    "tests/test_kd_second_order.py": 15.0,
 }
 META_STEP_PRIORITY = ("kd", "metadistil/exact", "metadistil/autograd")
 LOOSE_FILES = ("gpu_check_results.tar.gz", "gpu_check_{s}.json", "gpu_check.log", "gpu_check_{s}.md",

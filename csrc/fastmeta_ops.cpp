@@ -19,6 +19,16 @@
 //                       float beta2, float bias_correction2, float eps, float scale) -> Tensor[]
 //       s = exp_avg_sqs[i]  (or beta2*s + (1-beta2)*grads[i]^2 when grads is non-empty)
 //       out = (vectors[i] * scale) / (sqrt(s / bias_correction2) + eps)
+//   adam_pilot(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, lr, beta1, beta2, eps,
+//              weight_decay, step, decoupled, amsgrad, maximize, exact_jacobian, adj_scale,
+//              compute_params, compute_state)
+//       -> (new_params, adj_grads, new_exp_avgs, new_exp_avg_sqs, new_max_exp_avg_sqs)
+//       ONE Adam/AdamW update (θ', and m', s', ŝ when compute_state) and the exact adjoint of the
+//       raw gradient for ∂L/∂θ' = vectors[i] (adj_scale · ±(−lr·D⊙v)), in one pass; the math is
+//       csrc/pilot_math.h.  Empty state lists: no state yet (first step); empty vectors: no adjoint.
+//   sgd_pilot(params, grads, momentum_buffers, vectors, lr, momentum, dampening, weight_decay,
+//             nesterov, maximize, adj_scale, compute_params, compute_state)
+//       -> (new_params, adj_grads, new_momentum_buffers): the same for torch.optim.SGD.
 //
 // Determinism of the reductions: every tensor is cut into fixed chunks of
 // kChunk elements; each chunk is summed with kLanes interleaved accumulators that
@@ -32,8 +42,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <utility>
 #include <vector>
+
+#include "pilot_math.h"
 
 namespace fastmeta {
 namespace {
@@ -317,6 +330,302 @@ std::vector<at::Tensor> adam_preconditioner_cpu(at::TensorList vectors, at::Tens
 }
 
 // ------------------------------------------------------------------------- //
+// adam_pilot / sgd_pilot: one optimizer update and its Jacobian-vector product
+// ------------------------------------------------------------------------- //
+// Each chunk is processed in strips of kStrip elements: the inputs are loaded
+// (converted to the math type; absent ones read as 0) into small stack arrays, the
+// elementwise math (pilot_math.h) runs branch-free over the strip (vectorised), and
+// the wanted outputs are stored.  Every input element is read once from memory and
+// every output element written once; the strips stay in L1.
+constexpr int64_t kStrip = 256;
+
+#if defined(__GNUC__)
+#define FASTMETA_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define FASTMETA_ALWAYS_INLINE inline
+#endif
+
+template <typename T, typename M>
+FASTMETA_ALWAYS_INLINE void load_strip(const T* __restrict__ p, int64_t n, M* __restrict__ out) {
+  if (p == nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = M(0);
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<M>(p[i]);
+}
+
+template <typename T, typename M>
+FASTMETA_ALWAYS_INLINE void store_strip(T* __restrict__ p, int64_t n, const M* __restrict__ in) {
+  if (p == nullptr) return;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(in[i]);
+}
+
+template <typename P>
+FASTMETA_ALWAYS_INLINE P* offset(P* p, int64_t b) {
+  return p == nullptr ? nullptr : p + b;
+}
+
+// Pointers of one chunk (nullptr: absent input / unwanted output), already offset.
+template <typename T>
+struct AdamPilotPtrs {
+  const T* theta; const T* grad; const T* m; const T* s; const T* smax; const T* v;
+  T* theta_new; T* adj; T* m_new; T* s_new; T* s_hat;
+};
+
+// Which outputs a call wants (bits): the math of the others is dropped at compile time.
+constexpr int kWantParams = 1, kWantAdj = 2, kWantState = 4;
+
+template <typename T, int Want>
+FASTMETA_ALWAYS_INLINE void adam_pilot_chunk(const AdamPilotPtrs<T>& p, int64_t n,
+                                             const fastmeta_pilot::AdamConsts& consts) {
+  using M = typename OpMath<T>::type;
+  const fastmeta_pilot::AdamConstsM<M> c(consts);
+  alignas(64) M th[kStrip], gr[kStrip], m[kStrip], s[kStrip], mx[kStrip], v[kStrip];
+  alignas(64) M o_th[kStrip], o_adj[kStrip], o_m[kStrip], o_s[kStrip], o_mx[kStrip];
+  for (int64_t b = 0; b < n; b += kStrip) {
+    const int64_t len = std::min(kStrip, n - b);
+    load_strip<T, M>(offset(p.theta, b), len, th);
+    load_strip<T, M>(offset(p.grad, b), len, gr);
+    load_strip<T, M>(offset(p.m, b), len, m);
+    load_strip<T, M>(offset(p.s, b), len, s);
+    load_strip<T, M>(offset(p.smax, b), len, mx);
+    load_strip<T, M>(offset(p.v, b), len, v);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      M theta_new, adj, m_new, s_new, s_hat;
+      fastmeta_pilot::adam_element<M>(c, th[i], gr[i], m[i], s[i], mx[i], v[i], theta_new, adj, m_new, s_new,
+                                      s_hat);
+      if (Want & kWantParams) o_th[i] = theta_new;
+      if (Want & kWantAdj) o_adj[i] = adj;
+      if (Want & kWantState) {
+        o_m[i] = m_new;
+        o_s[i] = s_new;
+        o_mx[i] = s_hat;
+      }
+    }
+    // (absent outputs have null pointers: the catch-all mode may hold unwanted ones)
+    if (Want & kWantParams) store_strip<T, M>(offset(p.theta_new, b), len, o_th);
+    if (Want & kWantAdj) store_strip<T, M>(offset(p.adj, b), len, o_adj);
+    if (Want & kWantState) {
+      store_strip<T, M>(offset(p.m_new, b), len, o_m);
+      store_strip<T, M>(offset(p.s_new, b), len, o_s);
+      store_strip<T, M>(offset(p.s_hat, b), len, o_mx);
+    }
+  }
+}
+
+template <typename T>
+struct SgdPilotPtrs {
+  const T* theta; const T* grad; const T* buf; const T* v;
+  T* theta_new; T* adj; T* buf_new;
+};
+
+template <typename T>
+FASTMETA_ALWAYS_INLINE void sgd_pilot_chunk(const SgdPilotPtrs<T>& p, int64_t n,
+                                            const fastmeta_pilot::SgdHyper& hyper) {
+  using M = typename OpMath<T>::type;
+  const fastmeta_pilot::SgdConstsM<M> c(hyper);
+  alignas(64) M th[kStrip], gr[kStrip], buf[kStrip], v[kStrip];
+  alignas(64) M o_th[kStrip], o_adj[kStrip], o_buf[kStrip];
+  for (int64_t b = 0; b < n; b += kStrip) {
+    const int64_t len = std::min(kStrip, n - b);
+    load_strip<T, M>(offset(p.theta, b), len, th);
+    load_strip<T, M>(offset(p.grad, b), len, gr);
+    load_strip<T, M>(offset(p.buf, b), len, buf);
+    load_strip<T, M>(offset(p.v, b), len, v);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      fastmeta_pilot::sgd_element<M>(c, th[i], gr[i], buf[i], v[i], o_th[i], o_adj[i], o_buf[i]);
+    }
+    store_strip<T, M>(offset(p.theta_new, b), len, o_th);
+    store_strip<T, M>(offset(p.adj, b), len, o_adj);
+    store_strip<T, M>(offset(p.buf_new, b), len, o_buf);
+  }
+}
+
+// The chunk functions, compiled for AVX-512, AVX2 and the baseline and picked at load
+// time for the CPU (GCC function multiversioning, x86-64 Linux; the baseline elsewhere).
+// fp64 (reference precision, not a speed path) is compiled for the baseline only.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTMETA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTMETA_SIMD_CLONES
+#endif
+
+template <typename T>
+FASTMETA_ALWAYS_INLINE void adam_pilot_dispatch(const AdamPilotPtrs<T>& p, int64_t n,
+                                                const fastmeta_pilot::AdamConsts& c, int want) {
+  switch (want) {  // every combination the ops ask for (state alone comes with θ')
+    case kWantParams: adam_pilot_chunk<T, kWantParams>(p, n, c); break;
+    case kWantAdj: adam_pilot_chunk<T, kWantAdj>(p, n, c); break;
+    case kWantParams | kWantAdj: adam_pilot_chunk<T, kWantParams | kWantAdj>(p, n, c); break;
+    case kWantParams | kWantState: adam_pilot_chunk<T, kWantParams | kWantState>(p, n, c); break;
+    default: adam_pilot_chunk<T, kWantParams | kWantAdj | kWantState>(p, n, c); break;
+  }
+}
+
+#define FASTMETA_PILOT_CHUNKS(T, ATTRIBUTES)                                                                \
+  ATTRIBUTES void adam_pilot_chunk_any(const AdamPilotPtrs<T>& p, int64_t n,                               \
+                                       const fastmeta_pilot::AdamConsts& c, int want) {                    \
+    adam_pilot_dispatch<T>(p, n, c, want);                                                                  \
+  }                                                                                                         \
+  ATTRIBUTES void sgd_pilot_chunk_any(const SgdPilotPtrs<T>& p, int64_t n, const fastmeta_pilot::SgdHyper& h) { \
+    sgd_pilot_chunk<T>(p, n, h);                                                                            \
+  }
+FASTMETA_PILOT_CHUNKS(float, FASTMETA_SIMD_CLONES)
+FASTMETA_PILOT_CHUNKS(at::Half, FASTMETA_SIMD_CLONES)
+FASTMETA_PILOT_CHUNKS(at::BFloat16, FASTMETA_SIMD_CLONES)
+FASTMETA_PILOT_CHUNKS(double, )
+#undef FASTMETA_PILOT_CHUNKS
+
+// An optional list: empty = absent; otherwise aligned with params (checked).
+void check_optional(const char* op, at::TensorList params, const char* name, at::TensorList list) {
+  if (!list.empty()) check_lists(op, "params", params, name, list);
+}
+
+std::vector<at::Tensor> contiguous_list(at::TensorList a) {
+  std::vector<at::Tensor> out;
+  out.reserve(a.size());
+  for (const auto& t : a) out.push_back(t.contiguous());
+  return out;
+}
+
+std::vector<at::Tensor> outputs_like(at::TensorList params, bool wanted) {
+  std::vector<at::Tensor> out;
+  if (!wanted) return out;
+  out.reserve(params.size());
+  for (const auto& p : params) out.push_back(at::empty_like(p, at::MemoryFormat::Contiguous));
+  return out;
+}
+
+template <typename T>
+const T* ptr_or_null(const std::vector<at::Tensor>& list, int64_t t, int64_t begin) {
+  return list.empty() ? nullptr : list[t].data_ptr<T>() + begin;
+}
+
+template <typename T>
+T* mut_ptr_or_null(std::vector<at::Tensor>& list, int64_t t, int64_t begin) {
+  return list.empty() ? nullptr : list[t].data_ptr<T>() + begin;
+}
+
+void check_adam_pilot_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList vectors,
+                           double lr, double beta1, double beta2, double eps, int64_t step, bool amsgrad) {
+  check_lists(op, "params", params, "grads", grads);
+  check_optional(op, params, "exp_avgs", exp_avgs);
+  check_optional(op, params, "exp_avg_sqs", exp_avg_sqs);
+  check_optional(op, params, "max_exp_avg_sqs", max_exp_avg_sqs);
+  check_optional(op, params, "vectors", vectors);
+  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), "fastmeta::", op,
+              ": max_exp_avg_sqs given but amsgrad is false");
+  TORCH_CHECK(step >= 1, "fastmeta::", op, ": step (the step count of the step being taken) must be >= 1, got ",
+              step);
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "fastmeta::", op,
+              ": beta1 and beta2 must be in [0, 1), got ", beta1, " and ", beta2);
+  TORCH_CHECK(std::isfinite(lr) && std::isfinite(eps) && eps >= 0, "fastmeta::", op,
+              ": lr must be finite and eps finite and >= 0, got ", lr, " and ", eps);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>>
+adam_pilot_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::TensorList vectors, double lr, double beta1, double beta2,
+               double eps, double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
+               bool exact_jacobian, double adj_scale, bool compute_params, bool compute_state) {
+  const char* op = "adam_pilot";
+  check_adam_pilot_args(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, lr, beta1, beta2, eps,
+                        step, amsgrad);
+  check_cpu_floating(op, "params", params);
+  const fastmeta_pilot::AdamConsts consts = fastmeta_pilot::adam_consts(
+      {lr, beta1, beta2, eps, weight_decay, adj_scale, step, decoupled, amsgrad, maximize, exact_jacobian});
+  const bool want_adj = !vectors.empty();
+  // θ is read for θ' and for L2 weight decay (g' = ±g + wd·θ) only
+  const bool need_theta = compute_params || consts.l2 != 0.0;
+  const bool need_m = compute_params || compute_state || (want_adj && exact_jacobian);
+  const auto th = need_theta ? contiguous_list(params) : std::vector<at::Tensor>();
+  const auto g = contiguous_list(grads);
+  const auto m = need_m ? contiguous_list(exp_avgs) : std::vector<at::Tensor>();
+  const auto s = contiguous_list(exp_avg_sqs);
+  const auto mx = contiguous_list(max_exp_avg_sqs);
+  const auto v = contiguous_list(vectors);
+  auto o_th = outputs_like(params, compute_params);
+  auto o_adj = outputs_like(params, want_adj);
+  auto o_m = outputs_like(params, compute_state);
+  auto o_s = outputs_like(params, compute_state);
+  auto o_mx = outputs_like(params, compute_state && amsgrad);
+  const int want = (compute_params ? kWantParams : 0) | (want_adj ? kWantAdj : 0) | (compute_state ? kWantState : 0);
+  const auto items = make_items(params);
+  if (want == 0) return {o_th, o_adj, o_m, o_s, o_mx};
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Item& it = items[k];
+      const int64_t t = it.tensor, b = it.begin;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "fastmeta::adam_pilot", [&] {
+        AdamPilotPtrs<scalar_t> p{ptr_or_null<scalar_t>(th, t, b), ptr_or_null<scalar_t>(g, t, b),
+                                  ptr_or_null<scalar_t>(m, t, b), ptr_or_null<scalar_t>(s, t, b),
+                                  ptr_or_null<scalar_t>(mx, t, b), ptr_or_null<scalar_t>(v, t, b),
+                                  mut_ptr_or_null<scalar_t>(o_th, t, b), mut_ptr_or_null<scalar_t>(o_adj, t, b),
+                                  mut_ptr_or_null<scalar_t>(o_m, t, b), mut_ptr_or_null<scalar_t>(o_s, t, b),
+                                  mut_ptr_or_null<scalar_t>(o_mx, t, b)};
+        adam_pilot_chunk_any(p, it.length, consts, want);
+      });
+    }
+  });
+  return {o_th, o_adj, o_m, o_s, o_mx};
+}
+
+void check_sgd_pilot_args(const char* op, at::TensorList params, at::TensorList grads,
+                          at::TensorList momentum_buffers, at::TensorList vectors, double lr, double momentum) {
+  check_lists(op, "params", params, "grads", grads);
+  check_optional(op, params, "momentum_buffers", momentum_buffers);
+  check_optional(op, params, "vectors", vectors);
+  TORCH_CHECK(momentum != 0.0 || momentum_buffers.empty(), "fastmeta::", op,
+              ": momentum_buffers given but momentum is 0");
+  TORCH_CHECK(std::isfinite(lr) && std::isfinite(momentum), "fastmeta::", op,
+              ": lr and momentum must be finite, got ", lr, " and ", momentum);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_pilot_cpu(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList vectors, double lr,
+    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, double adj_scale,
+    bool compute_params, bool compute_state) {
+  const char* op = "sgd_pilot";
+  check_sgd_pilot_args(op, params, grads, momentum_buffers, vectors, lr, momentum);
+  check_cpu_floating(op, "params", params);
+  const fastmeta_pilot::SgdHyper hyper{lr, momentum, dampening, weight_decay, adj_scale, nesterov, maximize,
+                                       momentum_buffers.empty()};
+  const bool want_adj = !vectors.empty();
+  const bool has_momentum = momentum != 0.0;
+  const bool want_state = compute_state && has_momentum;
+  const bool need_update = compute_params || want_state;  // the adjoint does not depend on θ, g, buf
+  const auto th = (compute_params || (need_update && weight_decay != 0.0)) ? contiguous_list(params)
+                                                                          : std::vector<at::Tensor>();
+  const auto g = need_update ? contiguous_list(grads) : std::vector<at::Tensor>();
+  const auto buf = need_update ? contiguous_list(momentum_buffers) : std::vector<at::Tensor>();
+  const auto v = contiguous_list(vectors);
+  auto o_th = outputs_like(params, compute_params);
+  auto o_adj = outputs_like(params, want_adj);
+  auto o_buf = outputs_like(params, want_state);
+  const auto items = make_items(params);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Item& it = items[k];
+      const int64_t t = it.tensor, b = it.begin;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "fastmeta::sgd_pilot", [&] {
+        SgdPilotPtrs<scalar_t> p{ptr_or_null<scalar_t>(th, t, b), ptr_or_null<scalar_t>(g, t, b),
+                                 ptr_or_null<scalar_t>(buf, t, b), ptr_or_null<scalar_t>(v, t, b),
+                                 mut_ptr_or_null<scalar_t>(o_th, t, b), mut_ptr_or_null<scalar_t>(o_adj, t, b),
+                                 mut_ptr_or_null<scalar_t>(o_buf, t, b)};
+        sgd_pilot_chunk_any(p, it.length, hyper);
+      });
+    }
+  });
+  return {o_th, o_adj, o_buf};
+}
+
+// ------------------------------------------------------------------------- //
 // Meta (fake) kernels: shapes/dtypes only, for torch.compile / FakeTensor
 // ------------------------------------------------------------------------- //
 void add_scaled_meta(at::TensorList tensors, at::TensorList vectors, double /*alpha*/) {
@@ -356,6 +665,29 @@ std::vector<at::Tensor> adam_preconditioner_meta(at::TensorList vectors, at::Ten
   return like_list(vectors);
 }
 
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>>
+adam_pilot_meta(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList vectors, double lr, double beta1, double beta2,
+                double eps, double /*weight_decay*/, int64_t step, bool /*decoupled*/, bool amsgrad,
+                bool /*maximize*/, bool /*exact_jacobian*/, double /*adj_scale*/, bool compute_params,
+                bool compute_state) {
+  check_adam_pilot_args("adam_pilot", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, lr, beta1,
+                        beta2, eps, step, amsgrad);
+  return {outputs_like(params, compute_params), outputs_like(params, !vectors.empty()),
+          outputs_like(params, compute_state), outputs_like(params, compute_state),
+          outputs_like(params, compute_state && amsgrad)};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_pilot_meta(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList vectors, double lr,
+    double momentum, double /*dampening*/, double /*weight_decay*/, bool /*nesterov*/, bool /*maximize*/,
+    double /*adj_scale*/, bool compute_params, bool compute_state) {
+  check_sgd_pilot_args("sgd_pilot", params, grads, momentum_buffers, vectors, lr, momentum);
+  return {outputs_like(params, compute_params), outputs_like(params, !vectors.empty()),
+          outputs_like(params, compute_state && momentum != 0.0)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastmeta, m) {
@@ -367,6 +699,17 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def(
       "adam_preconditioner(Tensor[] vectors, Tensor[] exp_avg_sqs, Tensor[] grads, float beta2, "
       "float bias_correction2, float eps, float scale) -> Tensor[]");
+  m.def(
+      "adam_pilot(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "Tensor[] max_exp_avg_sqs, Tensor[] vectors, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int step, bool decoupled, bool amsgrad, bool maximize, bool exact_jacobian, "
+      "float adj_scale, bool compute_params, bool compute_state) -> (Tensor[] new_params, Tensor[] adj_grads, "
+      "Tensor[] new_exp_avgs, Tensor[] new_exp_avg_sqs, Tensor[] new_max_exp_avg_sqs)");
+  m.def(
+      "sgd_pilot(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor[] vectors, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, float adj_scale, "
+      "bool compute_params, bool compute_state) -> (Tensor[] new_params, Tensor[] adj_grads, "
+      "Tensor[] new_momentum_buffers)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
@@ -376,6 +719,8 @@ TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
   m.impl("central_difference", &central_difference_cpu);
   m.impl("central_difference_", &central_difference_inplace_cpu);
   m.impl("adam_preconditioner", &adam_preconditioner_cpu);
+  m.impl("adam_pilot", &adam_pilot_cpu);
+  m.impl("sgd_pilot", &sgd_pilot_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastmeta, Meta, m) {
@@ -385,6 +730,8 @@ TORCH_LIBRARY_IMPL(fastmeta, Meta, m) {
   m.impl("central_difference", &central_difference_meta);
   m.impl("central_difference_", &central_difference_inplace_meta);
   m.impl("adam_preconditioner", &adam_preconditioner_meta);
+  m.impl("adam_pilot", &adam_pilot_meta);
+  m.impl("sgd_pilot", &sgd_pilot_meta);
 }
 
 }  // namespace fastmeta

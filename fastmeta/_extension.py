@@ -307,7 +307,9 @@ def _build(root: Path, with_cuda: bool, verbose: bool, toolkit: Optional[CudaToo
     build_dir.mkdir(parents=True, exist_ok=True)
     _STATUS.build_directory = str(build_dir)
     _STATUS.sources = sources
-    cflags = ["-O3", "-std=c++17", "-fopenmp"]
+    # -fno-math-errno/-fno-trapping-math: sqrt without its errno branch and selects of FP values
+    # (no FP traps are enabled anyway), so that elementwise loops such as the pilot ops' vectorise
+    cflags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     from torch.utils.cpp_extension import load  # after _use_toolkit: it reads CUDA_HOME on import
 
     load(

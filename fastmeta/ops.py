@@ -52,15 +52,35 @@ Ops (extension schema in brackets)
     ``grads`` list means "no gradient update"; ``scale = c1``,
     ``bias_correction2 = 1 - beta2**step``]
 
+``adam_pilot(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, *, lr, beta1, beta2, eps, step, ...)``
+    The meta-gradient engine's pilot step, fused: ONE Adam/AdamW update (``θ'``, and the
+    new state with ``compute_state=True``) and the exact adjoint of the raw gradient
+    ``adj_scale·∂L/∂g`` for ``∂L/∂θ' = vectors`` (``−lr·D ⊙ v``, ``D`` the diagonal of the
+    update's Jacobian), each element read once and written once; returns an ``AdamPilot``.
+    [``fastmeta::adam_pilot(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs,
+    Tensor[] max_exp_avg_sqs, Tensor[] vectors, float lr, float beta1, float beta2, float eps,
+    float weight_decay, int step, bool decoupled, bool amsgrad, bool maximize, bool exact_jacobian,
+    float adj_scale, bool compute_params, bool compute_state) -> (Tensor[] new_params,
+    Tensor[] adj_grads, Tensor[] new_exp_avgs, Tensor[] new_exp_avg_sqs, Tensor[] new_max_exp_avg_sqs)``;
+    empty lists: absent state / no adjoint / outputs not asked for]
+
+``sgd_pilot(params, grads, momentum_buffers, vectors, *, lr, momentum, dampening, weight_decay, ...)``
+    The same for ``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay, maximize);
+    returns an ``SgdPilot``.
+    [``fastmeta::sgd_pilot(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor[] vectors,
+    float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize,
+    float adj_scale, bool compute_params, bool compute_state) -> (Tensor[] new_params, Tensor[] adj_grads,
+    Tensor[] new_momentum_buffers)``]
+
 ``precondition(vectors, optimizer, params=None, *, grads=None, first_moment_factor=True)``
-    ``P ⊙ v`` with ``P`` the diagonal preconditioner of one step of ``optimizer``,
-    read from the optimizer's own hyper-parameters and state; see its docstring for
-    the exact linearisation used for SGD, SGD with momentum, Adam and AdamW.
+    Deprecated shim (frozen-second-moment preconditioner ``P ⊙ v`` of one step of
+    ``optimizer``); the one home of the optimizer's Jacobian is
+    :mod:`fastmeta.engine.optimizer`, which it imports lazily (see its docstring).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -70,6 +90,10 @@ __all__ = [
     "norm",
     "central_difference",
     "adam_preconditioner",
+    "adam_pilot",
+    "sgd_pilot",
+    "AdamPilot",
+    "SgdPilot",
     "precondition",
     "extension_ops_available",
 ]
@@ -340,11 +364,343 @@ def adam_preconditioner(
     return out
 
 
-def _state_step(state) -> int:
-    step = state.get("step", 0)
-    if isinstance(step, torch.Tensor):
-        step = step.item()
-    return int(step)
+# --------------------------------------------------------------------------- #
+# the pilot step: one optimizer update and its Jacobian-vector product, fused
+# --------------------------------------------------------------------------- #
+class AdamPilot(NamedTuple):
+    """:func:`adam_pilot`'s results (lists aligned with ``params``; None where not asked for)."""
+
+    new_params: Optional[List[torch.Tensor]]
+    adj_grads: Optional[List[torch.Tensor]]
+    new_exp_avgs: Optional[List[torch.Tensor]]
+    new_exp_avg_sqs: Optional[List[torch.Tensor]]
+    new_max_exp_avg_sqs: Optional[List[torch.Tensor]]
+
+
+class SgdPilot(NamedTuple):
+    """:func:`sgd_pilot`'s results (lists aligned with ``params``; None where not asked for)."""
+
+    new_params: Optional[List[torch.Tensor]]
+    adj_grads: Optional[List[torch.Tensor]]
+    new_momentum_buffers: Optional[List[torch.Tensor]]
+
+
+def _optional_list(name: str, tensors, params: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """``None`` -> all None; else a list aligned with ``params`` whose entries may be None."""
+    if tensors is None:
+        return [None] * len(params)
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{name} must be a list/tuple of tensors (or None), got a single Tensor")
+    out = list(tensors)
+    if len(out) != len(params):
+        raise ValueError(f"{name} must have the length of params ({len(params)}), got {len(out)}")
+    for i, (t, p) in enumerate(zip(out, params)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a Tensor or None, got {type(t).__name__}")
+        _check_pairs("params", [p], name, [t])  # same shape, device, floating point
+    return out
+
+
+def _finite(name: str, value) -> float:
+    value = float(value.item() if isinstance(value, torch.Tensor) else value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _pilot_groups(keys: Sequence[tuple]) -> List[List[int]]:
+    """Indices grouped by key, groups in order of first appearance (one op call each)."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _scatter(results: List[Optional[torch.Tensor]], indices: Sequence[int], values) -> None:
+    for i, value in zip(indices, values):
+        results[i] = value
+
+
+def _adam_pilot_twin(theta, grad, m, s, smax, v, *, lr, beta1, beta2, eps, weight_decay, step, decoupled, amsgrad,
+                     maximize, exact_jacobian, adj_scale, compute_params, compute_state):
+    """One tensor: the draft's ``OptimizerUpdate.step`` and ``vjp`` (last step) in plain PyTorch, out of place.
+
+    Math in fp32 for fp16/bf16/fp32 storage, fp64 for fp64; outputs in ``theta``'s dtype.
+    """
+    dtype = theta.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    as_c = lambda x: None if x is None else x.to(compute)  # noqa: E731
+    theta, grad, m, s, smax, v = (as_c(x) for x in (theta, grad, m, s, smax, v))
+    g = -grad if maximize else grad
+    base = theta
+    if weight_decay != 0.0:
+        if decoupled:
+            base = theta * (1.0 - lr * weight_decay)
+        else:
+            g = g + weight_decay * theta
+    m_new = (1.0 - beta1) * g if m is None else beta1 * m + (1.0 - beta1) * g
+    s_new = (1.0 - beta2) * g * g if s is None else beta2 * s + (1.0 - beta2) * g * g
+    from_s = None  # amsgrad: where s' (not the old maximum) is the second moment used
+    s_hat = s_new
+    if amsgrad and smax is not None:
+        s_hat = torch.maximum(smax, s_new)
+        from_s = s_new >= smax
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    r_hat = torch.sqrt(s_hat) / math.sqrt(bc2)
+    denom = r_hat + eps
+    theta_new = adj = None
+    if compute_params:
+        theta_new = (base - (lr / bc1) * (m_new / denom)).to(dtype)
+    if v is not None:
+        plain = ((1.0 - beta1) / bc1) / denom
+        if exact_jacobian:
+            # D = ([(1−β1)β2·s − β1(1−β2)·m·g'] / (bc1·bc2·r̂) + (1−β1)·eps/bc1) / denom²
+            # (the g'² terms of the two-term derivative cancelled analytically)
+            numerator = torch.zeros_like(g)
+            if s is not None:
+                numerator = numerator + (1.0 - beta1) * beta2 * s
+            if m is not None:
+                numerator = numerator - beta1 * (1.0 - beta2) * m * g
+            positive = r_hat > 0
+            second = torch.where(positive, numerator / (bc1 * bc2 * torch.where(positive, r_hat, 1.0)), 0.0)
+            d = (second + (1.0 - beta1) * eps / bc1) / (denom * denom)
+            if from_s is not None:
+                d = torch.where(from_s, d, plain)
+        else:
+            d = plain
+        adj_g = -lr * d * v
+        adj = ((-adj_g if maximize else adj_g) * adj_scale).to(dtype)
+    state = (None, None, None)
+    if compute_state:
+        state = (m_new.to(dtype), s_new.to(dtype), s_hat.to(dtype) if amsgrad else None)
+    return (theta_new, adj) + state
+
+
+def _sgd_pilot_twin(theta, grad, buf, v, *, lr, momentum, dampening, weight_decay, nesterov, maximize, adj_scale,
+                    compute_params, compute_state):
+    """One tensor: the draft's SGD ``step`` and ``vjp`` (last step) in plain PyTorch, out of place."""
+    dtype = theta.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    as_c = lambda x: None if x is None else x.to(compute)  # noqa: E731
+    theta, grad, buf, v = (as_c(x) for x in (theta, grad, buf, v))
+    g = -grad if maximize else grad
+    if weight_decay != 0.0:
+        g = g + weight_decay * theta
+    buf_new = None
+    if momentum == 0.0:
+        update = g
+    else:
+        buf_new = g if buf is None else momentum * buf + (1.0 - dampening) * g
+        update = g + momentum * buf_new if nesterov else buf_new
+    theta_new = (theta - lr * update).to(dtype) if compute_params else None
+    adj = None
+    if v is not None:
+        adj_update = -lr * v
+        if momentum == 0.0:
+            adj_g = adj_update
+        else:
+            adj_buf_new = adj_update * momentum if nesterov else adj_update
+            adj_g = adj_update if nesterov else torch.zeros_like(adj_update)
+            adj_g = adj_g + (adj_buf_new if buf is None else (1.0 - dampening) * adj_buf_new)
+        adj = ((-adj_g if maximize else adj_g) * adj_scale).to(dtype)
+    new_buf = buf_new.to(dtype) if (compute_state and buf_new is not None) else None
+    return theta_new, adj, new_buf
+
+
+@torch.no_grad()
+def adam_pilot(
+    params,
+    grads,
+    exp_avgs=None,
+    exp_avg_sqs=None,
+    max_exp_avg_sqs=None,
+    vectors=None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    exact_jacobian: bool = True,
+    adj_scale: float = 1.0,
+    compute_params: bool = True,
+    compute_state: bool = False,
+    backend: str = "auto",
+) -> AdamPilot:
+    r"""ONE Adam/AdamW update of ``params`` and its exact Jacobian-vector product, in one pass.
+
+    The student optimizer's pilot step of the meta-gradient engine
+    (:class:`fastmeta.engine.optimizer.OptimizerUpdate`: ``step``, and ``vjp`` at the last
+    step of a trajectory), for the tensors of ONE param group (``torch.optim.Adam``,
+    ``AdamW``: ``decoupled=True``).  Per element, with ``t = step`` (the step count OF the
+    step being taken, ``state["step"] + 1``), ``bcK = 1 − βK^t``::
+
+        g  = ±grad (+ wd·θ, L2)          m' = β1·m + (1−β1)·g        s' = β2·s + (1−β2)·g²
+        ŝ  = max(s_max, s') (amsgrad)    denom = sqrt(ŝ)/sqrt(bc2) + eps
+        θ' = θ·(1 − lr·wd, decoupled) − (lr/bc1)·m'/denom
+        adj_grads = adj_scale · ∂L/∂grad  for ∂L/∂θ' = vectors  (= adj_scale · ±(−lr·D ⊙ v))
+
+    ``D = ∂θ'/∂g / (−lr)`` is the exact derivative (``exact_jacobian=True``, the draft's
+    cancellation-free form; amsgrad: ``(1−β1)/(bc1·denom)`` where the old maximum is
+    used) or the frozen-second-moment one (``False``: ``(1−β1)/(bc1·denom)``).  The
+    engine passes ``adj_scale = −1/lr_ref`` to get its direction ``a = −(∂L/∂g)/lr_ref``
+    directly.
+
+    ``exp_avgs``/``exp_avg_sqs``/``max_exp_avg_sqs``: None (no state yet: the first step)
+    or lists aligned with ``params`` whose entries may be None (that parameter has no
+    state yet); ``max_exp_avg_sqs`` only with ``amsgrad``.  ``step``: an int, or one int
+    per parameter (torch.optim keeps a step count per parameter).  ``vectors``: None (no
+    adjoint) or ``∂L/∂θ'`` per parameter.  ``compute_params``: return ``θ'``;
+    ``compute_state``: return ``m'``, ``s'`` (and ``ŝ``, the next ``s_max``, with amsgrad)
+    for trajectories of several steps.  Nothing is written in place.
+
+    The extension op (``fastmeta::adam_pilot``) reads every input element once and
+    writes every output once (math in fp32 for fp16/bf16/fp32 storage, fp64 for fp64);
+    it is called once per (device, step, which states are present).  The plain-PyTorch
+    twin (``backend="torch"``) computes the same expressions tensor by tensor.
+    """
+    params = _as_list("params", params)
+    grads = _as_list("grads", grads)
+    _check_pairs("params", params, "grads", grads)
+    ms = _optional_list("exp_avgs", exp_avgs, params)
+    ss = _optional_list("exp_avg_sqs", exp_avg_sqs, params)
+    mxs = _optional_list("max_exp_avg_sqs", max_exp_avg_sqs, params)
+    vs = None if vectors is None else _as_list("vectors", vectors)
+    if vs is not None:
+        _check_pairs("params", params, "vectors", vs)
+    if not amsgrad and any(x is not None for x in mxs):
+        raise ValueError("max_exp_avg_sqs given but amsgrad is False")
+    _check_backend(backend)
+    lr, eps, weight_decay, adj_scale = (_finite(n, x) for n, x in
+                                        (("lr", lr), ("eps", eps), ("weight_decay", weight_decay),
+                                         ("adj_scale", adj_scale)))
+    beta1, beta2 = _finite("beta1", beta1), _finite("beta2", beta2)
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if not (0.0 <= value < 1.0):
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if eps < 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    steps = _steps(step, len(params))
+    flags = dict(decoupled=bool(decoupled), amsgrad=bool(amsgrad), maximize=bool(maximize),
+                 exact_jacobian=bool(exact_jacobian))
+    n = len(params)
+    out = [[None] * n for _ in range(5)]
+    keys = [(p.device, steps[i], ms[i] is None, ss[i] is None, mxs[i] is None) for i, p in enumerate(params)]
+    for idx in _pilot_groups(keys):
+        P = [params[i] for i in idx]
+        G = [grads[i] for i in idx]
+        M = [ms[i] for i in idx if ms[i] is not None]
+        S = [ss[i] for i in idx if ss[i] is not None]
+        MX = [mxs[i] for i in idx if mxs[i] is not None]
+        V = [] if vs is None else [vs[i] for i in idx]
+        t = steps[idx[0]]
+        if _use_extension(backend, "adam_pilot", [P, G, M, S, MX, V]):
+            results = torch.ops.fastmeta.adam_pilot(
+                P, G, M, S, MX, V, lr, beta1, beta2, eps, weight_decay, t, flags["decoupled"], flags["amsgrad"],
+                flags["maximize"], flags["exact_jacobian"], adj_scale, bool(compute_params), bool(compute_state))
+            for k in range(5):
+                if len(results[k]):
+                    _scatter(out[k], idx, results[k])
+            continue
+        for i in idx:
+            values = _adam_pilot_twin(
+                params[i], grads[i], ms[i], ss[i], mxs[i], None if vs is None else vs[i], lr=lr, beta1=beta1,
+                beta2=beta2, eps=eps, weight_decay=weight_decay, step=t, adj_scale=adj_scale,
+                compute_params=bool(compute_params), compute_state=bool(compute_state), **flags)
+            for k in range(5):
+                out[k][i] = values[k]
+    wanted = (compute_params, vs is not None, compute_state, compute_state, compute_state and amsgrad)
+    return AdamPilot(*(lst if want else None for lst, want in zip(out, wanted)))
+
+
+def _steps(step, n: int) -> List[int]:
+    if isinstance(step, (list, tuple)):
+        if len(step) != n:
+            raise ValueError(f"step must be an int or one int per parameter ({n}), got {len(step)} values")
+        values = [int(s.item() if isinstance(s, torch.Tensor) else s) for s in step]
+    else:
+        values = [int(step.item() if isinstance(step, torch.Tensor) else step)] * n
+    for s in values:
+        if s < 1:
+            raise ValueError(f"step must be >= 1 (the step count of the step being taken), got {s}")
+    return values
+
+
+@torch.no_grad()
+def sgd_pilot(
+    params,
+    grads,
+    momentum_buffers=None,
+    vectors=None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    adj_scale: float = 1.0,
+    compute_params: bool = True,
+    compute_state: bool = False,
+    backend: str = "auto",
+) -> SgdPilot:
+    r"""ONE ``torch.optim.SGD`` update of ``params`` and its Jacobian-vector product, in one pass.
+
+    Per element: ``g = ±grad (+ wd·θ)``; without momentum ``θ' = θ − lr·g``; with momentum
+    ``buf' = g`` (no buffer yet) or ``μ·buf + (1−d)·g`` and ``θ' = θ − lr·(g + μ·buf')``
+    (nesterov) or ``θ − lr·buf'``.  ``adj_grads = adj_scale · ∂L/∂grad`` for
+    ``∂L/∂θ' = vectors`` (the update is affine in ``g``: ``−lr·c·v`` with ``c = 1``,
+    ``1−d`` or, nesterov, ``1 + μ·(1 or 1−d)``; ``maximize`` negates it).
+
+    ``momentum_buffers``: None or a list aligned with ``params`` whose entries may be None
+    (no buffer yet: the first step); only with ``momentum != 0``.  ``compute_state``:
+    return ``buf'`` (momentum only).  See :func:`adam_pilot` for the rest.
+    """
+    params = _as_list("params", params)
+    grads = _as_list("grads", grads)
+    _check_pairs("params", params, "grads", grads)
+    bufs = _optional_list("momentum_buffers", momentum_buffers, params)
+    vs = None if vectors is None else _as_list("vectors", vectors)
+    if vs is not None:
+        _check_pairs("params", params, "vectors", vs)
+    _check_backend(backend)
+    lr, momentum, dampening, weight_decay, adj_scale = (
+        _finite(n, x) for n, x in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
+                                   ("weight_decay", weight_decay), ("adj_scale", adj_scale)))
+    if momentum == 0.0 and any(b is not None for b in bufs):
+        raise ValueError("momentum_buffers given but momentum is 0")
+    flags = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=bool(nesterov),
+                 maximize=bool(maximize), adj_scale=adj_scale)
+    n = len(params)
+    out = [[None] * n for _ in range(3)]
+    keys = [(p.device, bufs[i] is None) for i, p in enumerate(params)]
+    for idx in _pilot_groups(keys):
+        P = [params[i] for i in idx]
+        G = [grads[i] for i in idx]
+        B = [bufs[i] for i in idx if bufs[i] is not None]
+        V = [] if vs is None else [vs[i] for i in idx]
+        if _use_extension(backend, "sgd_pilot", [P, G, B, V]):
+            results = torch.ops.fastmeta.sgd_pilot(
+                P, G, B, V, lr, momentum, dampening, weight_decay, flags["nesterov"], flags["maximize"], adj_scale,
+                bool(compute_params), bool(compute_state))
+            for k in range(3):
+                if len(results[k]):
+                    _scatter(out[k], idx, results[k])
+            continue
+        for i in idx:
+            values = _sgd_pilot_twin(params[i], grads[i], bufs[i], None if vs is None else vs[i],
+                                     compute_params=bool(compute_params), compute_state=bool(compute_state), **flags)
+            for k in range(3):
+                out[k][i] = values[k]
+    wanted = (compute_params, vs is not None, compute_state and momentum != 0.0)
+    return SgdPilot(*(lst if want else None for lst, want in zip(out, wanted)))
 
 
 @torch.no_grad()
@@ -357,46 +713,52 @@ def precondition(
     first_moment_factor: bool = True,
     backend: str = "auto",
 ) -> List[torch.Tensor]:
-    r"""``P ⊙ v``: the diagonal preconditioner of ONE step of ``optimizer`` applied to ``vectors``.
+    r"""Deprecated: ``P ⊙ v``, the diagonal preconditioner of ONE step of ``optimizer`` (frozen linearisation).
+
+    Kept so that existing callers work; the one home of the student optimizer's
+    Jacobian is :mod:`fastmeta.engine.optimizer` (its exact vector-Jacobian product,
+    ``OptimizerUpdate.vjp``, is what the meta-gradient engine uses).  This shim
+    computes with that module: SGD through ``OptimizerUpdate.vjp`` (SGD's step is
+    affine in the gradient: exact), Adam/AdamW through
+    :func:`fastmeta.engine.optimizer.adam_frozen_factor`.  It imports the engine lazily,
+    inside the call: ``fastmeta.ops`` sits below the engine in the import order
+    (engine -> hessian -> ops), so a module-level import would be a cycle.  ``backend``
+    is accepted and ignored (the computation is elementwise PyTorch).
 
     ``params`` (default: every parameter of every param group, in order) are the
     parameters ``vectors`` is aligned with; each one's hyper-parameters come from
     its param group and its state from ``optimizer.state``.  The learning rate is
-    NOT part of ``P``: one step is written ``θ' = θ - lr · P ⊙ g + (terms that do
-    not depend on the gradient g)``, and ``P ⊙ v`` is what replaces ``v`` in the
-    SGD meta-gradient formulas (``∂θ'/∂g = -lr·diag(P)``).
+    NOT part of ``P``: ``θ' = θ − lr·P ⊙ g + (terms that do not depend on g)``.
 
     Which step is linearised
         * If the parameter HAS optimizer state and ``grads`` is None: the step the
-          optimizer has just taken (its state already contains that step's gradient:
-          ``exp_avg_sq`` and ``step = t`` as left by ``optimizer.step()``).
+          optimizer has just taken (``exp_avg_sq`` and ``step = t`` as left by
+          ``optimizer.step()``).
         * If ``grads`` is given: the NEXT step, taken from the current state with
-          these gradients (second moment ``β2·s + (1-β2)·g²``, ``t = step + 1``).
-        * No state yet (the optimizer has not stepped): first-step semantics, i.e.
-          the next step with ``t = 1`` and zero moments; Adam then needs the
-          gradient (``grads``, else ``param.grad``) and raises if it has none.
+          these gradients (second moment ``β2·s + (1−β2)·g²``, ``t = step + 1``).
+        * No state yet: first-step semantics (``t = 1``, zero moments); Adam then needs
+          the gradient (``grads``, else ``param.grad``) and raises if it has none.
 
-    SGD (``momentum = 0``): ``P = 1`` (exact).
+    SGD: ``P = 1``; with momentum ``μ``, dampening ``d``: ``1 − d`` (``1`` on the first
+    step, when the parameter has no momentum buffer yet); Nesterov ``1 + μ(1−d)``
+    (``1 + μ`` on the first step); ``maximize=True`` negates ``P``.  Exact.
 
-    SGD with momentum ``μ``, dampening ``d``: the step is *affine* in the gradient
-    (``buf' = μ·buf + (1-d)·g`` , ``θ' = θ - lr·buf'``; first step ``buf' = g``), so
-    ``P`` is a constant and the linearisation is exact:
-    ``P = 1 - d`` (``1`` on the first step, i.e. when the parameter has no
-    momentum buffer yet; SGD keeps no step count, so with a buffer present the step
-    is taken as a later one); Nesterov (``θ' = θ - lr·(g + μ·buf')``):
-    ``P = 1 + μ(1-d)`` (``1 + μ`` on the first step).  Weight decay adds ``wd·θ`` to
-    ``g`` and does not change ``P``; ``maximize=True`` negates ``P``.
-
-    Adam / AdamW (``amsgrad`` uses ``max_exp_avg_sq``): the step is
-    ``θ' = θ - lr · m̂ / (sqrt(v̂)+eps)`` with ``m' = β1·m + (1-β1)·g``,
-    ``m̂ = m'/(1-β1^t)``.  We hold the second moment ``v̂`` constant (the usual
-    first-order treatment; its own dependence on ``g`` through ``(1-β2)·g²`` is
-    dropped) and differentiate the first moment exactly:
-    ``P = (1-β1)/(1-β1^t) / (sqrt(v̂)+eps)``, ``v̂ = exp_avg_sq/(1-β2^t)``.
-    ``first_moment_factor=False`` gives the bare ``1/(sqrt(v̂)+eps)``.  AdamW's
-    decoupled weight decay and Adam's L2 term do not depend on ``g``'s direction
-    ``v`` and do not enter ``P``.
+    Adam / AdamW: the second moment ``v̂`` held constant (its dependence on ``g`` is
+    dropped), ``P = (1−β1)/(1−β1^t) / (sqrt(v̂)+eps)`` (``first_moment_factor=False``:
+    ``1/(sqrt(v̂)+eps)``).  NOT the Jacobian of the real Adam step (which has a second
+    term, up to ~1e4x larger on the first step): use
+    ``fastmeta.engine.optimizer.OptimizerUpdate.vjp`` for that.
     """
+    import warnings
+
+    from fastmeta.engine import optimizer as engine_optimizer
+
+    warnings.warn(
+        "fastmeta.ops.precondition is deprecated (frozen-second-moment linearisation of Adam); the exact "
+        "Jacobian of the optimizer's update is fastmeta.engine.optimizer.OptimizerUpdate.vjp",
+        DeprecationWarning,
+        stacklevel=3,  # the caller of the torch.no_grad-decorated function
+    )
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     group_of = {}
@@ -414,36 +776,18 @@ def precondition(
     for i, p in enumerate(params):
         if id(p) not in group_of:
             raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not in any param group of the optimizer")
+    if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
+        raise TypeError(f"precondition supports torch.optim.SGD, Adam and AdamW, got {type(optimizer).__name__}")
 
-    is_adam = isinstance(optimizer, torch.optim.Adam) or type(optimizer).__name__ in ("Adam", "AdamW")
-    is_sgd = isinstance(optimizer, torch.optim.SGD)
-    if not (is_adam or is_sgd):
-        raise TypeError(
-            f"precondition supports torch.optim.SGD, Adam and AdamW, got {type(optimizer).__name__}"
-        )
-
-    out: List[Optional[torch.Tensor]] = [None] * len(vectors)
-    if is_sgd:
-        for i, (v, p) in enumerate(zip(vectors, params)):
-            group = group_of[id(p)]
-            mu, d = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
-            state = optimizer.state.get(p, {})
-            # SGD keeps no step count: a present momentum buffer means the linearised
-            # step is not the first one (see the docstring)
-            first = state.get("momentum_buffer", None) is None
-            if mu == 0.0:
-                factor = 1.0
-            elif group.get("nesterov", False):
-                factor = 1.0 + mu if first else 1.0 + mu * (1.0 - d)
-            else:
-                factor = 1.0 if first else 1.0 - d
-            if group.get("maximize", False):
-                factor = -factor
-            out[i] = v * factor if factor != 1.0 else v.clone()
-        return out  # type: ignore[return-value]
-
-    # Adam / AdamW: group params that share hyper-parameters and step, then one fused call
-    batches = {}
+    named = {str(i): p for i, p in enumerate(params)}
+    if isinstance(optimizer, torch.optim.SGD):
+        update = engine_optimizer.optimizer_update(named, optimizer, inner_lr=1.0)
+        out = []
+        for name, v, p in zip(named, vectors, params):
+            _, adj_g, _ = update.vjp(name, p.detach(), v, update.initial_state(name), v)
+            out.append(-adj_g)  # lr = 1: ∂θ'/∂g = −P
+        return out
+    out = []
     for i, (v, p) in enumerate(zip(vectors, params)):
         group = group_of[id(p)]
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -451,44 +795,27 @@ def precondition(
         amsgrad = bool(group.get("amsgrad", False))
         state = optimizer.state.get(p, {})
         key_sq = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
-        if grads_list is not None or not state or key_sq not in state:
+        compute = torch.promote_types(v.dtype, torch.float32)
+        step = state.get("step", 0)
+        step = int(step.item() if isinstance(step, torch.Tensor) else step)
+        if grads_list is not None or key_sq not in state:
             g = grads_list[i] if grads_list is not None else p.grad
             if g is None:
                 raise ValueError(
                     f"params[{i}] has no optimizer state and no gradient: pass grads= (or set "
                     f".grad) to linearise Adam's first step"
                 )
-            step = _state_step(state) + 1 if state else 1
-            s = state.get(key_sq) if state and key_sq in state else torch.zeros_like(v)
-            if amsgrad and state and key_sq in state:
-                # amsgrad's max is not differentiable-friendly; v̂ = max(old max, new second moment)
-                new_sq = state["exp_avg_sq"].to(torch.promote_types(v.dtype, torch.float32)) * beta2 + (
-                    g.to(torch.promote_types(v.dtype, torch.float32)) ** 2
-                ) * (1.0 - beta2)
-                s = torch.maximum(s.to(new_sq.dtype), new_sq).to(v.dtype)
-                g = None
-            with_grad = g is not None
+            old = state.get("exp_avg_sq")
+            s_hat = engine_optimizer._second_moment(None if old is None else old.to(compute), g.to(compute), beta2)
+            if amsgrad and key_sq in state:
+                s_hat = torch.maximum(state[key_sq].to(compute), s_hat)
+            t = step + 1
         else:
-            s = state[key_sq]
-            step = _state_step(state)
-            g = None
-            with_grad = False
-        sign = -1.0 if group.get("maximize", False) else 1.0
-        key = (beta1, beta2, eps, step, sign, with_grad)
-        batches.setdefault(key, []).append((i, v, s.to(v.dtype) if s.dtype != v.dtype else s, g))
-    for (beta1, beta2, eps, step, sign, with_grad), items in batches.items():
-        idx = [it[0] for it in items]
-        res = adam_preconditioner(
-            [it[1] for it in items],
-            [it[2] for it in items],
-            step=step,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            grads=[it[3].to(it[1].dtype) for it in items] if with_grad else None,
-            first_moment_factor=first_moment_factor,
-            backend=backend,
-        )
-        for i, r in zip(idx, res):
-            out[i] = r if sign == 1.0 else r.neg_()
-    return out  # type: ignore[return-value]
+            s_hat, t = state[key_sq].to(compute), step
+        factor = engine_optimizer.adam_frozen_factor(s_hat, t, beta1, beta2, eps)
+        if not first_moment_factor:
+            factor = factor / ((1.0 - beta1) / (1.0 - beta1**t))
+        if group.get("maximize", False):
+            factor = -factor
+        out.append((v.to(compute) * factor).to(v.dtype))
+    return out

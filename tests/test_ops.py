@@ -231,6 +231,7 @@ def _step_jacobian_diag(model, opt, direction, h=1e-6):
     return [-(a - b) / (2 * h * lr) for a, b in zip(*results)]
 
 
+@pytest.mark.filterwarnings("ignore:fastmeta.ops.precondition is deprecated:DeprecationWarning")
 @pytest.mark.parametrize(
     "kind,kwargs",
     [
@@ -253,6 +254,7 @@ def test_precondition_sgd_is_the_exact_step_jacobian(kind, kwargs, steps_before)
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:fastmeta.ops.precondition is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_precondition_adam_matches_first_moment_linearisation(cls, amsgrad):
@@ -280,6 +282,7 @@ def test_precondition_adam_matches_first_moment_linearisation(cls, amsgrad):
         assert torch.allclose(a, b * (1 - 0.8) / (1 - 0.8**2), rtol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:fastmeta.ops.precondition is deprecated:DeprecationWarning")
 def test_precondition_rejects_unknown_optimizer_and_missing_gradient():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(TypeError, match="SGD, Adam and AdamW"):

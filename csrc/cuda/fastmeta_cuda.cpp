@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "multi_tensor_kernels.h"
@@ -247,6 +248,128 @@ std::vector<at::Tensor> adam_preconditioner_cuda(at::TensorList vectors, at::Ten
   return out;
 }
 
+// ------------------------------------------------------------------------- //
+// adam_pilot / sgd_pilot (the math: csrc/pilot_math.h)
+// ------------------------------------------------------------------------- //
+// An optional list: empty = absent; otherwise aligned with params (checked).
+void check_optional(const char* op, at::TensorList params, const char* name, at::TensorList list) {
+  if (!list.empty()) check_list(op, "params", params, name, list);
+}
+
+std::vector<at::Tensor> outputs_like(at::TensorList params, bool wanted) {
+  std::vector<at::Tensor> out;
+  if (!wanted) return out;
+  out.reserve(params.size());
+  for (const auto& p : params) out.push_back(at::empty_like(p, at::MemoryFormat::Contiguous));
+  return out;
+}
+
+// The data pointers of list[i] for i in group (an empty vector for an absent list).
+template <typename P>
+std::vector<P> pointers(const std::vector<at::Tensor>& list, const std::vector<size_t>& group) {
+  std::vector<P> out;
+  if (list.empty()) return out;
+  out.reserve(group.size());
+  for (size_t i : group) out.push_back(list[i].data_ptr());
+  return out;
+}
+
+template <typename P>
+P* data_or_null(std::vector<P>& v) {
+  return v.empty() ? nullptr : v.data();
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>>
+adam_pilot_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList vectors, double lr, double beta1, double beta2,
+                double eps, double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
+                bool exact_jacobian, double adj_scale, bool compute_params, bool compute_state) {
+  const char* op = "adam_pilot";
+  check_device(op, "params", params);
+  check_list(op, "params", params, "grads", grads);
+  check_optional(op, params, "exp_avgs", exp_avgs);
+  check_optional(op, params, "exp_avg_sqs", exp_avg_sqs);
+  check_optional(op, params, "max_exp_avg_sqs", max_exp_avg_sqs);
+  check_optional(op, params, "vectors", vectors);
+  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), "fastmeta::", op, ": max_exp_avg_sqs given but amsgrad is false");
+  TORCH_CHECK(step >= 1, "fastmeta::", op, ": step (the step count of the step being taken) must be >= 1, got ",
+              step);
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "fastmeta::", op,
+              ": beta1 and beta2 must be in [0, 1), got ", beta1, " and ", beta2);
+  TORCH_CHECK(std::isfinite(lr) && std::isfinite(eps) && eps >= 0, "fastmeta::", op,
+              ": lr must be finite and eps finite and >= 0, got ", lr, " and ", eps);
+  const bool want_adj = !vectors.empty();
+  auto o_th = outputs_like(params, compute_params);
+  auto o_adj = outputs_like(params, want_adj);
+  auto o_m = outputs_like(params, compute_state);
+  auto o_s = outputs_like(params, compute_state);
+  auto o_mx = outputs_like(params, compute_state && amsgrad);
+  if (params.empty() || !(compute_params || want_adj || compute_state)) return {o_th, o_adj, o_m, o_s, o_mx};
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const fastmeta_pilot::AdamConsts consts = fastmeta_pilot::adam_consts(
+      {lr, beta1, beta2, eps, weight_decay, adj_scale, step, decoupled, amsgrad, maximize, exact_jacobian});
+  const auto th = contiguous(params), g = contiguous(grads), m = contiguous(exp_avgs), s = contiguous(exp_avg_sqs),
+             mx = contiguous(max_exp_avg_sqs), v = contiguous(vectors);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  for (const auto& group : group_by_dtype(params)) {
+    auto p_th = pointers<const void*>(th, group), p_g = pointers<const void*>(g, group),
+         p_m = pointers<const void*>(m, group), p_s = pointers<const void*>(s, group),
+         p_mx = pointers<const void*>(mx, group), p_v = pointers<const void*>(v, group);
+    auto q_th = pointers<void*>(o_th, group), q_adj = pointers<void*>(o_adj, group),
+         q_m = pointers<void*>(o_m, group), q_s = pointers<void*>(o_s, group), q_mx = pointers<void*>(o_mx, group);
+    std::vector<int64_t> sizes;
+    for (size_t i : group) sizes.push_back(params[i].numel());
+    check_cuda(op, fastmeta_cuda::adam_pilot(
+                       data_or_null(p_th), data_or_null(p_g), data_or_null(p_m), data_or_null(p_s),
+                       data_or_null(p_mx), data_or_null(p_v), data_or_null(q_th), data_or_null(q_adj),
+                       data_or_null(q_m), data_or_null(q_s), data_or_null(q_mx), sizes.data(),
+                       static_cast<int>(sizes.size()), dtype_code(op, params[group[0]].scalar_type()), consts,
+                       stream));
+  }
+  return {o_th, o_adj, o_m, o_s, o_mx};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_pilot_cuda(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList vectors, double lr,
+    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, double adj_scale,
+    bool compute_params, bool compute_state) {
+  const char* op = "sgd_pilot";
+  check_device(op, "params", params);
+  check_list(op, "params", params, "grads", grads);
+  check_optional(op, params, "momentum_buffers", momentum_buffers);
+  check_optional(op, params, "vectors", vectors);
+  TORCH_CHECK(momentum != 0.0 || momentum_buffers.empty(), "fastmeta::", op,
+              ": momentum_buffers given but momentum is 0");
+  TORCH_CHECK(std::isfinite(lr) && std::isfinite(momentum), "fastmeta::", op,
+              ": lr and momentum must be finite, got ", lr, " and ", momentum);
+  const bool want_adj = !vectors.empty();
+  const bool want_state = compute_state && momentum != 0.0;
+  auto o_th = outputs_like(params, compute_params);
+  auto o_adj = outputs_like(params, want_adj);
+  auto o_buf = outputs_like(params, want_state);
+  if (params.empty() || !(compute_params || want_adj || want_state)) return {o_th, o_adj, o_buf};
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const fastmeta_pilot::SgdHyper hyper{lr, momentum, dampening, weight_decay, adj_scale, nesterov, maximize,
+                                       momentum_buffers.empty()};
+  const auto th = contiguous(params), g = contiguous(grads), buf = contiguous(momentum_buffers),
+             v = contiguous(vectors);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  for (const auto& group : group_by_dtype(params)) {
+    auto p_th = pointers<const void*>(th, group), p_g = pointers<const void*>(g, group),
+         p_buf = pointers<const void*>(buf, group), p_v = pointers<const void*>(v, group);
+    auto q_th = pointers<void*>(o_th, group), q_adj = pointers<void*>(o_adj, group),
+         q_buf = pointers<void*>(o_buf, group);
+    std::vector<int64_t> sizes;
+    for (size_t i : group) sizes.push_back(params[i].numel());
+    check_cuda(op, fastmeta_cuda::sgd_pilot(data_or_null(p_th), data_or_null(p_g), data_or_null(p_buf),
+                                            data_or_null(p_v), data_or_null(q_th), data_or_null(q_adj),
+                                            data_or_null(q_buf), sizes.data(), static_cast<int>(sizes.size()),
+                                            dtype_code(op, params[group[0]].scalar_type()), hyper, stream));
+  }
+  return {o_th, o_adj, o_buf};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
@@ -256,6 +379,8 @@ TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
   m.impl("central_difference", &central_difference_cuda);
   m.impl("central_difference_", &central_difference_inplace_cuda);
   m.impl("adam_preconditioner", &adam_preconditioner_cuda);
+  m.impl("adam_pilot", &adam_pilot_cuda);
+  m.impl("sgd_pilot", &sgd_pilot_cuda);
 }
 
 }  // namespace fastmeta

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace fastmeta_cuda {
 namespace {
@@ -36,10 +37,10 @@ __device__ __forceinline__ void store(double* p, int64_t i, double x) { p[i] = x
 // multi_tensor_apply: the tensor pointers and the block -> (tensor, chunk) map
 // travel in the kernel arguments (< 4 KiB).
 // ------------------------------------------------------------------------- //
-template <int Depth>
+template <int Depth, int MaxTensors = kFastmetaMaxTensorsPerLaunch>
 struct TensorListMeta {
-  void* addresses[Depth][kFastmetaMaxTensorsPerLaunch];
-  int64_t sizes[kFastmetaMaxTensorsPerLaunch];
+  void* addresses[Depth][MaxTensors];
+  int64_t sizes[MaxTensors];
   unsigned char block_to_tensor[kFastmetaMaxBlocksPerLaunch];
   int block_to_chunk[kFastmetaMaxBlocksPerLaunch];
   int64_t first_global_chunk;  // global chunk index of this launch's block 0
@@ -47,10 +48,10 @@ struct TensorListMeta {
 static_assert(sizeof(TensorListMeta<4>) <= 4000, "kernel argument too large");
 
 // Calls launch(meta, n_blocks) for consecutive groups of chunks, in global chunk order.
-template <int Depth, typename Launch>
+template <int Depth, int MaxTensors = kFastmetaMaxTensorsPerLaunch, typename Launch>
 cudaError_t multi_tensor_apply(const void* const* const lists[Depth], const int64_t* sizes, int n_tensors,
                                Launch launch) {
-  TensorListMeta<Depth> meta;
+  TensorListMeta<Depth, MaxTensors> meta;
   meta.first_global_chunk = 0;
   int n_in_launch = 0, n_blocks = 0;
   int64_t global_chunk = 0;
@@ -66,7 +67,7 @@ cudaError_t multi_tensor_apply(const void* const* const lists[Depth], const int6
       ++n_blocks;
       ++global_chunk;
       const bool last_chunk = (c == chunks - 1);
-      const bool tensors_full = (n_in_launch == kFastmetaMaxTensorsPerLaunch) && last_chunk;
+      const bool tensors_full = (n_in_launch == MaxTensors) && last_chunk;
       const bool blocks_full = (n_blocks == kFastmetaMaxBlocksPerLaunch);
       if (tensors_full || blocks_full) {
         launch(meta, n_blocks);
@@ -91,9 +92,9 @@ cudaError_t multi_tensor_apply(const void* const* const lists[Depth], const int6
   return cudaSuccess;
 }
 
-template <int Depth>
-__device__ __forceinline__ void block_range(const TensorListMeta<Depth>& meta, int& tensor, int64_t& begin,
-                                            int64_t& length) {
+template <int Depth, int MaxTensors>
+__device__ __forceinline__ void block_range(const TensorListMeta<Depth, MaxTensors>& meta, int& tensor,
+                                            int64_t& begin, int64_t& length) {
   tensor = meta.block_to_tensor[blockIdx.x];
   begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kFastmetaChunk;
   const int64_t rest = meta.sizes[tensor] - begin;
@@ -145,6 +146,83 @@ __global__ void __launch_bounds__(kThreads)
       si = si * beta2 + (gi * gi) * one_minus_beta2;
     }
     store(out, i, (load(v, i) * scale) / (sqrt(si / bc2) + eps));
+  }
+}
+
+// ------------------------------------------------------------------------- //
+// pilot kernels: one optimizer update + its Jacobian-vector product (pilot_math.h)
+// ------------------------------------------------------------------------- //
+// lists: inputs then outputs; a null address = absent input (read as 0) / unwanted output
+constexpr int kAdamPilotDepth = 11;  // theta, grad, m, s, smax, v | theta', adj, m', s', s_hat
+constexpr int kSgdPilotDepth = 7;    // theta, grad, buf, v | theta', adj, buf'
+constexpr int kPilotMaxTensors = 20;
+static_assert(sizeof(TensorListMeta<kAdamPilotDepth, kPilotMaxTensors>) + sizeof(fastmeta_pilot::AdamConsts) <= 4000,
+              "kernel arguments too large");
+static_assert(sizeof(TensorListMeta<kSgdPilotDepth, kPilotMaxTensors>) + sizeof(fastmeta_pilot::SgdHyper) <= 4000,
+              "kernel arguments too large");
+
+template <typename T>
+__device__ __forceinline__ typename MathOf<T>::type load_or_zero(const T* p, int64_t i) {
+  return p != nullptr ? load(p, i) : typename MathOf<T>::type(0);
+}
+
+template <typename T>
+__device__ __forceinline__ T* chunk_ptr(void* base, int64_t begin) {
+  return base != nullptr ? static_cast<T*>(base) + begin : nullptr;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    adam_pilot_kernel(TensorListMeta<kAdamPilotDepth, kPilotMaxTensors> meta, fastmeta_pilot::AdamConsts consts) {
+  using M = typename MathOf<T>::type;
+  int tensor; int64_t begin, length;
+  block_range(meta, tensor, begin, length);
+  const fastmeta_pilot::AdamConstsM<M> c(consts);
+  const T* th = chunk_ptr<T>(meta.addresses[0][tensor], begin);
+  const T* gr = chunk_ptr<T>(meta.addresses[1][tensor], begin);
+  const T* m = chunk_ptr<T>(meta.addresses[2][tensor], begin);
+  const T* s = chunk_ptr<T>(meta.addresses[3][tensor], begin);
+  const T* mx = chunk_ptr<T>(meta.addresses[4][tensor], begin);
+  const T* v = chunk_ptr<T>(meta.addresses[5][tensor], begin);
+  T* o_th = chunk_ptr<T>(meta.addresses[6][tensor], begin);
+  T* o_adj = chunk_ptr<T>(meta.addresses[7][tensor], begin);
+  T* o_m = chunk_ptr<T>(meta.addresses[8][tensor], begin);
+  T* o_s = chunk_ptr<T>(meta.addresses[9][tensor], begin);
+  T* o_mx = chunk_ptr<T>(meta.addresses[10][tensor], begin);
+  for (int64_t i = threadIdx.x; i < length; i += kThreads) {
+    M theta_new, adj, m_new, s_new, s_hat;
+    fastmeta_pilot::adam_element<M>(c, load_or_zero(th, i), load_or_zero(gr, i), load_or_zero(m, i),
+                                    load_or_zero(s, i), load_or_zero(mx, i), load_or_zero(v, i), theta_new, adj,
+                                    m_new, s_new, s_hat);
+    if (o_th != nullptr) store(o_th, i, theta_new);
+    if (o_adj != nullptr) store(o_adj, i, adj);
+    if (o_m != nullptr) store(o_m, i, m_new);
+    if (o_s != nullptr) store(o_s, i, s_new);
+    if (o_mx != nullptr) store(o_mx, i, s_hat);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    sgd_pilot_kernel(TensorListMeta<kSgdPilotDepth, kPilotMaxTensors> meta, fastmeta_pilot::SgdHyper hyper) {
+  using M = typename MathOf<T>::type;
+  int tensor; int64_t begin, length;
+  block_range(meta, tensor, begin, length);
+  const fastmeta_pilot::SgdConstsM<M> c(hyper);
+  const T* th = chunk_ptr<T>(meta.addresses[0][tensor], begin);
+  const T* gr = chunk_ptr<T>(meta.addresses[1][tensor], begin);
+  const T* buf = chunk_ptr<T>(meta.addresses[2][tensor], begin);
+  const T* v = chunk_ptr<T>(meta.addresses[3][tensor], begin);
+  T* o_th = chunk_ptr<T>(meta.addresses[4][tensor], begin);
+  T* o_adj = chunk_ptr<T>(meta.addresses[5][tensor], begin);
+  T* o_buf = chunk_ptr<T>(meta.addresses[6][tensor], begin);
+  for (int64_t i = threadIdx.x; i < length; i += kThreads) {
+    M theta_new, adj, buf_new;
+    fastmeta_pilot::sgd_element<M>(c, load_or_zero(th, i), load_or_zero(gr, i), load_or_zero(buf, i),
+                                   load_or_zero(v, i), theta_new, adj, buf_new);
+    if (o_th != nullptr) store(o_th, i, theta_new);
+    if (o_adj != nullptr) store(o_adj, i, adj);
+    if (o_buf != nullptr) store(o_buf, i, buf_new);
   }
 }
 
@@ -285,6 +363,58 @@ cudaError_t adam_preconditioner(const void* const* vectors, const void* const* e
         adam_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(meta, beta2, bias_correction2, eps, scale);
       }
     });
+  });
+  return cudaSuccess;
+}
+
+// A host array of n_tensors null pointers stands for an absent list.
+static const void* const* or_nulls(const void* const* list, const std::vector<const void*>& nulls) {
+  return list != nullptr ? list : nulls.data();
+}
+
+cudaError_t adam_pilot(const void* const* params, const void* const* grads, const void* const* exp_avgs,
+                       const void* const* exp_avg_sqs, const void* const* max_exp_avg_sqs,
+                       const void* const* vectors, void* const* new_params, void* const* adj_grads,
+                       void* const* new_exp_avgs, void* const* new_exp_avg_sqs, void* const* new_max_exp_avg_sqs,
+                       const int64_t* sizes, int n_tensors, DType dtype, const fastmeta_pilot::AdamConsts& consts,
+                       cudaStream_t stream) {
+  if (n_tensors <= 0) return cudaSuccess;
+  const std::vector<const void*> nulls(static_cast<size_t>(n_tensors), nullptr);
+  const void* const* lists[kAdamPilotDepth] = {
+      or_nulls(params, nulls), or_nulls(grads, nulls), or_nulls(exp_avgs, nulls), or_nulls(exp_avg_sqs, nulls),
+      or_nulls(max_exp_avg_sqs, nulls), or_nulls(vectors, nulls),
+      or_nulls(reinterpret_cast<const void* const*>(new_params), nulls),
+      or_nulls(reinterpret_cast<const void* const*>(adj_grads), nulls),
+      or_nulls(reinterpret_cast<const void* const*>(new_exp_avgs), nulls),
+      or_nulls(reinterpret_cast<const void* const*>(new_exp_avg_sqs), nulls),
+      or_nulls(reinterpret_cast<const void* const*>(new_max_exp_avg_sqs), nulls)};
+  FASTMETA_DISPATCH(dtype, {
+    return multi_tensor_apply<kAdamPilotDepth, kPilotMaxTensors>(
+        lists, sizes, n_tensors,
+        [&](const TensorListMeta<kAdamPilotDepth, kPilotMaxTensors>& meta, int blocks) {
+          adam_pilot_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(meta, consts);
+        });
+  });
+  return cudaSuccess;
+}
+
+cudaError_t sgd_pilot(const void* const* params, const void* const* grads, const void* const* momentum_buffers,
+                      const void* const* vectors, void* const* new_params, void* const* adj_grads,
+                      void* const* new_momentum_buffers, const int64_t* sizes, int n_tensors, DType dtype,
+                      const fastmeta_pilot::SgdHyper& hyper, cudaStream_t stream) {
+  if (n_tensors <= 0) return cudaSuccess;
+  const std::vector<const void*> nulls(static_cast<size_t>(n_tensors), nullptr);
+  const void* const* lists[kSgdPilotDepth] = {
+      or_nulls(params, nulls), or_nulls(grads, nulls), or_nulls(momentum_buffers, nulls), or_nulls(vectors, nulls),
+      or_nulls(reinterpret_cast<const void* const*>(new_params), nulls),
+      or_nulls(reinterpret_cast<const void* const*>(adj_grads), nulls),
+      or_nulls(reinterpret_cast<const void* const*>(new_momentum_buffers), nulls)};
+  FASTMETA_DISPATCH(dtype, {
+    return multi_tensor_apply<kSgdPilotDepth, kPilotMaxTensors>(
+        lists, sizes, n_tensors,
+        [&](const TensorListMeta<kSgdPilotDepth, kPilotMaxTensors>& meta, int blocks) {
+          sgd_pilot_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(meta, hyper);
+        });
   });
   return cudaSuccess;
 }

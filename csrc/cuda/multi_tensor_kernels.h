@@ -17,6 +17,8 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "../pilot_math.h"  // torch-free elementwise math of the pilot ops (shared with the CPU kernels)
+
 namespace fastmeta_cuda {
 
 enum DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
@@ -51,5 +53,22 @@ cudaError_t adam_preconditioner(const void* const* vectors, const void* const* e
                                 const void* const* grads, void* const* out, const int64_t* sizes, int n_tensors,
                                 DType dtype, double beta2, double bias_correction2, double eps, double scale,
                                 cudaStream_t stream);
+
+// ONE optimizer update and its Jacobian-vector product (fastmeta::adam_pilot / sgd_pilot),
+// elementwise as in csrc/pilot_math.h.  Every pointer ARRAY may be nullptr: an absent
+// input (no state yet: read as 0; no vectors) or an output not asked for.  The hyper-
+// parameters arrive as the host-computed constants (fastmeta_pilot::adam_consts) / the
+// SGD hyper-parameters.
+cudaError_t adam_pilot(const void* const* params, const void* const* grads, const void* const* exp_avgs,
+                       const void* const* exp_avg_sqs, const void* const* max_exp_avg_sqs,
+                       const void* const* vectors, void* const* new_params, void* const* adj_grads,
+                       void* const* new_exp_avgs, void* const* new_exp_avg_sqs, void* const* new_max_exp_avg_sqs,
+                       const int64_t* sizes, int n_tensors, DType dtype, const fastmeta_pilot::AdamConsts& consts,
+                       cudaStream_t stream);
+
+cudaError_t sgd_pilot(const void* const* params, const void* const* grads, const void* const* momentum_buffers,
+                      const void* const* vectors, void* const* new_params, void* const* adj_grads,
+                      void* const* new_momentum_buffers, const int64_t* sizes, int n_tensors, DType dtype,
+                      const fastmeta_pilot::SgdHyper& hyper, cudaStream_t stream);
 
 }  // namespace fastmeta_cuda
