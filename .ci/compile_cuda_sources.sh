@@ -16,7 +16,7 @@ status=0
 count=0
 while IFS= read -r -d '' cu; do
   count=$((count + 1))
-  if "$nvcc_bin" -std=c++17 -O3 -arch=sm_90 -I"$root" -I"$root/cuda" -c "$cu" -o "$out/$count.o" 2>"$out/err"; then
+  if "$nvcc_bin" -std=c++17 -O3 -fmad=false -arch=sm_90 -I"$root" -I"$root/cuda" -c "$cu" -o "$out/$count.o" 2>"$out/err"; then
     echo "compile_cuda_sources: OK   $cu"
   else
     echo "compile_cuda_sources: FAIL $cu" >&2

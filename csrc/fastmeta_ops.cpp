@@ -19,16 +19,21 @@
 //                       float beta2, float bias_correction2, float eps, float scale) -> Tensor[]
 //       s = exp_avg_sqs[i]  (or beta2*s + (1-beta2)*grads[i]^2 when grads is non-empty)
 //       out = (vectors[i] * scale) / (sqrt(s / bias_correction2) + eps)
-//   adam_pilot(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, lr, beta1, beta2, eps,
-//              weight_decay, step, decoupled, amsgrad, maximize, exact_jacobian, adj_scale,
-//              compute_params, compute_state)
-//       -> (new_params, adj_grads, new_exp_avgs, new_exp_avg_sqs, new_max_exp_avg_sqs)
-//       ONE Adam/AdamW update (θ', and m', s', ŝ when compute_state) and the exact adjoint of the
-//       raw gradient for ∂L/∂θ' = vectors[i] (adj_scale · ±(−lr·D⊙v)), in one pass; the math is
-//       csrc/pilot_math.h.  Empty state lists: no state yet (first step); empty vectors: no adjoint.
-//   sgd_pilot(params, grads, momentum_buffers, vectors, lr, momentum, dampening, weight_decay,
-//             nesterov, maximize, adj_scale, compute_params, compute_state)
-//       -> (new_params, adj_grads, new_momentum_buffers): the same for torch.optim.SGD.
+//   adam_pilot(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, adj_exp_avgs, adj_exp_avg_sqs,
+//              adj_max_exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step, decoupled, amsgrad, maximize,
+//              exact_jacobian, adj_scale, compute_params, compute_state, compute_adj_params, compute_adj_state)
+//       -> (new_params, adj_grads, new_exp_avgs, new_exp_avg_sqs, new_max_exp_avg_sqs,
+//           adj_params, adj_exp_avgs, adj_exp_avg_sqs, adj_max_exp_avg_sqs)
+//       ONE Adam/AdamW update (θ', and m', s', ŝ when compute_state) and its exact adjoint for
+//       ∂L/∂θ' = vectors[i] and the incoming state adjoints adj_* (a reverse-sweep step): the raw
+//       gradient's (scaled by adj_scale), θ's direct one and the old state's, in one pass; the math
+//       is csrc/pilot_math.h.  Empty lists: no state yet (first step) / no adjoint / no incoming
+//       state adjoint (the last step) / outputs not asked for.
+//   sgd_pilot(params, grads, momentum_buffers, vectors, adj_momentum_buffers, lr, momentum, dampening,
+//             weight_decay, nesterov, maximize, adj_scale, compute_params, compute_state, compute_adj_params,
+//             compute_adj_state)
+//       -> (new_params, adj_grads, new_momentum_buffers, adj_params, adj_momentum_buffers): the same for
+//       torch.optim.SGD.
 //
 // Determinism of the reductions: every tensor is cut into fixed chunks of
 // kChunk elements; each chunk is summed with kLanes interleaved accumulators that
@@ -330,7 +335,7 @@ std::vector<at::Tensor> adam_preconditioner_cpu(at::TensorList vectors, at::Tens
 }
 
 // ------------------------------------------------------------------------- //
-// adam_pilot / sgd_pilot: one optimizer update and its Jacobian-vector product
+// adam_pilot / sgd_pilot: one optimizer update, its new state and its exact adjoint
 // ------------------------------------------------------------------------- //
 // Each chunk is processed in strips of kStrip elements: the inputs are loaded
 // (converted to the math type; absent ones read as 0) into small stack arrays, the
@@ -367,81 +372,129 @@ FASTMETA_ALWAYS_INLINE P* offset(P* p, int64_t b) {
   return p == nullptr ? nullptr : p + b;
 }
 
-// Pointers of one chunk (nullptr: absent input / unwanted output), already offset.
+// True when every x[i] == 0 (a NaN is not 0).
+template <typename M>
+FASTMETA_ALWAYS_INLINE bool all_zero(const M* __restrict__ x, int64_t n) {
+  bool nonzero = false;
+#pragma omp simd reduction(| : nonzero)
+  for (int64_t i = 0; i < n; ++i) nonzero |= (x[i] != M(0));
+  return !nonzero;
+}
+
 template <typename T>
-struct AdamPilotPtrs {
-  const T* theta; const T* grad; const T* m; const T* s; const T* smax; const T* v;
-  T* theta_new; T* adj; T* m_new; T* s_new; T* s_hat;
+FASTMETA_ALWAYS_INLINE void zero_strip(T* __restrict__ p, int64_t n) {
+  if (p == nullptr) return;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) p[i] = T(0);
+}
+
+// The op's list arguments, in schema order (inputs, then outputs).
+enum AdamIn { kATheta, kAGrad, kAM, kAS, kASmax, kAV, kAAdjM, kAAdjS, kAAdjSmax, kAdamInputs };
+enum AdamOut {
+  kAThetaNew, kAAdjGrad, kAMNew, kASNew, kASHat, kAAdjTheta, kAAdjMOut, kAAdjSOut, kAAdjSmaxOut, kAdamOutputs
+};
+enum SgdIn { kSTheta, kSGrad, kSBuf, kSV, kSAdjBuf, kSgdInputs };
+enum SgdOut { kSThetaNew, kSAdjGrad, kSBufNew, kSAdjTheta, kSAdjBufOut, kSgdOutputs };
+
+// Pointers of one chunk (nullptr: absent input / unwanted output), already offset.
+template <typename T, int NIn, int NOut>
+struct PilotPtrs {
+  const T* in[NIn];
+  T* out[NOut];
 };
 
 // Which outputs a call wants (bits): the math of the others is dropped at compile time.
-constexpr int kWantParams = 1, kWantAdj = 2, kWantState = 4;
+constexpr int kWantParams = 1, kWantAdj = 2, kWantState = 4, kWantAdjParams = 8, kWantAdjState = 16;
 
 template <typename T, int Want>
-FASTMETA_ALWAYS_INLINE void adam_pilot_chunk(const AdamPilotPtrs<T>& p, int64_t n,
+FASTMETA_ALWAYS_INLINE void adam_pilot_chunk(const PilotPtrs<T, kAdamInputs, kAdamOutputs>& p, int64_t n,
                                              const fastmeta_pilot::AdamConsts& consts) {
   using M = typename OpMath<T>::type;
   const fastmeta_pilot::AdamConstsM<M> c(consts);
-  alignas(64) M th[kStrip], gr[kStrip], m[kStrip], s[kStrip], mx[kStrip], v[kStrip];
-  alignas(64) M o_th[kStrip], o_adj[kStrip], o_m[kStrip], o_s[kStrip], o_mx[kStrip];
+  alignas(64) M x[kAdamInputs][kStrip];
+  alignas(64) M y[kAdamOutputs][kStrip];
+  // A reverse-sweep call (adjoints only) skips the strips whose adjoint inputs are all exactly 0:
+  // their adjoints are exactly 0 (the Jacobian is finite: eps > 0 and a finite state), and θ, g and
+  // the state need not be read there.  The quiz gradient of a word embedding is 0 on every row no
+  // quiz token touched: most of the rows.
+  constexpr bool kAdjointsOnly = (Want & (kWantParams | kWantState)) == 0;
+  const bool skip_zero = kAdjointsOnly && consts.eps > 0.0;
+  constexpr int kAdjointInputs[] = {kAV, kAAdjM, kAAdjS, kAAdjSmax};
   for (int64_t b = 0; b < n; b += kStrip) {
     const int64_t len = std::min(kStrip, n - b);
-    load_strip<T, M>(offset(p.theta, b), len, th);
-    load_strip<T, M>(offset(p.grad, b), len, gr);
-    load_strip<T, M>(offset(p.m, b), len, m);
-    load_strip<T, M>(offset(p.s, b), len, s);
-    load_strip<T, M>(offset(p.smax, b), len, mx);
-    load_strip<T, M>(offset(p.v, b), len, v);
+    if (skip_zero) {
+      bool nonzero = false;
+      for (int k : kAdjointInputs) {
+        if (p.in[k] == nullptr) continue;
+        load_strip<T, M>(p.in[k] + b, len, x[k]);
+        nonzero = nonzero || !all_zero(x[k], len);
+      }
+      if (!nonzero) {
+        for (int k = 0; k < kAdamOutputs; ++k) zero_strip<T>(offset(p.out[k], b), len);
+        continue;
+      }
+      for (int k = 0; k < kAdamInputs; ++k) {
+        const bool adjoint = k == kAV || k == kAAdjM || k == kAAdjS || k == kAAdjSmax;
+        if (!adjoint || p.in[k] == nullptr) load_strip<T, M>(offset(p.in[k], b), len, x[k]);
+      }
+    } else {
+      for (int k = 0; k < kAdamInputs; ++k) load_strip<T, M>(offset(p.in[k], b), len, x[k]);
+    }
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      M theta_new, adj, m_new, s_new, s_hat;
-      fastmeta_pilot::adam_element<M>(c, th[i], gr[i], m[i], s[i], mx[i], v[i], theta_new, adj, m_new, s_new,
-                                      s_hat);
-      if (Want & kWantParams) o_th[i] = theta_new;
-      if (Want & kWantAdj) o_adj[i] = adj;
+      const fastmeta_pilot::AdamIn<M> in{x[kATheta][i], x[kAGrad][i], x[kAM][i],    x[kAS][i],      x[kASmax][i],
+                                         x[kAV][i],     x[kAAdjM][i], x[kAAdjS][i], x[kAAdjSmax][i]};
+      fastmeta_pilot::AdamOut<M> o;
+      fastmeta_pilot::adam_element<M>(c, in, o);
+      if (Want & kWantParams) y[kAThetaNew][i] = o.theta_new;
+      if (Want & kWantAdj) y[kAAdjGrad][i] = o.adj_grad;
       if (Want & kWantState) {
-        o_m[i] = m_new;
-        o_s[i] = s_new;
-        o_mx[i] = s_hat;
+        y[kAMNew][i] = o.m_new;
+        y[kASNew][i] = o.s_new;
+        y[kASHat][i] = o.s_hat;
+      }
+      if (Want & kWantAdjParams) y[kAAdjTheta][i] = o.adj_theta;
+      if (Want & kWantAdjState) {
+        y[kAAdjMOut][i] = o.adj_m;
+        y[kAAdjSOut][i] = o.adj_s;
+        y[kAAdjSmaxOut][i] = o.adj_smax;
       }
     }
     // (absent outputs have null pointers: the catch-all mode may hold unwanted ones)
-    if (Want & kWantParams) store_strip<T, M>(offset(p.theta_new, b), len, o_th);
-    if (Want & kWantAdj) store_strip<T, M>(offset(p.adj, b), len, o_adj);
+    if (Want & kWantParams) store_strip<T, M>(offset(p.out[kAThetaNew], b), len, y[kAThetaNew]);
+    if (Want & kWantAdj) store_strip<T, M>(offset(p.out[kAAdjGrad], b), len, y[kAAdjGrad]);
     if (Want & kWantState) {
-      store_strip<T, M>(offset(p.m_new, b), len, o_m);
-      store_strip<T, M>(offset(p.s_new, b), len, o_s);
-      store_strip<T, M>(offset(p.s_hat, b), len, o_mx);
+      for (int k : {kAMNew, kASNew, kASHat}) store_strip<T, M>(offset(p.out[k], b), len, y[k]);
+    }
+    if (Want & kWantAdjParams) store_strip<T, M>(offset(p.out[kAAdjTheta], b), len, y[kAAdjTheta]);
+    if (Want & kWantAdjState) {
+      for (int k : {kAAdjMOut, kAAdjSOut, kAAdjSmaxOut}) store_strip<T, M>(offset(p.out[k], b), len, y[k]);
     }
   }
 }
 
 template <typename T>
-struct SgdPilotPtrs {
-  const T* theta; const T* grad; const T* buf; const T* v;
-  T* theta_new; T* adj; T* buf_new;
-};
-
-template <typename T>
-FASTMETA_ALWAYS_INLINE void sgd_pilot_chunk(const SgdPilotPtrs<T>& p, int64_t n,
+FASTMETA_ALWAYS_INLINE void sgd_pilot_chunk(const PilotPtrs<T, kSgdInputs, kSgdOutputs>& p, int64_t n,
                                             const fastmeta_pilot::SgdHyper& hyper) {
   using M = typename OpMath<T>::type;
   const fastmeta_pilot::SgdConstsM<M> c(hyper);
-  alignas(64) M th[kStrip], gr[kStrip], buf[kStrip], v[kStrip];
-  alignas(64) M o_th[kStrip], o_adj[kStrip], o_buf[kStrip];
+  alignas(64) M x[kSgdInputs][kStrip];
+  alignas(64) M y[kSgdOutputs][kStrip];
   for (int64_t b = 0; b < n; b += kStrip) {
     const int64_t len = std::min(kStrip, n - b);
-    load_strip<T, M>(offset(p.theta, b), len, th);
-    load_strip<T, M>(offset(p.grad, b), len, gr);
-    load_strip<T, M>(offset(p.buf, b), len, buf);
-    load_strip<T, M>(offset(p.v, b), len, v);
+    for (int k = 0; k < kSgdInputs; ++k) load_strip<T, M>(offset(p.in[k], b), len, x[k]);
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      fastmeta_pilot::sgd_element<M>(c, th[i], gr[i], buf[i], v[i], o_th[i], o_adj[i], o_buf[i]);
+      const fastmeta_pilot::SgdIn<M> in{x[kSTheta][i], x[kSGrad][i], x[kSBuf][i], x[kSV][i], x[kSAdjBuf][i]};
+      fastmeta_pilot::SgdOut<M> o;
+      fastmeta_pilot::sgd_element<M>(c, in, o);
+      y[kSThetaNew][i] = o.theta_new;
+      y[kSAdjGrad][i] = o.adj_grad;
+      y[kSBufNew][i] = o.buf_new;
+      y[kSAdjTheta][i] = o.adj_theta;
+      y[kSAdjBufOut][i] = o.adj_buf;
     }
-    store_strip<T, M>(offset(p.theta_new, b), len, o_th);
-    store_strip<T, M>(offset(p.adj, b), len, o_adj);
-    store_strip<T, M>(offset(p.buf_new, b), len, o_buf);
+    for (int k = 0; k < kSgdOutputs; ++k) store_strip<T, M>(offset(p.out[k], b), len, y[k]);
   }
 }
 
@@ -455,24 +508,27 @@ FASTMETA_ALWAYS_INLINE void sgd_pilot_chunk(const SgdPilotPtrs<T>& p, int64_t n,
 #endif
 
 template <typename T>
-FASTMETA_ALWAYS_INLINE void adam_pilot_dispatch(const AdamPilotPtrs<T>& p, int64_t n,
+FASTMETA_ALWAYS_INLINE void adam_pilot_dispatch(const PilotPtrs<T, kAdamInputs, kAdamOutputs>& p, int64_t n,
                                                 const fastmeta_pilot::AdamConsts& c, int want) {
-  switch (want) {  // every combination the ops ask for (state alone comes with θ')
+  constexpr int kReverse = kWantAdj | kWantAdjParams | kWantAdjState;  // a reverse-sweep step
+  switch (want) {  // the combinations the engine asks for; anything else computes everything
     case kWantParams: adam_pilot_chunk<T, kWantParams>(p, n, c); break;
     case kWantAdj: adam_pilot_chunk<T, kWantAdj>(p, n, c); break;
     case kWantParams | kWantAdj: adam_pilot_chunk<T, kWantParams | kWantAdj>(p, n, c); break;
     case kWantParams | kWantState: adam_pilot_chunk<T, kWantParams | kWantState>(p, n, c); break;
-    default: adam_pilot_chunk<T, kWantParams | kWantAdj | kWantState>(p, n, c); break;
+    case kReverse: adam_pilot_chunk<T, kReverse>(p, n, c); break;
+    default: adam_pilot_chunk<T, kWantParams | kWantState | kReverse>(p, n, c); break;
   }
 }
 
-#define FASTMETA_PILOT_CHUNKS(T, ATTRIBUTES)                                                                \
-  ATTRIBUTES void adam_pilot_chunk_any(const AdamPilotPtrs<T>& p, int64_t n,                               \
-                                       const fastmeta_pilot::AdamConsts& c, int want) {                    \
-    adam_pilot_dispatch<T>(p, n, c, want);                                                                  \
-  }                                                                                                         \
-  ATTRIBUTES void sgd_pilot_chunk_any(const SgdPilotPtrs<T>& p, int64_t n, const fastmeta_pilot::SgdHyper& h) { \
-    sgd_pilot_chunk<T>(p, n, h);                                                                            \
+#define FASTMETA_PILOT_CHUNKS(T, ATTRIBUTES)                                                                   \
+  ATTRIBUTES void adam_pilot_chunk_any(const PilotPtrs<T, kAdamInputs, kAdamOutputs>& p, int64_t n,          \
+                                       const fastmeta_pilot::AdamConsts& c, int want) {                       \
+    adam_pilot_dispatch<T>(p, n, c, want);                                                                     \
+  }                                                                                                            \
+  ATTRIBUTES void sgd_pilot_chunk_any(const PilotPtrs<T, kSgdInputs, kSgdOutputs>& p, int64_t n,             \
+                                      const fastmeta_pilot::SgdHyper& h) {                                    \
+    sgd_pilot_chunk<T>(p, n, h);                                                                               \
   }
 FASTMETA_PILOT_CHUNKS(float, FASTMETA_SIMD_CLONES)
 FASTMETA_PILOT_CHUNKS(at::Half, FASTMETA_SIMD_CLONES)
@@ -510,16 +566,31 @@ T* mut_ptr_or_null(std::vector<at::Tensor>& list, int64_t t, int64_t begin) {
   return list.empty() ? nullptr : list[t].data_ptr<T>() + begin;
 }
 
+using AdamPilotResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                   std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                   std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+using SgdPilotResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                  std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
 void check_adam_pilot_args(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList vectors,
-                           double lr, double beta1, double beta2, double eps, int64_t step, bool amsgrad) {
+                           at::TensorList adj_exp_avgs, at::TensorList adj_exp_avg_sqs,
+                           at::TensorList adj_max_exp_avg_sqs, double lr, double beta1, double beta2, double eps,
+                           int64_t step, bool amsgrad, bool compute_adj_params, bool compute_adj_state) {
   check_lists(op, "params", params, "grads", grads);
   check_optional(op, params, "exp_avgs", exp_avgs);
   check_optional(op, params, "exp_avg_sqs", exp_avg_sqs);
   check_optional(op, params, "max_exp_avg_sqs", max_exp_avg_sqs);
   check_optional(op, params, "vectors", vectors);
-  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), "fastmeta::", op,
-              ": max_exp_avg_sqs given but amsgrad is false");
+  check_optional(op, params, "adj_exp_avgs", adj_exp_avgs);
+  check_optional(op, params, "adj_exp_avg_sqs", adj_exp_avg_sqs);
+  check_optional(op, params, "adj_max_exp_avg_sqs", adj_max_exp_avg_sqs);
+  TORCH_CHECK(amsgrad || (max_exp_avg_sqs.empty() && adj_max_exp_avg_sqs.empty()), "fastmeta::", op,
+              ": max_exp_avg_sqs / adj_max_exp_avg_sqs given but amsgrad is false");
+  TORCH_CHECK(!vectors.empty() || (adj_exp_avgs.empty() && adj_exp_avg_sqs.empty() && adj_max_exp_avg_sqs.empty() &&
+                                   !compute_adj_params && !compute_adj_state),
+              "fastmeta::", op, ": adjoints (incoming state adjoints, compute_adj_params, compute_adj_state) need "
+              "vectors");
   TORCH_CHECK(step >= 1, "fastmeta::", op, ": step (the step count of the step being taken) must be >= 1, got ",
               step);
   TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "fastmeta::", op,
@@ -528,101 +599,137 @@ void check_adam_pilot_args(const char* op, at::TensorList params, at::TensorList
               ": lr must be finite and eps finite and >= 0, got ", lr, " and ", eps);
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>
-adam_pilot_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList vectors, double lr, double beta1, double beta2,
-               double eps, double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
-               bool exact_jacobian, double adj_scale, bool compute_params, bool compute_state) {
+// Which outputs adam_pilot returns (shared by the CPU, Meta and CUDA kernels' shapes).
+struct AdamWanted {
+  bool params, adj, state, smax, adj_params, adj_m, adj_s, adj_smax;
+};
+
+AdamWanted adam_wanted(bool want_adj, bool amsgrad, bool exact, bool has_smax, bool compute_params,
+                       bool compute_state, bool compute_adj_params, bool compute_adj_state) {
+  return {compute_params, want_adj, compute_state, compute_state && amsgrad, want_adj && compute_adj_params,
+          want_adj && compute_adj_state, want_adj && compute_adj_state && exact,
+          want_adj && compute_adj_state && exact && amsgrad && has_smax};
+}
+
+AdamPilotResult adam_pilot_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList vectors,
+                               at::TensorList adj_exp_avgs, at::TensorList adj_exp_avg_sqs,
+                               at::TensorList adj_max_exp_avg_sqs, double lr, double beta1, double beta2, double eps,
+                               double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
+                               bool exact_jacobian, double adj_scale, bool compute_params, bool compute_state,
+                               bool compute_adj_params, bool compute_adj_state) {
   const char* op = "adam_pilot";
-  check_adam_pilot_args(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, lr, beta1, beta2, eps,
-                        step, amsgrad);
+  check_adam_pilot_args(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, adj_exp_avgs,
+                        adj_exp_avg_sqs, adj_max_exp_avg_sqs, lr, beta1, beta2, eps, step, amsgrad,
+                        compute_adj_params, compute_adj_state);
   check_cpu_floating(op, "params", params);
   const fastmeta_pilot::AdamConsts consts = fastmeta_pilot::adam_consts(
       {lr, beta1, beta2, eps, weight_decay, adj_scale, step, decoupled, amsgrad, maximize, exact_jacobian});
   const bool want_adj = !vectors.empty();
-  // θ is read for θ' and for L2 weight decay (g' = ±g + wd·θ) only
+  const AdamWanted w = adam_wanted(want_adj, amsgrad, exact_jacobian, !max_exp_avg_sqs.empty(), compute_params,
+                                   compute_state, compute_adj_params, compute_adj_state);
+  // θ is read for θ' and for L2 weight decay (g' = ±g + wd·θ) only; m for m' and the exact D
   const bool need_theta = compute_params || consts.l2 != 0.0;
   const bool need_m = compute_params || compute_state || (want_adj && exact_jacobian);
-  const auto th = need_theta ? contiguous_list(params) : std::vector<at::Tensor>();
-  const auto g = contiguous_list(grads);
-  const auto m = need_m ? contiguous_list(exp_avgs) : std::vector<at::Tensor>();
-  const auto s = contiguous_list(exp_avg_sqs);
-  const auto mx = contiguous_list(max_exp_avg_sqs);
-  const auto v = contiguous_list(vectors);
-  auto o_th = outputs_like(params, compute_params);
-  auto o_adj = outputs_like(params, want_adj);
-  auto o_m = outputs_like(params, compute_state);
-  auto o_s = outputs_like(params, compute_state);
-  auto o_mx = outputs_like(params, compute_state && amsgrad);
-  const int want = (compute_params ? kWantParams : 0) | (want_adj ? kWantAdj : 0) | (compute_state ? kWantState : 0);
+  const std::vector<at::Tensor> empty;
+  const std::vector<at::Tensor> in[kAdamInputs] = {
+      need_theta ? contiguous_list(params) : empty, contiguous_list(grads),
+      need_m ? contiguous_list(exp_avgs) : empty,   contiguous_list(exp_avg_sqs),
+      contiguous_list(max_exp_avg_sqs),             contiguous_list(vectors),
+      contiguous_list(adj_exp_avgs),                exact_jacobian ? contiguous_list(adj_exp_avg_sqs) : empty,
+      exact_jacobian ? contiguous_list(adj_max_exp_avg_sqs) : empty};
+  std::vector<at::Tensor> out[kAdamOutputs] = {
+      outputs_like(params, w.params),     outputs_like(params, w.adj),   outputs_like(params, w.state),
+      outputs_like(params, w.state),      outputs_like(params, w.smax),  outputs_like(params, w.adj_params),
+      outputs_like(params, w.adj_m),      outputs_like(params, w.adj_s), outputs_like(params, w.adj_smax)};
+  const int want = (w.params ? kWantParams : 0) | (w.adj ? kWantAdj : 0) | (w.state ? kWantState : 0) |
+                   (w.adj_params ? kWantAdjParams : 0) | (w.adj_m ? kWantAdjState : 0);
   const auto items = make_items(params);
-  if (want == 0) return {o_th, o_adj, o_m, o_s, o_mx};
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const Item& it = items[k];
-      const int64_t t = it.tensor, b = it.begin;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "fastmeta::adam_pilot", [&] {
-        AdamPilotPtrs<scalar_t> p{ptr_or_null<scalar_t>(th, t, b), ptr_or_null<scalar_t>(g, t, b),
-                                  ptr_or_null<scalar_t>(m, t, b), ptr_or_null<scalar_t>(s, t, b),
-                                  ptr_or_null<scalar_t>(mx, t, b), ptr_or_null<scalar_t>(v, t, b),
-                                  mut_ptr_or_null<scalar_t>(o_th, t, b), mut_ptr_or_null<scalar_t>(o_adj, t, b),
-                                  mut_ptr_or_null<scalar_t>(o_m, t, b), mut_ptr_or_null<scalar_t>(o_s, t, b),
-                                  mut_ptr_or_null<scalar_t>(o_mx, t, b)};
-        adam_pilot_chunk_any(p, it.length, consts, want);
-      });
-    }
-  });
-  return {o_th, o_adj, o_m, o_s, o_mx};
+  if (want != 0) {
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const Item& it = items[k];
+        const int64_t t = it.tensor, b = it.begin;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "fastmeta::adam_pilot",
+                                        [&] {
+          PilotPtrs<scalar_t, kAdamInputs, kAdamOutputs> p;
+          for (int j = 0; j < kAdamInputs; ++j) p.in[j] = ptr_or_null<scalar_t>(in[j], t, b);
+          for (int j = 0; j < kAdamOutputs; ++j) p.out[j] = mut_ptr_or_null<scalar_t>(out[j], t, b);
+          adam_pilot_chunk_any(p, it.length, consts, want);
+        });
+      }
+    });
+  }
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
 
 void check_sgd_pilot_args(const char* op, at::TensorList params, at::TensorList grads,
-                          at::TensorList momentum_buffers, at::TensorList vectors, double lr, double momentum) {
+                          at::TensorList momentum_buffers, at::TensorList vectors, at::TensorList adj_momentum_buffers,
+                          double lr, double momentum, bool compute_adj_params, bool compute_adj_state) {
   check_lists(op, "params", params, "grads", grads);
   check_optional(op, params, "momentum_buffers", momentum_buffers);
   check_optional(op, params, "vectors", vectors);
-  TORCH_CHECK(momentum != 0.0 || momentum_buffers.empty(), "fastmeta::", op,
-              ": momentum_buffers given but momentum is 0");
+  check_optional(op, params, "adj_momentum_buffers", adj_momentum_buffers);
+  TORCH_CHECK(momentum != 0.0 || (momentum_buffers.empty() && adj_momentum_buffers.empty()), "fastmeta::", op,
+              ": momentum_buffers / adj_momentum_buffers given but momentum is 0");
+  TORCH_CHECK(!vectors.empty() || (adj_momentum_buffers.empty() && !compute_adj_params && !compute_adj_state),
+              "fastmeta::", op, ": adjoints (adj_momentum_buffers, compute_adj_params, compute_adj_state) need vectors");
   TORCH_CHECK(std::isfinite(lr) && std::isfinite(momentum), "fastmeta::", op,
               ": lr and momentum must be finite, got ", lr, " and ", momentum);
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_pilot_cpu(
-    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList vectors, double lr,
-    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, double adj_scale,
-    bool compute_params, bool compute_state) {
-  const char* op = "sgd_pilot";
-  check_sgd_pilot_args(op, params, grads, momentum_buffers, vectors, lr, momentum);
-  check_cpu_floating(op, "params", params);
-  const fastmeta_pilot::SgdHyper hyper{lr, momentum, dampening, weight_decay, adj_scale, nesterov, maximize,
-                                       momentum_buffers.empty()};
-  const bool want_adj = !vectors.empty();
+struct SgdWanted {
+  bool params, adj, state, adj_params, adj_buf;
+};
+
+SgdWanted sgd_wanted(bool want_adj, double momentum, bool first, bool compute_params, bool compute_state,
+                     bool compute_adj_params, bool compute_adj_state) {
   const bool has_momentum = momentum != 0.0;
-  const bool want_state = compute_state && has_momentum;
-  const bool need_update = compute_params || want_state;  // the adjoint does not depend on θ, g, buf
-  const auto th = (compute_params || (need_update && weight_decay != 0.0)) ? contiguous_list(params)
-                                                                          : std::vector<at::Tensor>();
-  const auto g = need_update ? contiguous_list(grads) : std::vector<at::Tensor>();
-  const auto buf = need_update ? contiguous_list(momentum_buffers) : std::vector<at::Tensor>();
-  const auto v = contiguous_list(vectors);
-  auto o_th = outputs_like(params, compute_params);
-  auto o_adj = outputs_like(params, want_adj);
-  auto o_buf = outputs_like(params, want_state);
+  return {compute_params, want_adj, compute_state && has_momentum, want_adj && compute_adj_params,
+          want_adj && compute_adj_state && has_momentum && !first};
+}
+
+SgdPilotResult sgd_pilot_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                             at::TensorList vectors, at::TensorList adj_momentum_buffers, double lr, double momentum,
+                             double dampening, double weight_decay, bool nesterov, bool maximize, double adj_scale,
+                             bool compute_params, bool compute_state, bool compute_adj_params,
+                             bool compute_adj_state) {
+  const char* op = "sgd_pilot";
+  check_sgd_pilot_args(op, params, grads, momentum_buffers, vectors, adj_momentum_buffers, lr, momentum,
+                       compute_adj_params, compute_adj_state);
+  check_cpu_floating(op, "params", params);
+  const bool first = momentum_buffers.empty();
+  const fastmeta_pilot::SgdHyper hyper{lr, momentum, dampening, weight_decay, adj_scale, nesterov, maximize, first};
+  const bool want_adj = !vectors.empty();
+  const SgdWanted w = sgd_wanted(want_adj, momentum, first, compute_params, compute_state, compute_adj_params,
+                                 compute_adj_state);
+  const bool need_update = w.params || w.state;
+  // the adjoint reads θ and g only through L2 weight decay's g (never): only a, Ab
+  const std::vector<at::Tensor> empty;
+  const std::vector<at::Tensor> in[kSgdInputs] = {
+      (w.params || (need_update && weight_decay != 0.0)) ? contiguous_list(params) : empty,
+      need_update ? contiguous_list(grads) : empty, need_update ? contiguous_list(momentum_buffers) : empty,
+      contiguous_list(vectors), contiguous_list(adj_momentum_buffers)};
+  std::vector<at::Tensor> out[kSgdOutputs] = {outputs_like(params, w.params), outputs_like(params, w.adj),
+                                              outputs_like(params, w.state), outputs_like(params, w.adj_params),
+                                              outputs_like(params, w.adj_buf)};
   const auto items = make_items(params);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const Item& it = items[k];
-      const int64_t t = it.tensor, b = it.begin;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "fastmeta::sgd_pilot", [&] {
-        SgdPilotPtrs<scalar_t> p{ptr_or_null<scalar_t>(th, t, b), ptr_or_null<scalar_t>(g, t, b),
-                                 ptr_or_null<scalar_t>(buf, t, b), ptr_or_null<scalar_t>(v, t, b),
-                                 mut_ptr_or_null<scalar_t>(o_th, t, b), mut_ptr_or_null<scalar_t>(o_adj, t, b),
-                                 mut_ptr_or_null<scalar_t>(o_buf, t, b)};
-        sgd_pilot_chunk_any(p, it.length, hyper);
-      });
-    }
-  });
-  return {o_th, o_adj, o_buf};
+  if (w.params || w.adj || w.state) {
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const Item& it = items[k];
+        const int64_t t = it.tensor, b = it.begin;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "fastmeta::sgd_pilot",
+                                        [&] {
+          PilotPtrs<scalar_t, kSgdInputs, kSgdOutputs> p;
+          for (int j = 0; j < kSgdInputs; ++j) p.in[j] = ptr_or_null<scalar_t>(in[j], t, b);
+          for (int j = 0; j < kSgdOutputs; ++j) p.out[j] = mut_ptr_or_null<scalar_t>(out[j], t, b);
+          sgd_pilot_chunk_any(p, it.length, hyper);
+        });
+      }
+    });
+  }
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 // ------------------------------------------------------------------------- //
@@ -665,27 +772,34 @@ std::vector<at::Tensor> adam_preconditioner_meta(at::TensorList vectors, at::Ten
   return like_list(vectors);
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>
-adam_pilot_meta(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList vectors, double lr, double beta1, double beta2,
-                double eps, double /*weight_decay*/, int64_t step, bool /*decoupled*/, bool amsgrad,
-                bool /*maximize*/, bool /*exact_jacobian*/, double /*adj_scale*/, bool compute_params,
-                bool compute_state) {
-  check_adam_pilot_args("adam_pilot", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, lr, beta1,
-                        beta2, eps, step, amsgrad);
-  return {outputs_like(params, compute_params), outputs_like(params, !vectors.empty()),
-          outputs_like(params, compute_state), outputs_like(params, compute_state),
-          outputs_like(params, compute_state && amsgrad)};
+AdamPilotResult adam_pilot_meta(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList vectors,
+                                at::TensorList adj_exp_avgs, at::TensorList adj_exp_avg_sqs,
+                                at::TensorList adj_max_exp_avg_sqs, double lr, double beta1, double beta2,
+                                double eps, double /*weight_decay*/, int64_t step, bool /*decoupled*/, bool amsgrad,
+                                bool /*maximize*/, bool exact_jacobian, double /*adj_scale*/, bool compute_params,
+                                bool compute_state, bool compute_adj_params, bool compute_adj_state) {
+  check_adam_pilot_args("adam_pilot", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, adj_exp_avgs,
+                        adj_exp_avg_sqs, adj_max_exp_avg_sqs, lr, beta1, beta2, eps, step, amsgrad,
+                        compute_adj_params, compute_adj_state);
+  const AdamWanted w = adam_wanted(!vectors.empty(), amsgrad, exact_jacobian, !max_exp_avg_sqs.empty(),
+                                   compute_params, compute_state, compute_adj_params, compute_adj_state);
+  return {outputs_like(params, w.params),     outputs_like(params, w.adj),   outputs_like(params, w.state),
+          outputs_like(params, w.state),      outputs_like(params, w.smax),  outputs_like(params, w.adj_params),
+          outputs_like(params, w.adj_m),      outputs_like(params, w.adj_s), outputs_like(params, w.adj_smax)};
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_pilot_meta(
-    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList vectors, double lr,
-    double momentum, double /*dampening*/, double /*weight_decay*/, bool /*nesterov*/, bool /*maximize*/,
-    double /*adj_scale*/, bool compute_params, bool compute_state) {
-  check_sgd_pilot_args("sgd_pilot", params, grads, momentum_buffers, vectors, lr, momentum);
-  return {outputs_like(params, compute_params), outputs_like(params, !vectors.empty()),
-          outputs_like(params, compute_state && momentum != 0.0)};
+SgdPilotResult sgd_pilot_meta(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                              at::TensorList vectors, at::TensorList adj_momentum_buffers, double lr, double momentum,
+                              double /*dampening*/, double /*weight_decay*/, bool /*nesterov*/, bool /*maximize*/,
+                              double /*adj_scale*/, bool compute_params, bool compute_state, bool compute_adj_params,
+                              bool compute_adj_state) {
+  check_sgd_pilot_args("sgd_pilot", params, grads, momentum_buffers, vectors, adj_momentum_buffers, lr, momentum,
+                       compute_adj_params, compute_adj_state);
+  const SgdWanted w = sgd_wanted(!vectors.empty(), momentum, momentum_buffers.empty(), compute_params, compute_state,
+                                 compute_adj_params, compute_adj_state);
+  return {outputs_like(params, w.params), outputs_like(params, w.adj), outputs_like(params, w.state),
+          outputs_like(params, w.adj_params), outputs_like(params, w.adj_buf)};
 }
 
 }  // namespace
@@ -701,15 +815,19 @@ TORCH_LIBRARY(fastmeta, m) {
       "float bias_correction2, float eps, float scale) -> Tensor[]");
   m.def(
       "adam_pilot(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
-      "Tensor[] max_exp_avg_sqs, Tensor[] vectors, float lr, float beta1, float beta2, float eps, "
+      "Tensor[] max_exp_avg_sqs, Tensor[] vectors, Tensor[] adj_exp_avgs, Tensor[] adj_exp_avg_sqs, "
+      "Tensor[] adj_max_exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, int step, bool decoupled, bool amsgrad, bool maximize, bool exact_jacobian, "
-      "float adj_scale, bool compute_params, bool compute_state) -> (Tensor[] new_params, Tensor[] adj_grads, "
-      "Tensor[] new_exp_avgs, Tensor[] new_exp_avg_sqs, Tensor[] new_max_exp_avg_sqs)");
+      "float adj_scale, bool compute_params, bool compute_state, bool compute_adj_params, bool compute_adj_state) "
+      "-> (Tensor[] new_params, Tensor[] adj_grads, Tensor[] new_exp_avgs, Tensor[] new_exp_avg_sqs, "
+      "Tensor[] new_max_exp_avg_sqs, Tensor[] adj_params, Tensor[] adj_exp_avgs, Tensor[] adj_exp_avg_sqs, "
+      "Tensor[] adj_max_exp_avg_sqs)");
   m.def(
-      "sgd_pilot(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor[] vectors, float lr, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, float adj_scale, "
-      "bool compute_params, bool compute_state) -> (Tensor[] new_params, Tensor[] adj_grads, "
-      "Tensor[] new_momentum_buffers)");
+      "sgd_pilot(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor[] vectors, "
+      "Tensor[] adj_momentum_buffers, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, float adj_scale, bool compute_params, bool compute_state, bool compute_adj_params, "
+      "bool compute_adj_state) -> (Tensor[] new_params, Tensor[] adj_grads, Tensor[] new_momentum_buffers, "
+      "Tensor[] adj_params, Tensor[] adj_momentum_buffers)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {

@@ -308,15 +308,19 @@ def _build(root: Path, with_cuda: bool, verbose: bool, toolkit: Optional[CudaToo
     _STATUS.build_directory = str(build_dir)
     _STATUS.sources = sources
     # -fno-math-errno/-fno-trapping-math: sqrt without its errno branch and selects of FP values
-    # (no FP traps are enabled anyway), so that elementwise loops such as the pilot ops' vectorise
-    cflags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    # (no FP traps are enabled anyway), so that elementwise loops such as the pilot ops' vectorise.
+    # No contraction of a*b+c into one FMA (-ffp-contract=off, nvcc -fmad=false): csrc/pilot_math.h
+    # promises the twins' expressions in their order, each rounded; an FMA rounds once, and where
+    # a sum cancels (the L2 gradient g = grad + wd*theta) the two differ by many ulps after the
+    # D = .../denom^2 of Adam's Jacobian (first seen on an H200: bf16 adam_l2, 2-4 elements > 1 ulp).
+    cflags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     from torch.utils.cpp_extension import load  # after _use_toolkit: it reads CUDA_HOME on import
 
     load(
         name=f"fastmeta_C_{flavour}",
         sources=sources,
         extra_cflags=cflags,
-        extra_cuda_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=["-O3", "-std=c++17", "-fmad=false"],
         extra_ldflags=["-fopenmp"],
         extra_include_paths=include_paths,
         build_directory=str(build_dir),

@@ -26,8 +26,10 @@ Losses (``rows`` = the counted rows, ``mask = labels != -100`` after alignment):
     LS        = (1 − w)·CE(y, zs) + w·KD(zs, zt)
 
 with the per-row ``ℓ`` of ``fastmeta.losses`` (``kl``: ``τ²·KL(pt ‖ ps)``; see
-:func:`kd_rows`).  Until ``fastmeta.losses`` is importable this module uses a
-plain-PyTorch twin with the same per-row definitions.
+:func:`kd_rows`).  KD itself lives in ``fastmeta.losses`` (its one home): this
+module's ``kd_rows``, ``kd_loss``, ``kd_teacher_cotangent``, ``kd_influence``,
+``check_temperature`` are those functions under their historical names, and
+:func:`student_loss` calls the trusted ``fastmeta.losses.kd_loss_unchecked``.
 """
 from __future__ import annotations
 
@@ -39,8 +41,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from fastmeta import losses
+from fastmeta._validation import check_number
+
 IGNORE_INDEX = -100
-KD_KINDS = ("kl", "reverse_kl", "softmax_mse", "logit_mse")
+KD_KINDS = losses.KINDS
 
 __all__ = [
     "IGNORE_INDEX",
@@ -64,6 +69,7 @@ __all__ = [
     "check_kd_kind",
     "check_logits_pair",
     "check_finite",
+    "check_all_finite",
     "check_same_device",
     "module_device",
 ]
@@ -270,122 +276,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, name: str = "la
     return F.cross_entropy(logits.reshape(-1, num_classes), flat_labels, ignore_index=IGNORE_INDEX, reduction="mean")
 
 
-# --------------------------------------------------------------------------- KD losses
-def _losses_module():
-    try:
-        from fastmeta import losses  # kernels helper's module (Triton on CUDA, PyTorch on CPU)
-    except ImportError:
-        return None
-    return losses
-
-
-def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:
-    """Per-row KD loss ``ℓ_r`` (same shape as ``logits.shape[:-1]``), plain PyTorch, differentiable.
-
-    With ``s = zs/τ``, ``t = zt/τ``, ``ps``/``pt`` their softmaxes, ``V`` classes::
-
-        kl          ℓ = τ²·KL(pt ‖ ps)
-        reverse_kl  ℓ = τ²·KL(ps ‖ pt)
-        softmax_mse ℓ = τ²·mean_j (ps_j − pt_j)²
-        logit_mse   ℓ = mean_j (zs_j − zt_j)²        (= τ²·mean_j ((zs_j − zt_j)/τ)²)
-
-    the definitions of ``fastmeta.losses`` (Hinton's τ² scaling on).  fp16/bf16
-    inputs are computed in float32, float64 stays float64.
-    """
-    check_kd_kind(kind)
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    zs = student_logits.to(dtype)
-    zt = teacher_logits.to(dtype)
-    tau = float(temperature)
-    if kind == "logit_mse":
-        return (zs - zt).square().mean(-1)
-    log_ps = torch.log_softmax(zs / tau, dim=-1)
-    log_pt = torch.log_softmax(zt / tau, dim=-1)
-    if kind == "kl":
-        return tau * tau * (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-    if kind == "reverse_kl":
-        return tau * tau * (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-    return tau * tau * (log_ps.exp() - log_pt.exp()).square().mean(-1)
-
-
-def _batchmean(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None:
-        return rows.sum() / rows.numel()
-    count = mask.sum()
-    return torch.where(mask, rows, rows.new_zeros(())).sum() / count.clamp_min(1)
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    kind: str = "kl",
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``KD = (1/|rows|) Σ_{counted rows} ℓ_r`` (batchmean over ``mask``), differentiable in both logits.
-
-    Uses ``fastmeta.losses.kd_loss`` when that module is importable, else :func:`kd_rows`.
-    """
-    losses = _losses_module()
-    if losses is not None:
-        return losses.kd_loss(student_logits, teacher_logits, temperature, kind=kind, reduction="batchmean", mask=mask)
-    return _batchmean(kd_rows(student_logits, teacher_logits, temperature, kind), mask)
-
-
-def kd_teacher_cotangent(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    student_tangent: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    kind: str = "kl",
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``c = ∂/∂zt ⟨∂KD/∂zs, u⟩`` for the batchmean KD loss (same shape as the logits).
-
-    ``fastmeta.losses.kd_teacher_cotangent`` when available (closed form); else
-    autograd on the logits only (cheap: no model is involved).
-    """
-    losses = _losses_module()
-    if losses is not None:
-        return losses.kd_teacher_cotangent(
-            student_logits, teacher_logits, student_tangent, temperature, kind=kind, reduction="batchmean", mask=mask
-        )
-    with torch.enable_grad():
-        zs = student_logits.detach().requires_grad_(True)
-        zt = teacher_logits.detach().requires_grad_(True)
-        loss = _batchmean(kd_rows(zs, zt, temperature, kind), mask)
-        (grad_zs,) = torch.autograd.grad(loss, zs, create_graph=True)
-        (cotangent,) = torch.autograd.grad(grad_zs, zt, grad_outputs=student_tangent.to(grad_zs.dtype))
-    return cotangent.to(teacher_logits.dtype)
-
-
-def kd_influence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    student_tangent: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    kind: str = "kl",
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per row ``⟨∂ℓ_r/∂zs_r, u_r⟩`` (shape ``logits.shape[:-1]``; masked rows 0).
-
-    ``fastmeta.losses.kd_influence`` when available; else a forward-mode JVP of
-    :func:`kd_rows` in the direction ``u`` (exact, logits only).
-    """
-    losses = _losses_module()
-    if losses is not None:
-        return losses.kd_influence(student_logits, teacher_logits, student_tangent, temperature, kind=kind, mask=mask)
-    zt = teacher_logits.detach()
-    zs = student_logits.detach()
-    _, dots = torch.func.jvp(
-        lambda z: kd_rows(z, zt, temperature, kind), (zs,), (student_tangent.detach().to(zs.dtype),)
-    )
-    if mask is not None:
-        dots = torch.where(mask, dots, dots.new_zeros(()))
-    return dots
+# --------------------------------------------------------------------------- KD losses (fastmeta.losses)
+kd_rows = losses.kd_rows  # per-row ℓ, plain PyTorch (any order of differentiation)
+kd_loss = losses.kd_loss  # checked; batchmean over ``mask`` by default
+kd_teacher_cotangent = losses.kd_teacher_cotangent  # checked closed form, batchmean by default
+kd_influence = losses.kd_influence  # checked, per row
 
 
 def per_sample_sum(rows: torch.Tensor) -> torch.Tensor:
@@ -405,51 +300,38 @@ def student_loss(
 ) -> torch.Tensor:
     """``LS = (1 − w)·CE(y, zs) + w·KD(zs, zt)`` on aligned logits/labels; KD mask = ``labels != -100``.
 
-    A term whose weight is exactly 0 is not evaluated (so ``kd_weight=1`` needs no
-    valid class ids and ``kd_weight=0`` no teacher).  ``higher_order=True`` uses the
-    plain-PyTorch :func:`kd_rows` (differentiable any number of times, forward mode
-    included) instead of ``fastmeta.losses`` (whose fused backward is first order).
+    Arguments are trusted (``meta_step`` and the engine's public functions check
+    ``temperature``, ``kd_weight`` and ``kind`` once; the logits come aligned and paired):
+    KD is ``fastmeta.losses.kd_loss_unchecked``.  A term whose weight is exactly 0 is not
+    evaluated (so ``kd_weight=1`` needs no valid class ids and ``kd_weight=0`` no
+    teacher).  ``higher_order=True`` uses the plain-PyTorch twin (differentiable any
+    number of times, forward mode included) instead of the fused kernel (first order).
     """
     mask = row_mask(labels)
     loss = None
     if kd_weight != 1.0:
         loss = (1.0 - kd_weight) * cross_entropy(student_logits, labels)
     if kd_weight != 0.0:
-        if not bool(mask.any()):
+        if kd_weight == 1.0 and not bool(mask.any()):  # else cross_entropy reported it
             raise ValueError("every row of the batch labels is -100 (ignored): the KD loss would be a mean over zero rows")
-        if higher_order:
-            kd = kd_weight * _batchmean(kd_rows(student_logits, teacher_logits, temperature, kind), mask)
-        else:
-            kd = kd_weight * kd_loss(student_logits, teacher_logits, temperature, kind=kind, mask=mask)
-        kd = kd.to(student_logits.dtype) if kd.dtype != student_logits.dtype else kd
+        kd = kd_weight * losses.kd_loss_unchecked(student_logits, teacher_logits, temperature, kind, mask=mask,
+                                                  higher_order=higher_order)
         loss = kd if loss is None else loss + kd
     return loss
 
 
 # --------------------------------------------------------------------------- validation
-def check_temperature(temperature: float) -> float:
-    """``temperature`` must be a finite number > 0."""
-    try:
-        value = float(temperature)
-    except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}") from None
-    if not (value > 0.0) or value == float("inf"):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return value
+check_temperature = losses.check_temperature  # the one temperature check (finite number > 0)
 
 
 def check_kd_weight(kd_weight: float) -> float:
-    """``kd_weight`` must lie in [0, 1]."""
-    value = float(kd_weight)
-    if not (0.0 <= value <= 1.0):
-        raise ValueError(f"kd_weight must lie in [0, 1], got {kd_weight}")
-    return value
+    """``kd_weight`` must be a number in [0, 1] (``TypeError`` for a bool or a string)."""
+    return check_number("kd_weight", kd_weight, low=0.0, high=1.0)
 
 
 def check_kd_kind(kind: str) -> str:
-    if kind not in KD_KINDS:
-        raise ValueError(f"kd_loss must be one of {KD_KINDS}, got {kind!r}")
-    return kind
+    """``kind`` (the ``kd_loss`` argument of meta_step and the engine) must be one of :data:`KD_KINDS`."""
+    return losses.check_kind(kind, "kd_loss")
 
 
 def check_logits_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -469,6 +351,13 @@ def check_finite(value: torch.Tensor, name: str) -> None:
     """Raise ``FloatingPointError`` naming ``name`` when ``value`` has a NaN or an infinity."""
     if not bool(torch.isfinite(value).all()):
         raise FloatingPointError(f"{name} is not finite ({value.detach().flatten()[:4].tolist()})")
+
+
+def check_all_finite(*named: tuple[str, torch.Tensor]) -> None:
+    """:func:`check_finite` of several ``(name, tensor)`` pairs (one device) with ONE host synchronisation."""
+    if not bool(torch.stack([torch.isfinite(value).all() for _, value in named]).all()):
+        for name, value in named:
+            check_finite(value, name)
 
 
 def module_device(module: torch.nn.Module) -> torch.device | None:

@@ -43,10 +43,9 @@ Methods
     benchmarks: it keeps the whole backward graph alive.
 ``"exact"`` (``mixed_hvp`` only, its default): the logit-space factorisation.  One
     student JVP ``u = J_S v`` (forward mode, ``fastmeta.functional.jvp_logits``), the
-    closed-form cotangent ``c = ∂/∂zt ⟨∂ℓ/∂zs, u⟩`` on the teacher's logits
-    (``fastmeta.losses.kd_teacher_cotangent`` for KD losses; for any other logit loss
-    ``ℓ(zs, zt)``, ``c`` by autograd in logit space only) and ONE ordinary teacher
-    backward ``J_Tᵀ c``.  Exact; no double backward, no graph of the student's backward.
+    cotangent ``c = ∂/∂zt ⟨∂ℓ/∂zs, u⟩`` on the teacher's logits (:class:`LogitLoss`: KD's
+    closed form from ``fastmeta.losses``, else autograd in logit space only) and ONE
+    ordinary teacher backward ``J_Tᵀ c``.  Exact; no double backward, no graph of the student's backward.
     ``student_jvp="finite_diff"`` takes ``u`` by a central difference of the student's
     logits instead (works with any kernel; approximate).
 
@@ -76,7 +75,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import ops
+from . import losses, ops
 from .functional import (
     RESTORES,
     as_split_inputs,
@@ -87,11 +86,11 @@ from .functional import (
     math_attention,
 )
 
-__all__ = ["hvp", "mixed_hvp", "forward_over_reverse"]
+__all__ = ["hvp", "mixed_hvp", "forward_over_reverse", "LogitLoss", "mixed_hvp_unchecked"]
 
 HVP_METHODS = ("forward_over_reverse", "finite_diff", "autograd")
 MIXED_METHODS = ("exact", "forward_over_reverse", "finite_diff", "autograd")
-KD_KINDS = ("kl", "reverse_kl", "softmax_mse", "logit_mse")
+KD_KINDS = losses.KINDS
 
 Vector = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 
@@ -331,10 +330,77 @@ def _hvp_finite_diff(loss_fn, module, params, vectors, r, restore, device):
 
 
 # --------------------------------------------------------------------------- mixed_hvp
-def _resolve_loss(loss, loss_kwargs):
-    """(callable ℓ(zs, zt), kd_kwargs or None): kd_kwargs when ℓ is fastmeta's KD loss."""
-    from . import losses
+_KD_KWARGS = ("temperature", "kind", "reduction", "mask", "scale_by_temperature_squared")
 
+
+class LogitLoss:
+    """A logit-level loss ``ℓ(zs, zt)`` with what each ``mixed_hvp`` method needs from it.
+
+    :meth:`kd`: fastmeta's KD loss on the trusted path of ``fastmeta.losses`` (closed-form
+    cotangent and teacher gradient, the PyTorch twin where a method differentiates twice),
+    arguments checked once by :func:`mixed_hvp`, which also checks (``check_logits``) the
+    first pair of logits.  Else a callable ``fn(zs, zt, **kwargs) -> scalar`` (autograd).
+    """
+
+    def __init__(self, fn: Optional[Callable] = None, kwargs: Optional[Mapping[str, Any]] = None, *,
+                 kd: Optional[Dict[str, Any]] = None, check_logits: bool = False):
+        self.fn = fn
+        self.kwargs = dict(kwargs or {})
+        self.kd_args = kd
+        self._pending_check = check_logits and kd is not None
+
+    @classmethod
+    def kd(cls, kind: str, temperature: float, *, reduction: str = "batchmean", mask: Optional[torch.Tensor] = None,
+           scale_by_temperature_squared: bool = True, check_logits: bool = False) -> "LogitLoss":
+        """``fastmeta.losses.kd_loss(zs, zt, temperature, kind=, reduction=, mask=)`` with trusted arguments."""
+        return cls(kd=dict(temperature=temperature, kind=kind, reduction=reduction, mask=mask,
+                           scale_by_temperature_squared=scale_by_temperature_squared), check_logits=check_logits)
+
+    def _check(self, zs: torch.Tensor, zt: torch.Tensor) -> None:
+        if self._pending_check:
+            self._pending_check = False
+            losses.check_logits(zs.detach(), zt.detach(), self.kd_args["mask"], check_finite=True)
+
+    def scalar(self, zs: torch.Tensor, zt: torch.Tensor, *, higher_order: bool = True) -> torch.Tensor:
+        """``ℓ(zs, zt)`` as a 0-dim tensor (KD: the PyTorch twin unless ``higher_order=False``)."""
+        if self.kd_args is None:
+            value = self.fn(zs, zt, **self.kwargs)
+        else:
+            self._check(zs, zt)
+            value = losses.kd_loss_unchecked(zs, zt, higher_order=higher_order, **self.kd_args)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ValueError("loss must return a scalar Tensor (use a reducing reduction)")
+        return value.reshape(())
+
+    def cotangent(self, zs: torch.Tensor, zt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``c = ∂/∂zt ⟨∂ℓ/∂zs, u⟩`` on the teacher's logits."""
+        if self.kd_args is not None:
+            self._check(zs, zt)
+            c, _ = losses.kd_second_order_unchecked(zs.detach(), zt.detach(), u.detach(), need_influence=False,
+                                                    **self.kd_args)
+            return c
+        with torch.enable_grad():
+            zs_ = zs.detach().requires_grad_(True)
+            zt_ = zt.detach().requires_grad_(True)
+            value = self.scalar(zs_, zt_)
+            (dzs,) = torch.autograd.grad(value, zs_, create_graph=True)
+            (c,) = torch.autograd.grad((dzs * u.detach()).sum(), zt_, allow_unused=True)
+        return torch.zeros_like(zt) if c is None else c
+
+    def teacher_grad(self, zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
+        """``∂ℓ/∂zt`` at ``(zs, zt)`` (logit space only)."""
+        if self.kd_args is not None:
+            self._check(zs, zt)
+            return losses.kd_teacher_grad_unchecked(zs.detach(), zt.detach(), **self.kd_args).to(zt.dtype)
+        with torch.enable_grad():
+            zt_ = zt.detach().requires_grad_(True)
+            value = self.scalar(zs.detach(), zt_)
+            (c,) = torch.autograd.grad(value, zt_, allow_unused=True)
+        return torch.zeros_like(zt) if c is None else c
+
+
+def _resolve_loss(loss, loss_kwargs, method: str) -> LogitLoss:
+    """``loss``/``loss_kwargs`` of :func:`mixed_hvp`, checked once, as a :class:`LogitLoss`."""
     kwargs = dict(loss_kwargs or {})
     if isinstance(loss, str):
         _check_choice("loss", loss, KD_KINDS)
@@ -344,44 +410,20 @@ def _resolve_loss(loss, loss_kwargs):
         loss = losses.kd_loss
     if not callable(loss):
         raise TypeError(f"loss must be a KD kind {KD_KINDS} or a callable loss(student_logits, teacher_logits, ...)")
-    is_kd = loss is losses.kd_loss
-    if is_kd:
-        allowed = {"temperature", "kind", "reduction", "mask", "scale_by_temperature_squared"}
-        unknown = set(kwargs) - allowed
-        if unknown:
-            raise ValueError(f"loss_kwargs has {sorted(unknown)}, not arguments of fastmeta.losses.kd_loss")
-    return loss, (kwargs if is_kd else None), kwargs
-
-
-def _scalar_loss(loss, zs, zt, kwargs):
-    value = loss(zs, zt, **kwargs)
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+    if loss is not losses.kd_loss:
+        return LogitLoss(loss, kwargs)
+    unknown = set(kwargs) - set(_KD_KWARGS)
+    if unknown:
+        raise ValueError(f"loss_kwargs has {sorted(unknown)}, not arguments of fastmeta.losses.kd_loss")
+    kind = losses.check_kind(kwargs.get("kind", "kl"))
+    temperature = losses.check_temperature(kwargs.get("temperature", 1.0))
+    reduction = kwargs.get("reduction", "batchmean")
+    _check_choice("reduction", reduction, losses.REDUCTIONS)
+    if reduction == "none" and method != "exact":
         raise ValueError("loss must return a scalar Tensor (use a reducing reduction)")
-    return value.reshape(())
-
-
-def _logit_cotangent(loss, kd_kwargs, kwargs, zs, zt, u):
-    """c = ∂/∂zt ⟨∂ℓ/∂zs, u⟩ on the teacher's logits."""
-    if kd_kwargs is not None:
-        from .losses import kd_teacher_cotangent
-
-        return kd_teacher_cotangent(zs.detach(), zt.detach(), u.detach(), **kd_kwargs)
-    with torch.enable_grad():
-        zs_ = zs.detach().requires_grad_(True)
-        zt_ = zt.detach().requires_grad_(True)
-        value = _scalar_loss(loss, zs_, zt_, kwargs)
-        (dzs,) = torch.autograd.grad(value, zs_, create_graph=True)
-        (c,) = torch.autograd.grad((dzs * u.detach()).sum(), zt_, allow_unused=True)
-    return torch.zeros_like(zt) if c is None else c
-
-
-def _logit_teacher_grad(loss, kwargs, zs, zt):
-    """∂ℓ/∂zt at (zs, zt) (logit space only)."""
-    with torch.enable_grad():
-        zt_ = zt.detach().requires_grad_(True)
-        value = _scalar_loss(loss, zs.detach(), zt_, kwargs)
-        (c,) = torch.autograd.grad(value, zt_, allow_unused=True)
-    return torch.zeros_like(zt) if c is None else c
+    scale = kwargs.get("scale_by_temperature_squared", True)
+    return LogitLoss.kd(kind, temperature, reduction=reduction, mask=kwargs.get("mask"),
+                        scale_by_temperature_squared=bool(scale), check_logits=True)
 
 
 def mixed_hvp(
@@ -436,7 +478,7 @@ def mixed_hvp(
     _check_choice("restore", restore, RESTORES)
     if not isinstance(teacher, torch.nn.Module) or not isinstance(student, torch.nn.Module):
         raise TypeError("teacher and student must be nn.Modules")
-    loss_callable, kd_kwargs, kwargs = _resolve_loss(loss, loss_kwargs)
+    logit_loss = _resolve_loss(loss, loss_kwargs, method)
     teacher_params = _trainable(teacher)
     if not teacher_params:
         raise ValueError("teacher has no trainable parameters (all requires_grad=False)")
@@ -444,25 +486,48 @@ def mixed_hvp(
     if not student_params:
         raise ValueError("student has no trainable parameters (all requires_grad=False)")
     s_names, vectors, as_dict = _resolve_vector(vector, student_params, "the student")
+    split_s = as_split_inputs(inputs)
+    split_t = split_s if teacher_inputs is None else as_split_inputs(teacher_inputs)
+    result = mixed_hvp_unchecked(teacher, student, split_t, split_s, dict(zip(s_names, vectors)), logit_loss,
+                                 method=method, student_jvp=student_jvp, r=r, restore=restore)
+    return result if as_dict else list(result.values())
+
+
+def mixed_hvp_unchecked(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    split_t,
+    split_s,
+    vector: Dict[str, torch.Tensor],
+    loss: LogitLoss,
+    *,
+    method: str = "exact",
+    student_jvp: str = "forward",
+    r: float = 1e-2,
+    restore: str = "fast",
+) -> Dict[str, torch.Tensor]:
+    """:func:`mixed_hvp` on checked arguments (fastmeta's own callers, e.g. LGTM's official teacher update).
+
+    ``split_t``/``split_s``: :class:`~fastmeta.batching.SplitBatch` inputs; ``vector``: a dict
+    over trainable student parameters, finite, in their dtypes; ``loss``: a
+    :class:`LogitLoss`.  Returns ``{teacher trainable parameter name: tensor}``.
+    """
+    teacher_params = _trainable(teacher)
+    student_params = _trainable(student)
+    s_names = list(vector)
+    vectors = [vector[n] for n in s_names]
     t_names = list(teacher_params)
     t_list = [teacher_params[n] for n in t_names]
     s_list = [student_params[n] for n in s_names]
-    split_s = as_split_inputs(inputs)
-    split_t = split_s if teacher_inputs is None else as_split_inputs(teacher_inputs)
-
     if method == "exact":
-        result = _mixed_exact(teacher, student, split_t, split_s, s_names, vectors, t_list,
-                              loss_callable, kd_kwargs, kwargs, student_jvp)
+        result = _mixed_exact(teacher, student, split_t, split_s, s_names, vectors, t_list, loss, student_jvp)
     elif method == "finite_diff":
-        result = _mixed_finite_diff(teacher, student, split_t, split_s, s_list, vectors, t_list,
-                                    loss_callable, kwargs, r, restore)
+        result = _mixed_finite_diff(teacher, student, split_t, split_s, s_list, vectors, t_list, loss, r, restore)
     elif method == "forward_over_reverse":
-        result = _mixed_forward_over_reverse(teacher, student, split_t, split_s, t_names, s_names, vectors,
-                                             loss_callable, kwargs)
+        result = _mixed_forward_over_reverse(teacher, student, split_t, split_s, t_names, s_names, vectors, loss)
     else:
-        result = _mixed_autograd(teacher, student, split_t, split_s, t_list, s_list, vectors,
-                                 loss_callable, kwargs)
-    return _pack(t_names, result, as_dict)
+        result = _mixed_autograd(teacher, student, split_t, split_s, t_list, s_list, vectors, loss)
+    return dict(zip(t_names, result))
 
 
 def _teacher_backward(zt, t_list, c):
@@ -470,16 +535,16 @@ def _teacher_backward(zt, t_list, c):
     return [g.detach() for g in _grads_or_zeros(grads, t_list)]
 
 
-def _mixed_exact(teacher, student, split_t, split_s, s_names, vectors, t_list, loss, kd_kwargs, kwargs, student_jvp):
+def _mixed_exact(teacher, student, split_t, split_s, s_names, vectors, t_list, loss, student_jvp):
     tangents = dict(zip(s_names, vectors))
     zs, u = jvp_logits(student, split_s, tangents, method=student_jvp)
     with torch.enable_grad():
         zt = functional_logits(teacher, None, split_t, name="teacher")
-    c = _logit_cotangent(loss, kd_kwargs, kwargs, zs, zt, u)
+    c = loss.cotangent(zs, zt, u)
     return _teacher_backward(zt, t_list, c)
 
 
-def _mixed_finite_diff(teacher, student, split_t, split_s, s_list, vectors, t_list, loss, kwargs, r, restore):
+def _mixed_finite_diff(teacher, student, split_t, split_s, s_list, vectors, t_list, loss, r, restore):
     eps = _finite_diff_eps(vectors, r)
     if eps == 0.0:
         return [torch.zeros_like(p) for p in t_list]
@@ -491,13 +556,13 @@ def _mixed_finite_diff(teacher, student, split_t, split_s, s_list, vectors, t_li
             s_list, vectors, eps, lambda: functional_logits(student, None, split_s, name="student"),
             rng_state=rng, restore=restore,
         )
-    c_plus = _logit_teacher_grad(loss, kwargs, zs_plus, zt)
-    c_minus = _logit_teacher_grad(loss, kwargs, zs_minus, zt)
+    c_plus = loss.teacher_grad(zs_plus, zt)
+    c_minus = loss.teacher_grad(zs_minus, zt)
     (c,) = ops.central_difference([c_plus], [c_minus], eps)
     return _teacher_backward(zt, t_list, c)
 
 
-def _mixed_forward_over_reverse(teacher, student, split_t, split_s, t_names, s_names, vectors, loss, kwargs):
+def _mixed_forward_over_reverse(teacher, student, split_t, split_s, t_names, s_names, vectors, loss):
     t_primals = tuple(p.detach() for p in (dict(teacher.named_parameters())[n] for n in t_names))
     own_s = dict(student.named_parameters())
     s_primals = tuple(own_s[n].detach() for n in s_names)
@@ -505,7 +570,7 @@ def _mixed_forward_over_reverse(teacher, student, split_t, split_s, t_names, s_n
     def total_loss(t_flat, s_flat):
         zt = functional_logits(teacher, dict(zip(t_names, t_flat)), split_t, name="teacher")
         zs = functional_logits(student, dict(zip(s_names, s_flat)), split_s, name="student")
-        return _scalar_loss(loss, zs, zt, kwargs)
+        return loss.scalar(zs, zt)
 
     def teacher_grad(s_flat):
         return torch.func.grad(total_loss, argnums=0)(t_primals, s_flat)
@@ -515,11 +580,11 @@ def _mixed_forward_over_reverse(teacher, student, split_t, split_s, t_names, s_n
     return [t.detach() for t in out]
 
 
-def _mixed_autograd(teacher, student, split_t, split_s, t_list, s_list, vectors, loss, kwargs):
+def _mixed_autograd(teacher, student, split_t, split_s, t_list, s_list, vectors, loss):
     with torch.enable_grad(), math_attention():
         zt = functional_logits(teacher, None, split_t, name="teacher")
         zs = functional_logits(student, None, split_s, name="student")
-        value = _scalar_loss(loss, zs, zt, kwargs)
+        value = loss.scalar(zs, zt)
         g_s = torch.autograd.grad(value, s_list, create_graph=True, allow_unused=True)
         pairs = [(g, v) for g, v in zip(g_s, vectors) if g is not None and g.requires_grad]
         if not pairs:

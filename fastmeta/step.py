@@ -79,7 +79,6 @@ process computes the pilot step and the meta-gradient on its own shard.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
@@ -87,71 +86,30 @@ import torch
 from fastmeta import batching
 from fastmeta.algorithms import ALGORITHMS, HYPERGRADS, check_hypergrad
 from fastmeta.algorithms._common import StepContext, Transaction, check_flag, check_max_grad_norm, check_number
+from fastmeta.algorithms.output import StepOutput
+from fastmeta.engine import JVP_PRECISIONS, check_count, check_loss_scale, check_pilot_options
 
 __all__ = ["meta_step", "StepOutput"]
 
 
-@dataclass
-class StepOutput:
-    """What one :func:`meta_step` did.  Every tensor is detached.
+def _resolve_inner_lr(inner_lr: Any, student_optimizer: torch.optim.Optimizer, engine_checks_it: bool) -> Optional[float]:
+    """``inner_lr``: None stays None (each parameter's param-group ``lr``), else a finite number > 0.
 
-    Attributes:
-        algorithm: the algorithm that ran.
-        student_loss: ``LS`` of the student step that was applied, evaluated at the
-            student's parameters before the step and with the teacher whose logits
-            that step used (metadistil/lgtm/reptile: the UPDATED teacher; kd/ikd: the
-            current one, ikd's student step being its course step).
-        quiz_loss: ``LQ = CE(yq, S(xq; θS'))`` after the pilot (course) step (ikd with
-            ``"first_order"``: at the current student, Eq. 14); None for kd and reptile
-            (which read no quiz batch).
-        pilot_student_loss: ``LS`` at the pre-step student with the pre-update teacher
-            (the loss of the pilot/course step); None for kd.
-        teacher_loss: the teacher's own objective where the algorithm has one: lgtm's
-            auxiliary ``α·CE(y, T(x)) + (1 − α)·KD_T``, kd's ``CE(y, T(x))`` with
-            ``teacher_ce=True``, reptile's ``½‖θT − θS'‖²`` over the mapped parameters,
-            ikd's ``γ·LQ + (1 − γ)·CE(y, T(x))`` (Eq. 10); else None.
-        influences: LGTM's per-sample distillation influences ``w_i`` ``[batch size]``
-            where computed (lgtm; any algorithm with ``compute_influence=True`` that
-            calls the engine), else None.
-        teacher_updated: whether the teacher optimizer stepped.
-        timings: wall-clock seconds per phase; an algorithm reports the phases it has:
-            ``"validate"``; ``"meta_gradient"`` (the engine call) with the engine's own
-            ``"meta_gradient.<phase>"`` (teacher_forward, student_forward_backward,
-            pilot_update, quiz_forward_backward, student_jvp, teacher_backward, total);
-            ``"pilot.teacher_forward"``, ``"pilot.forward_backward"``, ``"pilot.update"``
-            (reptile); ``"teacher_gradient"`` (work beyond the engine: LGTM's auxiliary
-            loss and official mixed product, Reptile's differences, IKD's teacher CE, kd's
-            teacher CE);
-            ``"teacher_update"`` / ``"student_update"`` (optimizer steps, snapshot
-            included); ``"student_step.teacher_forward"`` and
-            ``"student_step.forward_backward"`` (the real student step); ``"total"``.
-            CUDA is synchronised around each phase.
-        tangent_precision: how the engine computed the student tangent (its
-            ``MetaGradient.tangent_precision``: ``"default"``, ``"fp32 (autocast off)"``
-            or ``"autocast bfloat16"``/``"autocast float16"``); None when the
-            algorithm did not call the engine.
+    With None, the param-group learning rates must be finite and > 0.  The engine's
+    ``check_plan`` (``fastmeta.engine.optimizer.check_student_optimizer``) checks them for
+    the algorithms that call the engine (``engine_checks_it``); here for the others, so
+    each meta_step checks them once.  Where ``inner_lr=None`` is RESOLVED to per-parameter
+    rates: ``fastmeta.engine.optimizer.resolve_lrs`` (the engine) and the optimizer itself
+    (reptile's pilot takes the optimizer's own step).
     """
-
-    algorithm: str
-    student_loss: torch.Tensor
-    quiz_loss: Optional[torch.Tensor] = None
-    pilot_student_loss: Optional[torch.Tensor] = None
-    teacher_loss: Optional[torch.Tensor] = None
-    influences: Optional[torch.Tensor] = None
-    teacher_updated: bool = False
-    timings: Dict[str, float] = field(default_factory=dict)
-    tangent_precision: Optional[str] = None
-
-
-def _resolve_inner_lr(inner_lr: Optional[float], student_optimizer: torch.optim.Optimizer) -> Optional[float]:
-    """None stays None (each parameter's param-group ``lr``); else a finite number > 0."""
-    if inner_lr is None:
+    if inner_lr is not None:
+        return check_number("inner_lr", inner_lr, low=0.0, low_open=True)
+    if not engine_checks_it:
         for group in student_optimizer.param_groups:
             lr = float(group["lr"])
             if not (lr > 0.0) or lr == float("inf"):
                 raise ValueError(f"inner_lr=None takes the student optimizer's lr, which is {lr}: pass inner_lr > 0")
-        return None
-    return check_number("inner_lr", inner_lr, low=0.0, low_open=True)
+    return None
 
 
 def meta_step(
@@ -256,15 +214,16 @@ def meta_step(
         raise TypeError(f"teacher_optimizer must be a torch.optim.Optimizer or None, got {type(teacher_optimizer).__name__}")
     if teacher_optimizer is not None and teacher_optimizer is student_optimizer:
         raise ValueError("teacher_optimizer and student_optimizer must be two different optimizers")
-    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
-    kd_weight = check_number("kd_weight", kd_weight, low=0.0, high=1.0)
+    # each argument is checked here once; the algorithms and the engine's internal run() trust them
+    temperature = batching.check_temperature(temperature)
+    kd_weight = batching.check_kd_weight(kd_weight)
     batching.check_kd_kind(kd_loss)
-    inner_lr_value = _resolve_inner_lr(inner_lr, student_optimizer)
+    module = ALGORITHMS[algorithm]
+    engine_checks_lr = getattr(module, "USES_ENGINE", False)  # its check_plan checks the student's lrs
+    inner_lr_value = _resolve_inner_lr(inner_lr, student_optimizer, engine_checks_lr)
     options = dict(algorithm_options)
     shift_labels = batching.resolve_shift_labels(options.pop("shift_labels", "auto"), teacher, student)
     max_grad_norm = check_max_grad_norm("max_grad_norm", options.pop("max_grad_norm", None))
-    from fastmeta.engine import JVP_PRECISIONS, check_count, check_loss_scale, check_pilot_options
-
     inner_steps = check_count(options.pop("inner_steps", 1), "inner_steps")
     pilot = options.pop("pilot", "optimizer")
     adam_jacobian = options.pop("adam_jacobian", "exact")
@@ -278,7 +237,6 @@ def meta_step(
     teacher_scheduler = options.pop("teacher_scheduler", None)
     student_scheduler = options.pop("student_scheduler", None)
     split = batching.split_batch(batch, name="batch")
-    module = ALGORITHMS[algorithm]
     if quiz_batch is None:
         if getattr(module, "NEEDS_QUIZ", True):
             raise ValueError(f"algorithm={algorithm!r} needs a quiz_batch (got None)")

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of the KD second-order kernel (``kernels/kd_second_order.py``).
 
 Given student logits ``zs``, teacher logits ``zt`` and a student-logit tangent
-``u`` (rows ``[N, V]``; ``u = J_S v`` in the design note), per row:
+``u`` (rows ``[N, V]``; ``u = J_S v`` in docs/meta-gradient.md), per row:
 
 * the teacher-logit cotangent  ``c = ∂/∂zt ⟨∂ℓ/∂zs, u⟩``  (mixed second derivative
   of the row loss applied to ``u``), and
@@ -22,7 +22,7 @@ and checked against ``torch.autograd.grad`` twice in float64)::
                  w =  (2a/(τ²V)) ⟨zs − zt, u⟩
 
 With the default ``a = τ²`` the temperature cancels from ``c`` for kl and
-reverse_kl (the design note's ``c = −(pt ⊙ u − pt ⟨pt, u⟩)``).  These are per
+reverse_kl (docs/meta-gradient.md's ``c = −(pt ⊙ u − pt ⟨pt, u⟩)``).  These are per
 row, before any reduction; ``fastmeta.kd_teacher_cotangent`` multiplies by the
 reduction's row scale (1/n_counted for batchmean).
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .kd_loss_reference import KINDS, compute_dtype, loss_scale
+from .kd_loss_reference import compute_dtype, loss_scale
 
 
 def kd_second_order_rows_reference(
@@ -41,9 +41,11 @@ def kd_second_order_rows_reference(
     kind: str = "kl",
     scale_by_temperature_squared: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(c [N, V], w [N])`` in ``compute_dtype`` (see module docstring)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    """Per-row ``(c [N, V], w [N])`` in ``compute_dtype`` (see module docstring).
+
+    Any leading shape works (``[..., V]`` -> ``c [..., V]``, ``w [...]``); ``kind`` is
+    trusted (``fastmeta.losses`` checks it once, at its public functions).
+    """
     cdt = compute_dtype(student_logits.dtype)
     tau = float(temperature)
     a = loss_scale(tau, scale_by_temperature_squared)

@@ -90,20 +90,29 @@ def _check_meta_step_report(report, out_dir):
     assert data["environment"]["device"] == "cpu"
     (setting,) = data["settings"]
     floor = setting["floor"]
+    # the floor: the necessary passes + the necessary optimizer updates (teacher x1, student x1), each timed alone
     assert set(floor["passes"]) == {"teacher_forward_backward", "teacher_forward", "student_forward_backward_train",
-                                    "student_forward_backward_quiz", "student_jvp"}
+                                    "student_forward_backward_quiz", "student_jvp", "teacher_update",
+                                    "student_update"}
     assert floor["passes"]["student_forward_backward_train"]["count"] == 2
+    assert floor["passes"]["teacher_update"]["count"] == floor["passes"]["student_update"]["count"] == 1
+    assert {p["kind"] for p in floor["passes"].values()} == {"pass", "optimizer update"}
     assert math.isclose(floor["floor_s"], sum(p["median_s"] * p["count"] for p in floor["passes"].values()))
-    steps = {(r["algorithm"], r["hypergrad"]): r for r in setting["steps"]}
-    assert ("kd", None) in steps
+    assert floor["floor_passes_only_s"] < floor["floor_s"] and "optimizer update" in floor["definition"]
+    steps = {(r["algorithm"], r["hypergrad"], r["peer"]): r for r in setting["steps"]}
+    assert ("kd", None, None) in steps
     for r in steps.values():
         assert "error" not in r, r.get("error")
+        if "skipped" in r:  # only a peer that is not installed
+            assert r["peer"] and r["skipped"].startswith("not installed")
+            continue
         assert r["median_s"] > 0 and r["parameters_finite_after"]
-        assert math.isclose(r["time_vs_kd"], r["median_s"] / steps[("kd", None)]["median_s"])
+        assert math.isclose(r["time_vs_kd"], r["median_s"] / steps[("kd", None, None)]["median_s"])
         assert math.isclose(r["time_vs_floor"], r["median_s"] / floor["floor_s"])
         assert r["memory"]["peak_bytes"] > 0
     md = (out_dir / "meta_step_cpu.md").read_text()
     assert "| step | median s | x KD | x autograd | x floor |" in md and "floor (sum)" in md
+    assert "teacher optimizer update x1 + student optimizer update x1" in md
     assert (out_dir / "meta_step_cpu.png").read_bytes()[:4] == b"\x89PNG"
     return steps
 
@@ -115,8 +124,34 @@ def test_meta_step_smoke(tmp_path):
                     "--algorithms", "kd", "metadistil", "--hypergrads", "exact", "autograd",
                     "--out-dir", str(tmp_path)])
     steps = _check_meta_step_report(None, tmp_path)
-    assert set(steps) == {("kd", None), ("metadistil", "exact"), ("metadistil", "autograd")}
-    assert math.isclose(steps[("metadistil", "autograd")]["time_vs_autograd"], 1.0)
+    assert set(steps) == {("kd", None, None), ("metadistil", "exact", None), ("metadistil", "autograd", None),
+                          ("metadistil", "autograd", "higher"), ("metadistil", "autograd", "torchopt")}
+    auto = steps[("metadistil", "autograd", None)]
+    assert math.isclose(auto["time_vs_autograd"], 1.0)
+    for peer in ("higher", "torchopt"):
+        r = steps[("metadistil", "autograd", peer)]
+        if "skipped" in r:
+            continue
+        # a peer's ratio to autograd is against fastmeta's own double backward, not against itself
+        assert math.isclose(r["time_vs_autograd"], r["median_s"] / auto["median_s"])
+        assert r["peer_version"]
+    md = (tmp_path / "meta_step_cpu.md").read_text()
+    assert "MetaDistil with higher (peer)" in md and "time_vs_higher" in md
+
+
+def test_meta_step_missing_peer_is_reported_not_faked(tmp_path, monkeypatch):
+    import sys
+
+    from bench import meta_step
+
+    monkeypatch.setitem(sys.modules, "torchopt", None)  # as when TorchOpt is not installed
+    report = meta_step.main(["--model", "tiny", "--isolation", "inprocess", "--warmup", "0", "--repeats", "1",
+                             "--algorithms", "kd", "--peers", "torchopt", "--out-dir", str(tmp_path)])
+    (setting,) = report["settings"]
+    row = next(r for r in setting["steps"] if r.get("peer") == "torchopt")
+    assert row["skipped"].startswith("not installed") and "median_s" not in row
+    assert "incomplete" not in report and report["peers"]["torchopt"]["available"] is False
+    assert "skipped (not installed" in (tmp_path / "meta_step_cpu.md").read_text()
 
 
 def test_meta_step_worker_subprocess(tmp_path):
@@ -133,23 +168,29 @@ def test_meta_step_priority_plan_and_cuda_defaults():
     """--priority: those configurations of every setting first (after its floor), then the rest."""
     from bench import meta_step
 
-    args = meta_step.parse_args(["--device", "cuda", "--priority", "kd", "metadistil/exact", "metadistil/autograd"])
+    args = meta_step.parse_args(["--device", "cuda", "--priority", "kd", "metadistil/exact", "metadistil/autograd",
+                                 "peer/higher", "peer/torchopt"])
     assert (args.isolation, args.warmup, args.repeats, args.threads) == ("inprocess", 2, 5, None)
     settings = meta_step.settings_for(args)
     assert [(s["batch_size"], s["dtype"]) for s in settings] == [(4, "fp32"), (4, "bf16"), (32, "fp32"), (32, "bf16")]
     assert all(s["model"] == "bert-base" and s["seq_len"] == 128 for s in settings)
     items = meta_step.plan(args, settings)
     confs = meta_step.configurations(args.algorithms, args.hypergrads)
-    assert len(confs) == 12 and len(items) == 4 * 13
-    first = items[:16]
-    assert [(i, k) for i, k, _, _ in first[::4]] == [(0, "floor"), (1, "floor"), (2, "floor"), (3, "floor")]
-    assert {(a, h) for _, k, a, h in first if k == "step"} == {("kd", None), ("metadistil", "exact"),
-                                                              ("metadistil", "autograd")}
-    assert ("metadistil", "finite_diff") in {(a, h) for _, _, a, h in items[16:]}
+    assert len(confs) == 12 and len(meta_step.keys(args)) == 14 and len(items) == 4 * 15
+    first = items[:24]
+    assert [(i, k) for i, k, _ in first[::6]] == [(0, "floor"), (1, "floor"), (2, "floor"), (3, "floor")]
+    assert {c for _, k, c in first if k == "step"} == {
+        ("kd", None, None), ("metadistil", "exact", None), ("metadistil", "autograd", None),
+        ("metadistil", "autograd", "higher"), ("metadistil", "autograd", "torchopt")}
+    assert ("metadistil", "finite_diff", None) in {c for _, _, c in items[24:]}
     with pytest.raises(SystemExit, match="--priority"):
         meta_step.plan(meta_step.parse_args(["--priority", "magic/exact"]), settings)
+    with pytest.raises(SystemExit, match="unknown peer"):
+        meta_step.keys(meta_step.parse_args(["--peers", "jax"]))
+    assert meta_step.keys(meta_step.parse_args(["--peers"]))[-1][2] is None  # --peers alone: no peer rows
     cpu = meta_step.parse_args([])
     assert (cpu.isolation, cpu.warmup, cpu.repeats, cpu.threads) == ("subprocess", 1, 3, 1)
+    assert cpu.peers == ["higher", "torchopt"]
 
 
 def test_kernels_deadline_skips_and_writes(tmp_path):
@@ -240,3 +281,72 @@ def test_table4_summary_time_to_match_kd():
     assert s["reptile"]["time_to_match_kd_best_s"] == 2.0 and s["reptile"]["median_step_vs_kd"] == 2.0
     assert s["lgtm_fastmeta"]["time_to_match_kd_best_s"] is None
     assert s["metadistil_official"] == {"error": "boom"}
+
+
+def test_table4_rows_say_what_they_are_and_one_class_scores_are_flagged(tmp_path):
+    """fastmeta's double backward is labelled so; the higher row is the official recipe's stand-in; a score
+    reached while predicting one class for every dev example is printed as that, not as the method's."""
+    from bench import table4
+
+    assert table4.METHODS["metadistil_double_backward"][0] == "MetaDistil, double backward (fastmeta)"
+    assert "closest stand-in for the official recipe" in table4.METHODS["metadistil_higher"][0]
+    assert "metadistil_higher" in table4.PAPER and "metadistil_double_backward" not in table4.PAPER
+    assert table4.parse_args(["--methods", "metadistil_official"]).methods == ["metadistil_double_backward"]
+
+    def h(step, score, single=None):
+        return dict(step=step, train_time_s=float(step), accuracy=score, f1=score, score=score, single_class=single)
+
+    mem = {"peak_bytes": 10, "step_memory_bytes": 2}
+    methods = {
+        # majority class at step 0 (0.75), both classes later with a LOWER score (0.7): the method's score is 0.7
+        "kd": dict(history=[h(0, 0.75, 1), h(1, 0.7), h(2, 0.72)], train_time_s=2.0, median_step_s=1.0, memory=mem),
+        # never leaves the majority class: its score is the majority class's, flagged
+        "reptile": dict(history=[h(0, 0.75, 1), h(1, 0.75, 1)], train_time_s=1.0, median_step_s=1.0, memory=mem),
+        "ikd": dict(history=[h(0, 0.3, 0)], train_time_s=1.0, median_step_s=1.0, memory=mem),
+    }
+    s = table4.summarise(methods)
+    assert s["kd"]["best_score"] == 0.72 and s["kd"]["best_step"] == 2 and s["kd"]["best_single_class"] is None
+    assert s["kd"]["left_one_class_at_step"] == 1
+    assert s["reptile"]["best_single_class"] == 1 and s["reptile"]["left_one_class_at_step"] is None
+    assert s["reptile"]["time_to_match_kd_best_s"] is None  # KD's best has both classes: a one-class 0.75 is no match
+    assert table4.score_cell(s["reptile"], 1) == "majority class (acc 75.0%)"
+    assert table4.score_cell(s["ikd"], 1) == "one class only: 0 (acc 30.0%)"
+    assert table4.score_cell(s["kd"], 1) == "72.0/72.0"
+
+
+def test_table4_preset_scores_defaults_and_overrides():
+    from bench import table4
+
+    args = table4.parse_args(["--preset", "scores"])
+    assert (args.train_examples, args.steps, args.batch_size, args.parallel) == (0, 400, 8, 2)
+    assert args.methods == ["kd", "metadistil_fastmeta", "metadistil_higher", "reptile", "lgtm_fastmeta", "ikd"]
+    assert args.method_time_cap_s == 720.0 and args.teacher_finetune_steps == 400
+    args = table4.parse_args(["--preset", "scores", "--steps", "10", "--methods", "kd"])
+    assert (args.steps, args.methods, args.batch_size) == (10, ["kd"], 8)  # the command line wins
+    quick = table4.parse_args([])
+    assert (quick.steps, quick.train_examples, quick.parallel, quick.method_time_cap_s) == (30, 800, 1, 0.0)
+
+
+def test_table4_parallel_peer_cap_and_teacher_reuse(tmp_path):
+    """Two worker processes side by side, the higher row, the time cap and a reused teacher, end to end."""
+    pytest.importorskip("higher")
+    from bench import table4
+
+    data_dir = tmp_path / "MRPC"
+    _write_mrpc(data_dir, 24, 8)
+    state = tmp_path / "teacher" / "t.pt"
+    common_args = ["--model", "tiny", "--data-dir", str(data_dir), "--train-examples", "20", "--steps", "3",
+                   "--eval-every", "1", "--teacher-finetune-steps", "1", "--teacher-finetune-batch-size", "4",
+                   "--max-seq-length", "32", "--teacher-state", str(state)]
+    out = tmp_path / "out"
+    report = table4.main(common_args + ["--methods", "kd", "metadistil_higher", "--parallel", "2",
+                                        "--method-time-cap-s", "1e-9", "--preset", "scores", "--out-dir", str(out)])
+    assert state.is_file() and (out / "table4_scores_cpu.json").is_file()
+    for name in ("kd", "metadistil_higher"):
+        res = report["methods"][name]
+        assert "error" not in res, res.get("error")
+        assert res["steps_done"] == 1 and "cap" in res["stopped_early"]  # capped after its first step
+    md = (out / "table4_scores_cpu.md").read_text()
+    assert "closest stand-in for the official recipe" in md and "stopped by the time cap" in md
+    again = table4.main(common_args + ["--methods", "kd", "--isolation", "inprocess", "--out-dir", str(out)])
+    assert again["teacher"]["reused_from"] == str(state)

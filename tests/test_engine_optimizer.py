@@ -215,3 +215,54 @@ def test_ops_precondition_is_a_deprecated_shim_of_the_frozen_factor():
         warnings.simplefilter("error")
         _, adj_g, _ = frozen.vjp("w", p.detach(), grad, frozen.initial_state("w"), v)
     assert _rel(out, -adj_g) <= 1e-14
+
+
+def test_fused_driver_equals_the_update_tensor_by_tensor():
+    """``OptimizerUpdate.pilot`` / ``adjoint`` (one fused op call per param group's rule: here three
+    groups, one parameter without state) equal ``step`` (the twin, per tensor) and ``vjp`` (the op on one
+    tensor), over a trajectory of three steps (new states forward, state adjoints backward)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 5), torch.nn.Linear(5, 2)).double()
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": list(model[0].parameters()), "lr": 0.02},
+                             {"params": list(model[1].parameters()), "amsgrad": True, "weight_decay": 0.1},
+                             {"params": list(model[2].parameters()), "betas": (0.8, 0.99)}], lr=0.005)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        for name, p in params.items():
+            p.grad = None if name == "2.bias" else torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+    assert "2.bias" not in opt.state
+    update = optimizer_update(params, opt, inner_lr=None)
+    grads = [{n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()} for _ in range(3)]
+    thetas, states = [{n: p.detach() for n, p in params.items()}], [dict(update.states)]
+    for j in range(3):
+        new, new_states = update.pilot(thetas[-1], grads[j], states[-1], compute_state=True)
+        for name in params:
+            ref, ref_state = update.step(name, thetas[-1][name], grads[j][name], states[-1][name])
+            assert _rel(new[name], ref) <= 1e-15, (j, name)
+            for key, value in ref_state.items():
+                if isinstance(value, torch.Tensor):
+                    assert _rel(new_states[name][key], value) <= 1e-15, (j, name, key)
+                else:
+                    assert new_states[name][key] == value
+        thetas.append(new)
+        states.append(new_states)
+    adj_theta = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()}
+    adj_state, ref_theta, ref_state = None, dict(adj_theta), {n: None for n in params}
+    for j in reversed(range(3)):
+        direct, direction, adj_state = update.adjoint(thetas[j], grads[j], states[j], adj_theta, adj_state, full=True)
+        for name in params:
+            ref_direct, ref_g, ref_state[name] = update.vjp(name, thetas[j][name], grads[j][name], states[j][name],
+                                                            ref_theta[name], ref_state[name])
+            assert _rel(direction[name], ref_g * (-1.0 / update.lr_ref)) <= 1e-15, (j, name)
+            assert _rel(direct[name], ref_direct) <= 1e-15, (j, name)
+            ref_theta[name] = ref_direct
+            for key, value in ref_state[name].items():
+                if value is None:
+                    assert adj_state[name][key] is None, (j, name, key)
+                else:
+                    assert torch.equal(adj_state[name][key], value) or _rel(adj_state[name][key], value) <= 1e-15, \
+                        (j, name, key)
+        adj_theta = direct
+    _, last_only, rest = update.adjoint(thetas[0], grads[0], states[0], adj_theta, adj_state, full=False)
+    assert rest == {} and set(last_only) == set(params)

@@ -6,6 +6,7 @@ checked here, end to end, so that it works the first time there.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -52,13 +53,21 @@ def test_dry_run_end_to_end(tmp_path):
     assert tests["shards"] == 2 and tests["log_counts"]["PASSED"] == 10  # two pytest processes, merged
     assert set(tests["by_file"]) == {"test_meta_step", "test_functional"}
     meta = steps["meta_step"]["summary"]
-    assert meta["counts"] == {"ok": 24, "failed": 0, "skipped": 0}  # 12 configurations x fp32/bf16
+    # 12 configurations + the 2 peers, x fp32/bf16 (a peer missing here would be "not_installed", not "ok")
+    n_peers = sum(1 for p in ("higher", "torchopt") if importlib.util.find_spec(p) is not None)
+    assert meta["counts"] == {"ok": 24 + 2 * n_peers, "failed": 0, "skipped": 0, "not_installed": 4 - 2 * n_peers}
     assert set(meta["settings"]) == {"tiny bs2 seq8 fp32", "tiny bs2 seq8 bf16"}
     for setting in meta["settings"].values():
         assert setting["floor_s"] > 0
-        assert {"kd", "metadistil/exact", "metadistil/autograd", "ikd/first_order"} <= set(setting["steps"])
+        assert {"kd", "metadistil/exact", "metadistil/autograd", "ikd/first_order", "peer/higher",
+                "peer/torchopt"} <= set(setting["steps"])
+        assert setting["floor_s"] > 0
     assert steps["kernels"]["summary"]["fwd_bwd"] and not steps["kernels"]["summary"]["not_measured"]
     assert {"hvp/backward", "mixed/exact"} <= set(steps["hvp"]["summary"])
+    growth = steps["growth"]["summary"]  # 4 tiny cells x 6 methods (kd, exact, autograd, finite_diff, 2 peers)
+    assert growth["counts"] == {"ok": 16 + 4 * n_peers, "failed": 0, "skipped": 0, "not_installed": 8 - 4 * n_peers}
+    assert {"kd", "metadistil/exact", "metadistil/autograd", "metadistil/finite_diff"} <= set(growth["largest_cell"])
+    assert growth["largest_cell"]["kd"]["batch_size"] == 4 and growth["largest_cell"]["kd"]["seq_len"] == 16
     # GPU_CHECK_OUT: the tarball, summary, full log and the main result files, at most 8 loose files
     loose = sorted(p.name for p in out.iterdir() if p.is_file())
     assert len(loose) <= 8 and report["copied_to_out"] == [n for n in report["copied_to_out"] if n in loose]
@@ -67,13 +76,15 @@ def test_dry_run_end_to_end(tmp_path):
     with tarfile.open(out / "gpu_check_results.tar.gz") as tar:
         names = tar.getnames()
     for expected in ("gpu_check_cpu/results/meta_step_cpu.md", "gpu_check_cpu/results/kernels_cpu.json",
+                     "gpu_check_cpu/results/growth_cpu.json", "gpu_check_cpu/results/growth_cpu.png",
                      "gpu_check_cpu/results/hvp_cpu.md", "gpu_check_cpu/info.json", "gpu_check_cpu/pytest_cpu_0.xml",
                      "gpu_check_cpu/logs/2_tests.log", "gpu_check_cpu/gpu_check.log"):
         assert expected in names, names
     log = (out / "gpu_check.log").read_text()
     assert "=== meta_step (ok) ===" in log and "passed" in log
     md = (out / "gpu_check_cpu.md").read_text()
-    assert "| meta_step | ok |" in md and "## Key figures" in md
+    assert "| meta_step | ok |" in md and "| growth | ok |" in md and "## Key figures" in md
+    assert "growth: " in md and "peers: " in md
     # stdout ends with the compact summary: the step table and where everything is
     tail = proc.stdout.strip().splitlines()
     assert tail[-1].startswith("summary: ") and any(line.startswith("| **total** |") for line in tail[-4:])
@@ -88,7 +99,7 @@ def test_dry_run_out_of_time_skips_the_rest_and_keeps_what_ran(tmp_path):
     assert status["info"] == "ok"  # always runs (cheap, and says what the machine is)
     assert all(status[n] == "skipped (time)" for n in gpu_check.STEP_NAMES[1:]), status
     assert report["steps"][0]["summary"]["torch"]
-    assert "SKIPPED (time): extension, tests, meta_step, kernels, hvp" in proc.stdout
+    assert "SKIPPED (time): extension, tests, meta_step, kernels, hvp, growth" in proc.stdout
     assert (out / "gpu_check_results.tar.gz").is_file()
 
 
@@ -109,7 +120,27 @@ def test_gpu_commands_name_cuda_and_work_without_pytest_benchmark(tmp_path):
     assert meta[meta.index("--device") + 1] == "cuda" and "--deadline" in meta and "--model" not in meta
     hvp = gpu_check._hvp_cmd(ctx, 123.0)
     assert hvp[hvp.index("--teacher") + 1] == "bert-base" and "minilm" not in " ".join(hvp)
-    assert sum(s.estimate_s for s in gpu_check.make_steps(False)) <= 450  # fits the default budget
+    growth = gpu_check._growth_cmd(ctx, 123.0)
+    assert growth[growth.index("--device") + 1] == "cuda" and "--model" not in growth and "--deadline" in growth
+    assert [s.name for s in gpu_check.make_steps(False)][-1] == "growth"  # low priority: last
+    assert "peer/higher" in meta and "peer/torchopt" in meta  # the peers among meta_step's first rows
+    assert sum(s.estimate_s for s in gpu_check.make_steps(False)) <= 540  # fits the default budget
+
+
+def test_vendor_peers_and_peers_path(tmp_path, monkeypatch):
+    """``--vendor-peers``: the installed peer packages copied (TorchOpt without its compiled ``_C``), and put on
+    the steps' PYTHONPATH, after the checkout."""
+    copied = gpu_check.vendor_peers(tmp_path / "peers")
+    names = [c.split()[0] for c in copied]
+    for name in names:
+        assert (tmp_path / "peers" / name / "__init__.py").is_file()
+    if "torchopt" in names:
+        assert not list((tmp_path / "peers" / "torchopt").glob("_C*.so"))
+    monkeypatch.setenv("GPU_CHECK_PEERS_PATH", str(tmp_path / "peers"))
+    ctx = gpu_check.Context(dry_run=True, device="cpu", suffix="cpu", results_dir=tmp_path, work=tmp_path,
+                            out=None, python=sys.executable, budget_s=10, t0=0.0, deadline=10.0)
+    path = gpu_check.base_env(ctx)["PYTHONPATH"].split(os.pathsep)
+    assert path[0] == str(REPO) and str(tmp_path / "peers") in path
 
 
 def test_parse_junit(tmp_path):

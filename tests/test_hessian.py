@@ -506,7 +506,7 @@ def test_mixed_hvp_dict_vector_and_kd_loss_callable(device, mixed_references):
     t_names = [n for n, p in teacher.named_parameters() if p.requires_grad]
     assert isinstance(got, dict) and list(got) == t_names
     assert _rel(got, ref) <= 1e-10
-    # the design note's closed form: -eta * mixed == J_T^T (eta*w*(pt*u - pt<pt,u>)/B) (tau cancels)
+    # docs/meta-gradient.md's closed form: -eta * mixed == J_T^T (eta*w*(pt*u - pt<pt,u>)/B) (tau cancels)
     plain = functools.partial(losses.kd_loss, temperature=2.0)
     got_generic = mixed_hvp(teacher, student, inputs, v, loss=plain, method="exact")
     assert _rel(got_generic, ref) <= 1e-10

@@ -556,6 +556,55 @@ def test_triton_path_under_torch_compile():
     torch.testing.assert_close(b.grad, b2.grad)
 
 
+@needs_triton
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_double_backward_matches_fp64_mixed_hessian(kind):
+    """backward(create_graph=True) through the Triton op (hypergrad="autograd", hessian
+    "autograd" on a GPU): the op's backward switches to the differentiable reference, and the
+    second derivative d/dzt <dL/dzs, u> matches an fp64 double backward of the reference;
+    the first-order gradient stays the kernel's (equal to the fp64 one to fp32 rounding)."""
+    zs, zt, mask = _make_inputs((6,), 37, torch.float32, masked=True, seed=3)
+    u = torch.randn(zs.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    results = []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        a = zs.to(dtype).clone().requires_grad_(True)
+        b = zt.to(dtype).clone().requires_grad_(True)
+        loss = kd_loss(a, b, 2.0, kind=kind, mask=mask, backend=backend)
+        (gs,) = torch.autograd.grad(loss, a, create_graph=True)
+        (c,) = torch.autograd.grad((gs * u.to(gs)).sum(), b)
+        results.append((gs.detach().double(), c.double()))
+    (gs32, c32), (gs64, c64) = results
+    assert float((gs32 - gs64).norm() / gs64.norm()) <= 1e-5
+    assert float((c32 - c64).norm() / c64.norm()) <= 1e-5
+
+
+@needs_triton
+def test_auto_backend_under_torch_func_and_forward_ad():
+    """torch.func transforms and forward-AD duals select the PyTorch twin (the Triton ops have
+    reverse-mode formulas only); plain tensors on CUDA keep the kernels."""
+    from torch.autograd import forward_ad
+
+    from fastmeta.losses import _auto_backend
+
+    zs, zt, _ = _make_inputs((3,), 11, torch.float32, device=_device())
+    plain = "triton" if zs.device.type == "cuda" else "torch"
+    assert _auto_backend(zs) == plain
+    seen = []
+    torch.func.grad(lambda x: (seen.append(_auto_backend(x)), kd_loss(x, zt, 2.0))[1])(zs)
+    assert seen == ["torch"]
+    with forward_ad.dual_level():
+        assert _auto_backend(forward_ad.make_dual(zs, torch.ones_like(zs))) == "torch"
+        assert _auto_backend(zs) == plain
+    # forward-over-reverse through kd_loss (hessian "forward_over_reverse") agrees with fp64
+    u = torch.randn_like(zs)
+    grad_fn = torch.func.grad(lambda x: kd_loss(x, zt, 2.0))
+    _, hu = torch.func.jvp(grad_fn, (zs,), (u,))
+    a = zs.double().requires_grad_(True)
+    (g,) = torch.autograd.grad(kd_loss(a, zt.double(), 2.0), a, create_graph=True)
+    (ref,) = torch.autograd.grad((g * u.double()).sum(), a)
+    assert float((hu.double() - ref).norm() / ref.norm()) <= 1e-5
+
+
 # ----------------------------------------------------------------------------- native CUDA, LLM vocabularies
 NATIVE_VOCABS = [32000, 128256]
 NATIVE_DEVICE = "cuda"

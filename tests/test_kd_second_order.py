@@ -151,7 +151,7 @@ def test_closed_forms_fp64_with_and_without_tau_scaling(kind, scale):
 
 
 def test_design_note_kl_cotangent():
-    """design note: c = −(pt ⊙ u − pt ⟨pt, u⟩)/B, and w_i = τ⟨ps − pt, u⟩."""
+    """docs/meta-gradient.md: c = −(pt ⊙ u − pt ⟨pt, u⟩)/B, and w_i = τ⟨ps − pt, u⟩."""
     zs, zt, u, _ = _make_inputs((4,), 6, torch.float64, device="cpu")
     tau = 3.0
     pt = torch.softmax(zt / tau, -1)

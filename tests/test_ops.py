@@ -310,3 +310,19 @@ def test_compile_smoke_calls_extension_ops():
     # the Meta kernels give shapes/dtypes without data
     meta = torch.ops.fastmeta.central_difference([torch.empty(4, device="meta")], [torch.empty(4, device="meta")], 1.0)
     assert meta[0].shape == (4,) and meta[0].device.type == "meta"
+
+
+def test_all_finite_is_one_read_and_exact():
+    """``ops.all_finite``: False for a NaN or an infinity anywhere (any dtype), True for finite values even
+    where the fast path's norm overflows (float32 |x| ~ 1e30, float16 |x| ~ 6e4), None entries skipped."""
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen) for s in [(3, 4), (1000,), (0,), (7,)]]
+    assert ops.all_finite(base) and ops.all_finite([None, *base]) and ops.all_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            ts = [t.to(dtype) for t in base]
+            ts[1][17] = bad
+            assert not ops.all_finite(ts), (bad, dtype)
+    big = [torch.full((10,), 1e30), torch.full((4,), 6e4, dtype=torch.float16), torch.arange(3)]
+    assert bool(torch.isfinite(torch.stack(torch._foreach_norm(big[:1], 2))).all()) is False  # the norm overflows
+    assert ops.all_finite(big)

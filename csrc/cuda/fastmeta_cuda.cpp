@@ -279,12 +279,43 @@ P* data_or_null(std::vector<P>& v) {
   return v.empty() ? nullptr : v.data();
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>
-adam_pilot_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList vectors, double lr, double beta1, double beta2,
-                double eps, double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
-                bool exact_jacobian, double adj_scale, bool compute_params, bool compute_state) {
+using AdamPilotResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                   std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                   std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+using SgdPilotResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                  std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+// Runs a pilot launcher once per dtype group: `in`/`out` hold the op's lists in schema order
+// (an empty vector: absent / not asked for).
+template <int NIn, int NOut, typename Launch>
+void launch_pilot(const char* op, at::TensorList params, const std::vector<at::Tensor> (&in)[NIn],
+                  std::vector<at::Tensor> (&out)[NOut], Launch launch) {
+  for (const auto& group : group_by_dtype(params)) {
+    std::vector<const void*> p_in[NIn];
+    std::vector<void*> p_out[NOut];
+    const void* const* in_ptrs[NIn];
+    void* const* out_ptrs[NOut];
+    for (int k = 0; k < NIn; ++k) {
+      p_in[k] = pointers<const void*>(in[k], group);
+      in_ptrs[k] = data_or_null(p_in[k]);
+    }
+    for (int k = 0; k < NOut; ++k) {
+      p_out[k] = pointers<void*>(out[k], group);
+      out_ptrs[k] = data_or_null(p_out[k]);
+    }
+    std::vector<int64_t> sizes;
+    for (size_t i : group) sizes.push_back(params[i].numel());
+    check_cuda(op, launch(in_ptrs, out_ptrs, sizes, dtype_code(op, params[group[0]].scalar_type())));
+  }
+}
+
+AdamPilotResult adam_pilot_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList vectors,
+                                at::TensorList adj_exp_avgs, at::TensorList adj_exp_avg_sqs,
+                                at::TensorList adj_max_exp_avg_sqs, double lr, double beta1, double beta2, double eps,
+                                double weight_decay, int64_t step, bool decoupled, bool amsgrad, bool maximize,
+                                bool exact_jacobian, double adj_scale, bool compute_params, bool compute_state,
+                                bool compute_adj_params, bool compute_adj_state) {
   const char* op = "adam_pilot";
   check_device(op, "params", params);
   check_list(op, "params", params, "grads", grads);
@@ -292,82 +323,88 @@ adam_pilot_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   check_optional(op, params, "exp_avg_sqs", exp_avg_sqs);
   check_optional(op, params, "max_exp_avg_sqs", max_exp_avg_sqs);
   check_optional(op, params, "vectors", vectors);
-  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), "fastmeta::", op, ": max_exp_avg_sqs given but amsgrad is false");
+  check_optional(op, params, "adj_exp_avgs", adj_exp_avgs);
+  check_optional(op, params, "adj_exp_avg_sqs", adj_exp_avg_sqs);
+  check_optional(op, params, "adj_max_exp_avg_sqs", adj_max_exp_avg_sqs);
+  TORCH_CHECK(amsgrad || (max_exp_avg_sqs.empty() && adj_max_exp_avg_sqs.empty()), "fastmeta::", op,
+              ": max_exp_avg_sqs / adj_max_exp_avg_sqs given but amsgrad is false");
+  const bool want_adj = !vectors.empty();
+  TORCH_CHECK(want_adj || (adj_exp_avgs.empty() && adj_exp_avg_sqs.empty() && adj_max_exp_avg_sqs.empty() &&
+                           !compute_adj_params && !compute_adj_state),
+              "fastmeta::", op, ": adjoints (incoming state adjoints, compute_adj_params, compute_adj_state) need "
+              "vectors");
   TORCH_CHECK(step >= 1, "fastmeta::", op, ": step (the step count of the step being taken) must be >= 1, got ",
               step);
   TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "fastmeta::", op,
               ": beta1 and beta2 must be in [0, 1), got ", beta1, " and ", beta2);
   TORCH_CHECK(std::isfinite(lr) && std::isfinite(eps) && eps >= 0, "fastmeta::", op,
               ": lr must be finite and eps finite and >= 0, got ", lr, " and ", eps);
-  const bool want_adj = !vectors.empty();
-  auto o_th = outputs_like(params, compute_params);
-  auto o_adj = outputs_like(params, want_adj);
-  auto o_m = outputs_like(params, compute_state);
-  auto o_s = outputs_like(params, compute_state);
-  auto o_mx = outputs_like(params, compute_state && amsgrad);
-  if (params.empty() || !(compute_params || want_adj || compute_state)) return {o_th, o_adj, o_m, o_s, o_mx};
+  // which outputs (as the CPU and Meta kernels: csrc/fastmeta_ops.cpp adam_wanted)
+  const bool adj_state = want_adj && compute_adj_state;
+  std::vector<at::Tensor> out[fastmeta_cuda::kAdamPilotOutputs] = {
+      outputs_like(params, compute_params),
+      outputs_like(params, want_adj),
+      outputs_like(params, compute_state),
+      outputs_like(params, compute_state),
+      outputs_like(params, compute_state && amsgrad),
+      outputs_like(params, want_adj && compute_adj_params),
+      outputs_like(params, adj_state),
+      outputs_like(params, adj_state && exact_jacobian),
+      outputs_like(params, adj_state && exact_jacobian && amsgrad && !max_exp_avg_sqs.empty())};
+  auto result = [&] { return AdamPilotResult{out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]}; };
+  if (params.empty() || !(compute_params || want_adj || compute_state)) return result();
   const c10::cuda::CUDAGuard guard(params[0].device());
   const fastmeta_pilot::AdamConsts consts = fastmeta_pilot::adam_consts(
       {lr, beta1, beta2, eps, weight_decay, adj_scale, step, decoupled, amsgrad, maximize, exact_jacobian});
-  const auto th = contiguous(params), g = contiguous(grads), m = contiguous(exp_avgs), s = contiguous(exp_avg_sqs),
-             mx = contiguous(max_exp_avg_sqs), v = contiguous(vectors);
+  const std::vector<at::Tensor> in[fastmeta_cuda::kAdamPilotInputs] = {
+      contiguous(params),       contiguous(grads),           contiguous(exp_avgs),
+      contiguous(exp_avg_sqs),  contiguous(max_exp_avg_sqs), contiguous(vectors),
+      contiguous(adj_exp_avgs), contiguous(adj_exp_avg_sqs), contiguous(adj_max_exp_avg_sqs)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  for (const auto& group : group_by_dtype(params)) {
-    auto p_th = pointers<const void*>(th, group), p_g = pointers<const void*>(g, group),
-         p_m = pointers<const void*>(m, group), p_s = pointers<const void*>(s, group),
-         p_mx = pointers<const void*>(mx, group), p_v = pointers<const void*>(v, group);
-    auto q_th = pointers<void*>(o_th, group), q_adj = pointers<void*>(o_adj, group),
-         q_m = pointers<void*>(o_m, group), q_s = pointers<void*>(o_s, group), q_mx = pointers<void*>(o_mx, group);
-    std::vector<int64_t> sizes;
-    for (size_t i : group) sizes.push_back(params[i].numel());
-    check_cuda(op, fastmeta_cuda::adam_pilot(
-                       data_or_null(p_th), data_or_null(p_g), data_or_null(p_m), data_or_null(p_s),
-                       data_or_null(p_mx), data_or_null(p_v), data_or_null(q_th), data_or_null(q_adj),
-                       data_or_null(q_m), data_or_null(q_s), data_or_null(q_mx), sizes.data(),
-                       static_cast<int>(sizes.size()), dtype_code(op, params[group[0]].scalar_type()), consts,
-                       stream));
-  }
-  return {o_th, o_adj, o_m, o_s, o_mx};
+  launch_pilot(op, params, in, out, [&](const void* const* const* x, void* const* const* y,
+                                        const std::vector<int64_t>& sizes, fastmeta_cuda::DType dtype) {
+    return fastmeta_cuda::adam_pilot(x, y, sizes.data(), static_cast<int>(sizes.size()), dtype, consts, stream);
+  });
+  return result();
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> sgd_pilot_cuda(
-    at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList vectors, double lr,
-    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, double adj_scale,
-    bool compute_params, bool compute_state) {
+SgdPilotResult sgd_pilot_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                              at::TensorList vectors, at::TensorList adj_momentum_buffers, double lr, double momentum,
+                              double dampening, double weight_decay, bool nesterov, bool maximize, double adj_scale,
+                              bool compute_params, bool compute_state, bool compute_adj_params,
+                              bool compute_adj_state) {
   const char* op = "sgd_pilot";
   check_device(op, "params", params);
   check_list(op, "params", params, "grads", grads);
   check_optional(op, params, "momentum_buffers", momentum_buffers);
   check_optional(op, params, "vectors", vectors);
-  TORCH_CHECK(momentum != 0.0 || momentum_buffers.empty(), "fastmeta::", op,
-              ": momentum_buffers given but momentum is 0");
+  check_optional(op, params, "adj_momentum_buffers", adj_momentum_buffers);
+  TORCH_CHECK(momentum != 0.0 || (momentum_buffers.empty() && adj_momentum_buffers.empty()), "fastmeta::", op,
+              ": momentum_buffers / adj_momentum_buffers given but momentum is 0");
+  const bool want_adj = !vectors.empty();
+  TORCH_CHECK(want_adj || (adj_momentum_buffers.empty() && !compute_adj_params && !compute_adj_state),
+              "fastmeta::", op, ": adjoints (adj_momentum_buffers, compute_adj_params, compute_adj_state) need vectors");
   TORCH_CHECK(std::isfinite(lr) && std::isfinite(momentum), "fastmeta::", op,
               ": lr and momentum must be finite, got ", lr, " and ", momentum);
-  const bool want_adj = !vectors.empty();
-  const bool want_state = compute_state && momentum != 0.0;
-  auto o_th = outputs_like(params, compute_params);
-  auto o_adj = outputs_like(params, want_adj);
-  auto o_buf = outputs_like(params, want_state);
-  if (params.empty() || !(compute_params || want_adj || want_state)) return {o_th, o_adj, o_buf};
+  const bool has_momentum = momentum != 0.0;
+  const bool first = momentum_buffers.empty();
+  std::vector<at::Tensor> out[fastmeta_cuda::kSgdPilotOutputs] = {
+      outputs_like(params, compute_params), outputs_like(params, want_adj),
+      outputs_like(params, compute_state && has_momentum), outputs_like(params, want_adj && compute_adj_params),
+      outputs_like(params, want_adj && compute_adj_state && has_momentum && !first)};
+  auto result = [&] { return SgdPilotResult{out[0], out[1], out[2], out[3], out[4]}; };
+  if (params.empty() || !(compute_params || want_adj || (compute_state && has_momentum))) return result();
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const fastmeta_pilot::SgdHyper hyper{lr, momentum, dampening, weight_decay, adj_scale, nesterov, maximize,
-                                       momentum_buffers.empty()};
-  const auto th = contiguous(params), g = contiguous(grads), buf = contiguous(momentum_buffers),
-             v = contiguous(vectors);
+  const fastmeta_pilot::SgdHyper hyper{lr, momentum, dampening, weight_decay, adj_scale, nesterov, maximize, first};
+  const std::vector<at::Tensor> in[fastmeta_cuda::kSgdPilotInputs] = {
+      contiguous(params), contiguous(grads), contiguous(momentum_buffers), contiguous(vectors),
+      contiguous(adj_momentum_buffers)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  for (const auto& group : group_by_dtype(params)) {
-    auto p_th = pointers<const void*>(th, group), p_g = pointers<const void*>(g, group),
-         p_buf = pointers<const void*>(buf, group), p_v = pointers<const void*>(v, group);
-    auto q_th = pointers<void*>(o_th, group), q_adj = pointers<void*>(o_adj, group),
-         q_buf = pointers<void*>(o_buf, group);
-    std::vector<int64_t> sizes;
-    for (size_t i : group) sizes.push_back(params[i].numel());
-    check_cuda(op, fastmeta_cuda::sgd_pilot(data_or_null(p_th), data_or_null(p_g), data_or_null(p_buf),
-                                            data_or_null(p_v), data_or_null(q_th), data_or_null(q_adj),
-                                            data_or_null(q_buf), sizes.data(), static_cast<int>(sizes.size()),
-                                            dtype_code(op, params[group[0]].scalar_type()), hyper, stream));
-  }
-  return {o_th, o_adj, o_buf};
+  launch_pilot(op, params, in, out, [&](const void* const* const* x, void* const* const* y,
+                                        const std::vector<int64_t>& sizes, fastmeta_cuda::DType dtype) {
+    return fastmeta_cuda::sgd_pilot(x, y, sizes.data(), static_cast<int>(sizes.size()), dtype, hyper, stream);
+  });
+  return result();
 }
 
 }  // namespace

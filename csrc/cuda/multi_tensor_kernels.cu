@@ -150,15 +150,17 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------- //
-// pilot kernels: one optimizer update + its Jacobian-vector product (pilot_math.h)
+// pilot kernels: one optimizer update, its state and its exact adjoint (pilot_math.h)
 // ------------------------------------------------------------------------- //
 // lists: inputs then outputs; a null address = absent input (read as 0) / unwanted output
-constexpr int kAdamPilotDepth = 11;  // theta, grad, m, s, smax, v | theta', adj, m', s', s_hat
-constexpr int kSgdPilotDepth = 7;    // theta, grad, buf, v | theta', adj, buf'
-constexpr int kPilotMaxTensors = 20;
-static_assert(sizeof(TensorListMeta<kAdamPilotDepth, kPilotMaxTensors>) + sizeof(fastmeta_pilot::AdamConsts) <= 4000,
+constexpr int kAdamPilotDepth = kAdamPilotInputs + kAdamPilotOutputs;
+constexpr int kSgdPilotDepth = kSgdPilotInputs + kSgdPilotOutputs;
+constexpr int kAdamPilotMaxTensors = 12;
+constexpr int kSgdPilotMaxTensors = 20;
+static_assert(sizeof(TensorListMeta<kAdamPilotDepth, kAdamPilotMaxTensors>) + sizeof(fastmeta_pilot::AdamConsts) <=
+                  4000,
               "kernel arguments too large");
-static_assert(sizeof(TensorListMeta<kSgdPilotDepth, kPilotMaxTensors>) + sizeof(fastmeta_pilot::SgdHyper) <= 4000,
+static_assert(sizeof(TensorListMeta<kSgdPilotDepth, kSgdPilotMaxTensors>) + sizeof(fastmeta_pilot::SgdHyper) <= 4000,
               "kernel arguments too large");
 
 template <typename T>
@@ -171,58 +173,65 @@ __device__ __forceinline__ T* chunk_ptr(void* base, int64_t begin) {
   return base != nullptr ? static_cast<T*>(base) + begin : nullptr;
 }
 
+template <typename T, typename M>
+__device__ __forceinline__ void store_if(T* p, int64_t i, M x) {
+  if (p != nullptr) store(p, i, x);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    adam_pilot_kernel(TensorListMeta<kAdamPilotDepth, kPilotMaxTensors> meta, fastmeta_pilot::AdamConsts consts) {
+    adam_pilot_kernel(TensorListMeta<kAdamPilotDepth, kAdamPilotMaxTensors> meta, fastmeta_pilot::AdamConsts consts) {
   using M = typename MathOf<T>::type;
   int tensor; int64_t begin, length;
   block_range(meta, tensor, begin, length);
   const fastmeta_pilot::AdamConstsM<M> c(consts);
-  const T* th = chunk_ptr<T>(meta.addresses[0][tensor], begin);
-  const T* gr = chunk_ptr<T>(meta.addresses[1][tensor], begin);
-  const T* m = chunk_ptr<T>(meta.addresses[2][tensor], begin);
-  const T* s = chunk_ptr<T>(meta.addresses[3][tensor], begin);
-  const T* mx = chunk_ptr<T>(meta.addresses[4][tensor], begin);
-  const T* v = chunk_ptr<T>(meta.addresses[5][tensor], begin);
-  T* o_th = chunk_ptr<T>(meta.addresses[6][tensor], begin);
-  T* o_adj = chunk_ptr<T>(meta.addresses[7][tensor], begin);
-  T* o_m = chunk_ptr<T>(meta.addresses[8][tensor], begin);
-  T* o_s = chunk_ptr<T>(meta.addresses[9][tensor], begin);
-  T* o_mx = chunk_ptr<T>(meta.addresses[10][tensor], begin);
+  const T* x[kAdamPilotInputs];
+  T* y[kAdamPilotOutputs];
+#pragma unroll
+  for (int k = 0; k < kAdamPilotInputs; ++k) x[k] = chunk_ptr<T>(meta.addresses[k][tensor], begin);
+#pragma unroll
+  for (int k = 0; k < kAdamPilotOutputs; ++k) y[k] = chunk_ptr<T>(meta.addresses[kAdamPilotInputs + k][tensor], begin);
   for (int64_t i = threadIdx.x; i < length; i += kThreads) {
-    M theta_new, adj, m_new, s_new, s_hat;
-    fastmeta_pilot::adam_element<M>(c, load_or_zero(th, i), load_or_zero(gr, i), load_or_zero(m, i),
-                                    load_or_zero(s, i), load_or_zero(mx, i), load_or_zero(v, i), theta_new, adj,
-                                    m_new, s_new, s_hat);
-    if (o_th != nullptr) store(o_th, i, theta_new);
-    if (o_adj != nullptr) store(o_adj, i, adj);
-    if (o_m != nullptr) store(o_m, i, m_new);
-    if (o_s != nullptr) store(o_s, i, s_new);
-    if (o_mx != nullptr) store(o_mx, i, s_hat);
+    const fastmeta_pilot::AdamIn<M> in{load_or_zero(x[0], i), load_or_zero(x[1], i), load_or_zero(x[2], i),
+                                       load_or_zero(x[3], i), load_or_zero(x[4], i), load_or_zero(x[5], i),
+                                       load_or_zero(x[6], i), load_or_zero(x[7], i), load_or_zero(x[8], i)};
+    fastmeta_pilot::AdamOut<M> o;
+    fastmeta_pilot::adam_element<M>(c, in, o);
+    store_if(y[0], i, o.theta_new);
+    store_if(y[1], i, o.adj_grad);
+    store_if(y[2], i, o.m_new);
+    store_if(y[3], i, o.s_new);
+    store_if(y[4], i, o.s_hat);
+    store_if(y[5], i, o.adj_theta);
+    store_if(y[6], i, o.adj_m);
+    store_if(y[7], i, o.adj_s);
+    store_if(y[8], i, o.adj_smax);
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    sgd_pilot_kernel(TensorListMeta<kSgdPilotDepth, kPilotMaxTensors> meta, fastmeta_pilot::SgdHyper hyper) {
+    sgd_pilot_kernel(TensorListMeta<kSgdPilotDepth, kSgdPilotMaxTensors> meta, fastmeta_pilot::SgdHyper hyper) {
   using M = typename MathOf<T>::type;
   int tensor; int64_t begin, length;
   block_range(meta, tensor, begin, length);
   const fastmeta_pilot::SgdConstsM<M> c(hyper);
-  const T* th = chunk_ptr<T>(meta.addresses[0][tensor], begin);
-  const T* gr = chunk_ptr<T>(meta.addresses[1][tensor], begin);
-  const T* buf = chunk_ptr<T>(meta.addresses[2][tensor], begin);
-  const T* v = chunk_ptr<T>(meta.addresses[3][tensor], begin);
-  T* o_th = chunk_ptr<T>(meta.addresses[4][tensor], begin);
-  T* o_adj = chunk_ptr<T>(meta.addresses[5][tensor], begin);
-  T* o_buf = chunk_ptr<T>(meta.addresses[6][tensor], begin);
+  const T* x[kSgdPilotInputs];
+  T* y[kSgdPilotOutputs];
+#pragma unroll
+  for (int k = 0; k < kSgdPilotInputs; ++k) x[k] = chunk_ptr<T>(meta.addresses[k][tensor], begin);
+#pragma unroll
+  for (int k = 0; k < kSgdPilotOutputs; ++k) y[k] = chunk_ptr<T>(meta.addresses[kSgdPilotInputs + k][tensor], begin);
   for (int64_t i = threadIdx.x; i < length; i += kThreads) {
-    M theta_new, adj, buf_new;
-    fastmeta_pilot::sgd_element<M>(c, load_or_zero(th, i), load_or_zero(gr, i), load_or_zero(buf, i),
-                                   load_or_zero(v, i), theta_new, adj, buf_new);
-    if (o_th != nullptr) store(o_th, i, theta_new);
-    if (o_adj != nullptr) store(o_adj, i, adj);
-    if (o_buf != nullptr) store(o_buf, i, buf_new);
+    const fastmeta_pilot::SgdIn<M> in{load_or_zero(x[0], i), load_or_zero(x[1], i), load_or_zero(x[2], i),
+                                      load_or_zero(x[3], i), load_or_zero(x[4], i)};
+    fastmeta_pilot::SgdOut<M> o;
+    fastmeta_pilot::sgd_element<M>(c, in, o);
+    store_if(y[0], i, o.theta_new);
+    store_if(y[1], i, o.adj_grad);
+    store_if(y[2], i, o.buf_new);
+    store_if(y[3], i, o.adj_theta);
+    store_if(y[4], i, o.adj_buf);
   }
 }
 
@@ -367,52 +376,42 @@ cudaError_t adam_preconditioner(const void* const* vectors, const void* const* e
   return cudaSuccess;
 }
 
-// A host array of n_tensors null pointers stands for an absent list.
-static const void* const* or_nulls(const void* const* list, const std::vector<const void*>& nulls) {
-  return list != nullptr ? list : nulls.data();
+// The launchers' lists: the given host arrays, a host array of n_tensors null pointers for an absent one.
+template <int N>
+static void pilot_lists(const void* const* const* inputs, void* const* const* outputs, int n_in,
+                        const std::vector<const void*>& nulls, const void* const* (&lists)[N]) {
+  for (int k = 0; k < N; ++k) {
+    const void* const* list = k < n_in ? inputs[k] : reinterpret_cast<const void* const*>(outputs[k - n_in]);
+    lists[k] = list != nullptr ? list : nulls.data();
+  }
 }
 
-cudaError_t adam_pilot(const void* const* params, const void* const* grads, const void* const* exp_avgs,
-                       const void* const* exp_avg_sqs, const void* const* max_exp_avg_sqs,
-                       const void* const* vectors, void* const* new_params, void* const* adj_grads,
-                       void* const* new_exp_avgs, void* const* new_exp_avg_sqs, void* const* new_max_exp_avg_sqs,
-                       const int64_t* sizes, int n_tensors, DType dtype, const fastmeta_pilot::AdamConsts& consts,
-                       cudaStream_t stream) {
+cudaError_t adam_pilot(const void* const* const* inputs, void* const* const* outputs, const int64_t* sizes,
+                       int n_tensors, DType dtype, const fastmeta_pilot::AdamConsts& consts, cudaStream_t stream) {
   if (n_tensors <= 0) return cudaSuccess;
   const std::vector<const void*> nulls(static_cast<size_t>(n_tensors), nullptr);
-  const void* const* lists[kAdamPilotDepth] = {
-      or_nulls(params, nulls), or_nulls(grads, nulls), or_nulls(exp_avgs, nulls), or_nulls(exp_avg_sqs, nulls),
-      or_nulls(max_exp_avg_sqs, nulls), or_nulls(vectors, nulls),
-      or_nulls(reinterpret_cast<const void* const*>(new_params), nulls),
-      or_nulls(reinterpret_cast<const void* const*>(adj_grads), nulls),
-      or_nulls(reinterpret_cast<const void* const*>(new_exp_avgs), nulls),
-      or_nulls(reinterpret_cast<const void* const*>(new_exp_avg_sqs), nulls),
-      or_nulls(reinterpret_cast<const void* const*>(new_max_exp_avg_sqs), nulls)};
+  const void* const* lists[kAdamPilotDepth];
+  pilot_lists<kAdamPilotDepth>(inputs, outputs, kAdamPilotInputs, nulls, lists);
   FASTMETA_DISPATCH(dtype, {
-    return multi_tensor_apply<kAdamPilotDepth, kPilotMaxTensors>(
+    return multi_tensor_apply<kAdamPilotDepth, kAdamPilotMaxTensors>(
         lists, sizes, n_tensors,
-        [&](const TensorListMeta<kAdamPilotDepth, kPilotMaxTensors>& meta, int blocks) {
+        [&](const TensorListMeta<kAdamPilotDepth, kAdamPilotMaxTensors>& meta, int blocks) {
           adam_pilot_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(meta, consts);
         });
   });
   return cudaSuccess;
 }
 
-cudaError_t sgd_pilot(const void* const* params, const void* const* grads, const void* const* momentum_buffers,
-                      const void* const* vectors, void* const* new_params, void* const* adj_grads,
-                      void* const* new_momentum_buffers, const int64_t* sizes, int n_tensors, DType dtype,
-                      const fastmeta_pilot::SgdHyper& hyper, cudaStream_t stream) {
+cudaError_t sgd_pilot(const void* const* const* inputs, void* const* const* outputs, const int64_t* sizes,
+                      int n_tensors, DType dtype, const fastmeta_pilot::SgdHyper& hyper, cudaStream_t stream) {
   if (n_tensors <= 0) return cudaSuccess;
   const std::vector<const void*> nulls(static_cast<size_t>(n_tensors), nullptr);
-  const void* const* lists[kSgdPilotDepth] = {
-      or_nulls(params, nulls), or_nulls(grads, nulls), or_nulls(momentum_buffers, nulls), or_nulls(vectors, nulls),
-      or_nulls(reinterpret_cast<const void* const*>(new_params), nulls),
-      or_nulls(reinterpret_cast<const void* const*>(adj_grads), nulls),
-      or_nulls(reinterpret_cast<const void* const*>(new_momentum_buffers), nulls)};
+  const void* const* lists[kSgdPilotDepth];
+  pilot_lists<kSgdPilotDepth>(inputs, outputs, kSgdPilotInputs, nulls, lists);
   FASTMETA_DISPATCH(dtype, {
-    return multi_tensor_apply<kSgdPilotDepth, kPilotMaxTensors>(
+    return multi_tensor_apply<kSgdPilotDepth, kSgdPilotMaxTensors>(
         lists, sizes, n_tensors,
-        [&](const TensorListMeta<kSgdPilotDepth, kPilotMaxTensors>& meta, int blocks) {
+        [&](const TensorListMeta<kSgdPilotDepth, kSgdPilotMaxTensors>& meta, int blocks) {
           sgd_pilot_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(meta, hyper);
         });
   });

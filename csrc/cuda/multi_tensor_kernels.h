@@ -54,21 +54,25 @@ cudaError_t adam_preconditioner(const void* const* vectors, const void* const* e
                                 DType dtype, double beta2, double bias_correction2, double eps, double scale,
                                 cudaStream_t stream);
 
-// ONE optimizer update and its Jacobian-vector product (fastmeta::adam_pilot / sgd_pilot),
-// elementwise as in csrc/pilot_math.h.  Every pointer ARRAY may be nullptr: an absent
-// input (no state yet: read as 0; no vectors) or an output not asked for.  The hyper-
-// parameters arrive as the host-computed constants (fastmeta_pilot::adam_consts) / the
-// SGD hyper-parameters.
-cudaError_t adam_pilot(const void* const* params, const void* const* grads, const void* const* exp_avgs,
-                       const void* const* exp_avg_sqs, const void* const* max_exp_avg_sqs,
-                       const void* const* vectors, void* const* new_params, void* const* adj_grads,
-                       void* const* new_exp_avgs, void* const* new_exp_avg_sqs, void* const* new_max_exp_avg_sqs,
-                       const int64_t* sizes, int n_tensors, DType dtype, const fastmeta_pilot::AdamConsts& consts,
-                       cudaStream_t stream);
+// ONE optimizer update, its new state and its exact adjoint (fastmeta::adam_pilot / sgd_pilot),
+// elementwise as in csrc/pilot_math.h.  `inputs` / `outputs` are arrays of kAdamPilotInputs /
+// kAdamPilotOutputs (kSgdPilot*) HOST arrays of n_tensors device pointers, in the op schema's
+// order; an entry may be nullptr: an absent input (no state yet, no vectors, no incoming state
+// adjoint: read as 0) or an output not asked for.  The hyper-parameters arrive as the
+// host-computed constants (fastmeta_pilot::adam_consts) / the SGD hyper-parameters.
+//   adam inputs:  params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, vectors, adj_exp_avgs,
+//                 adj_exp_avg_sqs, adj_max_exp_avg_sqs
+//   adam outputs: new_params, adj_grads, new_exp_avgs, new_exp_avg_sqs, new_max_exp_avg_sqs, adj_params,
+//                 adj_exp_avgs, adj_exp_avg_sqs, adj_max_exp_avg_sqs
+//   sgd inputs:   params, grads, momentum_buffers, vectors, adj_momentum_buffers
+//   sgd outputs:  new_params, adj_grads, new_momentum_buffers, adj_params, adj_momentum_buffers
+constexpr int kAdamPilotInputs = 9, kAdamPilotOutputs = 9;
+constexpr int kSgdPilotInputs = 5, kSgdPilotOutputs = 5;
 
-cudaError_t sgd_pilot(const void* const* params, const void* const* grads, const void* const* momentum_buffers,
-                      const void* const* vectors, void* const* new_params, void* const* adj_grads,
-                      void* const* new_momentum_buffers, const int64_t* sizes, int n_tensors, DType dtype,
-                      const fastmeta_pilot::SgdHyper& hyper, cudaStream_t stream);
+cudaError_t adam_pilot(const void* const* const* inputs, void* const* const* outputs, const int64_t* sizes,
+                       int n_tensors, DType dtype, const fastmeta_pilot::AdamConsts& consts, cudaStream_t stream);
+
+cudaError_t sgd_pilot(const void* const* const* inputs, void* const* const* outputs, const int64_t* sizes,
+                      int n_tensors, DType dtype, const fastmeta_pilot::SgdHyper& hyper, cudaStream_t stream);
 
 }  // namespace fastmeta_cuda

@@ -37,6 +37,8 @@ import torch
 
 from fastmeta import batching
 from fastmeta.algorithms._common import StepContext, check_finite_grads, check_flag, check_number, trainable
+from fastmeta.algorithms.output import StepOutput
+from fastmeta.functional import preserved_buffers
 
 HYPERGRADS = ("exact", "finite_diff", "autograd", "first_order")
 NEEDS_QUIZ = True
@@ -79,9 +81,6 @@ def check_options(ctx: StepContext) -> None:
 
 
 def run(ctx: StepContext):
-    from fastmeta.functional import preserved_buffers
-    from fastmeta.step import StepOutput
-
     first_order = ctx.hypergrad == "first_order"
     gamma = ctx.settings["gamma"]
     result = ctx.engine_meta_gradient(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from fastmeta import batching
 from fastmeta.algorithms._common import StepContext, check_finite_grads, check_flag, trainable
+from fastmeta.algorithms.output import StepOutput
 
 HYPERGRADS = ("exact", "finite_diff", "autograd")
 NEEDS_QUIZ = False
@@ -34,8 +35,6 @@ def check_options(ctx: StepContext) -> None:
 
 
 def run(ctx: StepContext):
-    from fastmeta.step import StepOutput
-
     teacher_ce = ctx.settings["teacher_ce"]
     teacher_grads = None
     teacher_loss = None

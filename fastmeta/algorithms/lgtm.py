@@ -45,10 +45,12 @@ from __future__ import annotations
 
 import torch
 
-from fastmeta import batching
+from fastmeta import batching, losses
 from fastmeta.algorithms._common import (
-    StepContext, _non_finite_as_floating_point_error, check_finite_grads, check_flag, check_number, eval_mode, trainable,
+    StepContext, check_finite_grads, check_flag, check_number, eval_mode, trainable,
 )
+from fastmeta.algorithms.output import StepOutput
+from fastmeta.hessian import LogitLoss, mixed_hvp_unchecked
 
 HYPERGRADS = ("exact", "finite_diff", "autograd")
 NEEDS_QUIZ = True
@@ -89,24 +91,18 @@ def check_options(ctx: StepContext) -> None:
 
 def _official_mixed_product(ctx: StepContext, v, exact: bool):
     """``∇θT⟨∇θS KD_T(θS, θT), v⟩`` at the current student, teacher and student in eval mode."""
-    from fastmeta.hessian import mixed_hvp
-
     mask = ctx.labels() != batching.IGNORE_INDEX
     if ctx.shift_labels:  # KD_T over the raw logits: the last position predicts nothing
         mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
-    with eval_mode(ctx.teacher, ctx.student), _non_finite_as_floating_point_error():
-        return mixed_hvp(
-            ctx.teacher, ctx.student, ctx.batch, dict(v),
-            loss=_ROLES_SWAPPED.get(ctx.kd_loss, ctx.kd_loss),
-            loss_kwargs={"temperature": ctx.temperature, "mask": mask, "reduction": "batchmean"},
-            method="exact" if exact else "finite_diff",
-            restore="exact",
+    loss = LogitLoss.kd(_ROLES_SWAPPED.get(ctx.kd_loss, ctx.kd_loss), ctx.temperature, mask=mask)
+    with eval_mode(ctx.teacher, ctx.student):  # trusted arguments; a non-finite h fails run's gradient check
+        return mixed_hvp_unchecked(
+            ctx.teacher, ctx.student, ctx.batch, ctx.batch, dict(v), loss,
+            method="exact" if exact else "finite_diff", restore="exact",
         )
 
 
 def run(ctx: StepContext):
-    from fastmeta.step import StepOutput
-
     alpha = ctx.settings["alpha"]
     objective = ctx.settings["influence_objective"]
     official = objective in OFFICIAL
@@ -131,14 +127,14 @@ def run(ctx: StepContext):
         if alpha != 0.0:
             aux = alpha * batching.cross_entropy(teacher_logits, labels, name="batch labels")
         if alpha != 1.0:
-            kd_t = (1.0 - alpha) * batching.kd_loss(
-                teacher_logits, student_logits.detach(), ctx.temperature, kind=ctx.kd_loss, mask=mask
-            ).to(teacher_logits.dtype)
+            kd_t = (1.0 - alpha) * losses.kd_loss_unchecked(
+                teacher_logits, student_logits.detach(), ctx.temperature, ctx.kd_loss, mask=mask
+            )
             aux = kd_t if aux is None else aux + kd_t
         batching.check_finite(aux.detach(), "LGTM teacher auxiliary loss")
         objective_loss = aux
         if objective == "weighted":
-            rows = batching.kd_rows(student_logits.detach(), teacher_logits, ctx.temperature, ctx.kd_loss)
+            rows = losses.kd_rows(student_logits.detach(), teacher_logits, ctx.temperature, ctx.kd_loss)
             rows = torch.where(mask, rows, rows.new_zeros(()))
             per_sample = batching.per_sample_sum(rows)
             weighted_term = (influences.detach().to(per_sample.dtype) * per_sample).sum() / per_sample.shape[0]

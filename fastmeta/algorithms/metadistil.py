@@ -12,7 +12,7 @@ Steps 1-3 are ``fastmeta.engine.meta_gradient`` (functional: the student is neve
 copied -- the official code deep-copies it every step -- and with
 ``hypergrad="exact"`` no double backward is built; ``"autograd"`` is the
 double-backward reference, ``"finite_diff"`` the in-place central differences).
-The exact meta-gradient (design note) is
+The exact meta-gradient (``docs/meta-gradient.md``) is
 
     ∇θT LQ = −η·w·∇θT ⟨∇θS KD(θS, θT), D ⊙ v⟩ = J_Tᵀ c,   v = ∇θS' LQ,
 
@@ -34,6 +34,7 @@ eval mode, the whole held set as ``quiz_batch`` (``tests/test_fidelity_metadisti
 from __future__ import annotations
 
 from fastmeta.algorithms._common import StepContext, check_flag
+from fastmeta.algorithms.output import StepOutput
 
 HYPERGRADS = ("exact", "finite_diff", "autograd")
 NEEDS_QUIZ = True
@@ -46,8 +47,6 @@ def check_options(ctx: StepContext) -> None:
 
 
 def run(ctx: StepContext):
-    from fastmeta.step import StepOutput
-
     result = ctx.engine_meta_gradient(compute_influence=ctx.settings["compute_influence"])
     ctx.apply_teacher(result.teacher_grads, final=False)
     loss, student_grads = ctx.student_step_gradients()

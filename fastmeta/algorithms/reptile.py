@@ -64,6 +64,8 @@ import torch
 from fastmeta.algorithms._common import (
     StepContext, check_finite_grads, check_max_grad_norm, clipped, simulate_optimizer_step, trainable,
 )
+from fastmeta.algorithms.output import StepOutput
+from fastmeta.functional import preserved_buffers
 
 HYPERGRADS = ("exact", "first_order")
 NEEDS_QUIZ = False
@@ -227,9 +229,6 @@ def check_options(ctx: StepContext) -> None:
 
 
 def run(ctx: StepContext):
-    from fastmeta.functional import preserved_buffers
-    from fastmeta.step import StepOutput
-
     mapping = ctx.settings["mapping"]
     # 1. pilot step (its forwards leave the buffers as they were: the real step below is the training forward)
     with preserved_buffers(ctx.teacher, ctx.student):

@@ -25,7 +25,7 @@ import contextlib
 import torch
 
 from .. import batching
-from ..batching import check_finite, check_logits_pair, cross_entropy, per_sample_sum
+from ..batching import check_finite, check_logits_pair, cross_entropy
 from ..functional import capture_rng_state, functional_logits, math_attention, replay_rng
 from .precision import grads_or_zeros, scaled_grad
 from .trajectory import Problem, Trajectory
@@ -91,10 +91,7 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
         with timer.phase("student_jvp"), (tangent_context or contextlib.nullcontext()):
             direction = _step_direction(problem, grads0, v)
             u = _double_vjp_tangent(problem, direction, rng0)
-            u = u[:, :-1] if problem.shift_labels else u
-            influences = per_sample_sum(
-                batching.kd_influence(zs0, problem.zt, u, problem.temperature, kind=problem.kd_loss, mask=problem.mask)
-            )
+            _, influences = problem.cotangent_and_influence(zs0, u, True, with_cotangent=False)
     return teacher_grads, lq.detach(), v, trajectory, influences
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .. import batching
+from .. import batching, losses
 from ..batching import align_logits_labels, check_finite, check_logits_pair, cross_entropy, model_logits, row_mask
 from ..functional import capture_rng_state, functional_logits
 from .optimizer import OptimizerUpdate
@@ -100,16 +100,17 @@ class Problem:
         return batching.student_loss(zs, zt, self.labels, temperature=self.temperature, kd_weight=self.kd_weight,
                                      kind=self.kd_loss, higher_order=higher_order)
 
-    def cotangent_and_influence(self, zs, u_raw, with_influence: bool):
-        """``c(zs, zt, u)`` on the teacher logits and (optionally) per-sample ``⟨∂ℓ_i/∂zs, u⟩`` for a raw tangent."""
+    def cotangent_and_influence(self, zs, u_raw, with_influence: bool, with_cotangent: bool = True):
+        """``c(zs, zt, u)`` on the teacher logits and (optionally) per-sample ``⟨∂ℓ_i/∂zs, u⟩`` for a raw tangent.
+
+        One pass of ``fastmeta.losses``' trusted second-order core (the public functions
+        checked the arguments once).
+        """
         u = u_raw[:, :-1] if self.shift_labels else u_raw
-        c = batching.kd_teacher_cotangent(zs, self.zt, u, self.temperature, kind=self.kd_loss, mask=self.mask)
-        influence = None
-        if with_influence:
-            influence = batching.per_sample_sum(
-                batching.kd_influence(zs, self.zt, u, self.temperature, kind=self.kd_loss, mask=self.mask)
-            )
-        return c, influence
+        return losses.kd_second_order_unchecked(
+            zs, self.zt, u, self.temperature, self.kd_loss, mask=self.mask,
+            need_cotangent=with_cotangent, need_influence=with_influence, per_sample=True,
+        )
 
 
 def teacher_forward(problem: Problem, need_graph: bool) -> None:
@@ -175,10 +176,8 @@ def pilot_trajectory(problem: Problem, steps: int, grad_sync: Optional[Callable]
                     grad_sync(list(grads.values()))
             first = (raw.detach(), ls.detach(), grads)
         snapshots.append(Snapshot(theta, grads, states, rng, zs.detach()))
-        with timer.phase("pilot_update"), torch.no_grad():
-            stepped = {name: update.step(name, theta[name], grads[name], states[name]) for name in names}
-        theta = {name: out[0] for name, out in stepped.items()}
-        states = {name: out[1] for name, out in stepped.items()}
+        with timer.phase("pilot_update"), torch.no_grad():  # fused: one op call per param group
+            theta, states = update.pilot(theta, grads, states, compute_state=j < steps - 1)
         del raw, zs, ls
     return Trajectory(snapshots, theta, *first)
 
@@ -215,17 +214,13 @@ def reverse_sweep(problem: Problem, trajectory: Trajectory, v: dict, tangent_ste
     """The reverse pass above: ``(Σ_j c_j, influences of step 0 or None)``."""
     update, names, lr_ref = problem.update, problem.names, problem.lr_ref
     adj_theta = v
-    adj_state: dict = {name: None for name in names}
+    adj_state: Optional[dict] = None  # the adjoints of the state handed on (None: the last step)
     cotangent = influences = None
     for j in reversed(range(len(trajectory.snapshots))):
         snap = trajectory.snapshots[j]
-        direct, direction = {}, {}
-        with problem.timer.phase("pilot_update"):
-            for name in names:
-                direct[name], adj_g, adj_state[name] = update.vjp(
-                    name, snap.theta[name], snap.grads[name], snap.states[name], adj_theta[name], adj_state[name]
-                )
-                direction[name] = adj_g * (-1.0 / lr_ref)
+        with problem.timer.phase("pilot_update"), torch.no_grad():  # fused: one op call per param group
+            direct, direction, adj_state = update.adjoint(snap.theta, snap.grads, snap.states, adj_theta, adj_state,
+                                                          full=j > 0)
         c, hv, influence = tangent_step(j, snap, direction, j > 0, compute_influence and j == 0)
         cotangent = c if cotangent is None else cotangent + c
         if influence is not None:

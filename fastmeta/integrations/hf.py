@@ -56,6 +56,8 @@ from typing import Any, Dict, Optional
 import torch
 from transformers import Trainer
 
+from fastmeta.step import meta_step
+
 __all__ = ["MetaDistilTrainer"]
 
 
@@ -183,8 +185,6 @@ class MetaDistilTrainer(Trainer):
     def training_step(self, model: torch.nn.Module, inputs: Dict[str, Any], num_items_in_batch: Any = None,
                       *args: Any, **kwargs: Any) -> torch.Tensor:
         """One ``meta_step``; returns the detached student loss (the Trainer logs it)."""
-        from fastmeta.step import meta_step
-
         bf16 = bool(getattr(self.args, "bf16", False))
         if hasattr(self, "accelerator"):
             # bf16: drop accelerate's autocast-forward wrapper; meta_step runs under our own autocast below

@@ -1,0 +1,188 @@
+"""``torch.optim``'s update rules as fastmeta reads and runs them (SGD, Adam, AdamW).
+
+* reading (never writing) an optimizer: :func:`update_kind`, :func:`param_groups_of`,
+  :func:`read_rule` (one param group's hyper-parameters as an :class:`UpdateRule`) and
+  :func:`read_state` (one parameter's state as a plain dict);
+* running a rule on lists of tensors through the fused pilot ops (:func:`rule_pilot`),
+  or on one tensor through their twin, differentiably (:func:`rule_twin`).
+
+State dicts (per parameter): Adam ``{"t": int, "m", "s", "smax"}`` (``t`` the number of
+steps taken, tensors None when absent: the first step); SGD ``{"buf"}`` (None: the first
+step, or no momentum).  Adjoint state dicts have the same tensor keys (None: zero).
+
+This is the bottom layer (torch only): :func:`fastmeta.ops.precondition` and the
+meta-gradient engine (:mod:`fastmeta.engine.optimizer`) both read optimizers here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .pilot import adam_pilot, sgd_pilot
+from .pilot_twin import adam_twin, sgd_twin
+
+State = Dict[str, object]
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One param group's update (hashable: parameters with equal rules share one fused call)."""
+
+    kind: str  # "sgd" | "adam"
+    lr: float
+    weight_decay: float = 0.0
+    maximize: bool = False
+    # sgd
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    # adam
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    amsgrad: bool = False
+    decoupled: bool = False
+
+
+def scalar(value) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def update_kind(optimizer) -> Optional[str]:
+    """``"sgd"`` (``torch.optim.SGD``), ``"adam"`` (``Adam``, ``AdamW``) or None (no transcription here)."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return "adam"
+    return None
+
+
+def param_groups_of(optimizer: torch.optim.Optimizer) -> dict:
+    """``{id(param): its param group}``."""
+    return {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+
+def read_rule(optimizer: torch.optim.Optimizer, group: dict, lr: Optional[float] = None) -> UpdateRule:
+    """The update of ``group`` (a param group of ``optimizer``; ``lr`` overrides the group's)."""
+    kind = update_kind(optimizer)
+    if kind is None:
+        raise TypeError(f"no update rule for {type(optimizer).__name__} (SGD, Adam and AdamW are supported)")
+    common = dict(lr=scalar(group["lr"]) if lr is None else float(lr),
+                  weight_decay=float(group.get("weight_decay", 0.0)), maximize=bool(group.get("maximize", False)))
+    if kind == "sgd":
+        return UpdateRule("sgd", momentum=float(group.get("momentum", 0.0)),
+                          dampening=float(group.get("dampening", 0.0)), nesterov=bool(group.get("nesterov", False)),
+                          **common)
+    beta1, beta2 = (scalar(b) for b in group["betas"])
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+    return UpdateRule("adam", beta1=beta1, beta2=beta2, eps=float(group["eps"]), amsgrad=bool(group.get("amsgrad", False)),
+                      decoupled=decoupled, **common)
+
+
+def read_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, rule: UpdateRule) -> State:
+    """``param``'s optimizer state as a state dict (the tensors themselves, not copies)."""
+    state = optimizer.state.get(param, {})
+    if rule.kind == "sgd":
+        return {"buf": state.get("momentum_buffer") if rule.momentum != 0.0 else None}
+    return {
+        "t": int(scalar(state.get("step", 0))),
+        "m": state.get("exp_avg"),
+        "s": state.get("exp_avg_sq"),
+        "smax": state.get("max_exp_avg_sq") if rule.amsgrad else None,
+    }
+
+
+def _optional(states: Sequence[Optional[State]], key: str):
+    values = [None if st is None else st.get(key) for st in states]
+    return None if all(v is None for v in values) else values
+
+
+def rule_pilot(
+    rule: UpdateRule, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[State], *,
+    vectors: Optional[Sequence[torch.Tensor]] = None, adj_states: Optional[Sequence[Optional[State]]] = None,
+    adj_scale: float = 1.0, exact_jacobian: bool = True, compute_params: bool = True, compute_state: bool = False,
+    compute_adj_params: bool = False, compute_adj_state: bool = False, backend: str = "auto",
+):
+    """``rule``'s update of ``params`` (and its adjoint) by ONE fused call per (device, step, state presence).
+
+    Returns ``(new_params, new_states, adj_grads, adj_params, adj_states)``: lists aligned
+    with ``params`` (None where not asked for; ``new_states``/``adj_states`` lists of state
+    dicts).  Arguments as in :func:`~fastmeta.ops.adam_pilot` / :func:`~fastmeta.ops.sgd_pilot`.
+    """
+    params, grads = list(params), list(grads)
+    adj_states = [None] * len(params) if adj_states is None else list(adj_states)
+    want = dict(compute_params=compute_params, compute_state=compute_state, compute_adj_params=compute_adj_params,
+                compute_adj_state=compute_adj_state, backend=backend, adj_scale=adj_scale)
+    if rule.kind == "sgd":
+        momentum = rule.momentum != 0.0
+        res = sgd_pilot(params, grads, _optional(states, "buf") if momentum else None, vectors, lr=rule.lr,
+                        momentum=rule.momentum, dampening=rule.dampening, weight_decay=rule.weight_decay,
+                        nesterov=rule.nesterov, maximize=rule.maximize,
+                        adj_momentum_buffers=_optional(adj_states, "buf") if momentum else None, **want)
+        new_states = None
+        if compute_state:
+            bufs = res.new_momentum_buffers or [None] * len(params)
+            new_states = [{"buf": b} for b in bufs]
+        adj_out = None
+        if compute_adj_state and vectors is not None:
+            abufs = res.adj_momentum_buffers or [None] * len(params)
+            adj_out = [{"buf": b} for b in abufs]
+        return res.new_params, new_states, res.adj_grads, res.adj_params, adj_out
+    res = adam_pilot(
+        params, grads, _optional(states, "m"), _optional(states, "s"), _optional(states, "smax"), vectors,
+        lr=rule.lr, beta1=rule.beta1, beta2=rule.beta2, eps=rule.eps, weight_decay=rule.weight_decay,
+        step=[int(st["t"]) + 1 for st in states], decoupled=rule.decoupled, amsgrad=rule.amsgrad,
+        maximize=rule.maximize, exact_jacobian=exact_jacobian, adj_exp_avgs=_optional(adj_states, "m"),
+        adj_exp_avg_sqs=_optional(adj_states, "s"), adj_max_exp_avg_sqs=_optional(adj_states, "smax"), **want)
+    new_states = None
+    if compute_state:
+        smax = res.new_max_exp_avg_sqs or [None] * len(params)
+        new_states = [{"t": int(st["t"]) + 1, "m": m, "s": s, "smax": x}
+                      for st, m, s, x in zip(states, res.new_exp_avgs, res.new_exp_avg_sqs, smax)]
+    adj_out = None
+    if compute_adj_state and vectors is not None:
+        none = [None] * len(params)
+        adj_out = [{"m": m, "s": s, "smax": x} for m, s, x in zip(
+            res.adj_exp_avgs, res.adj_exp_avg_sqs or none, res.adj_max_exp_avg_sqs or none)]
+    return res.new_params, new_states, res.adj_grads, res.adj_params, adj_out
+
+
+def rule_twin(
+    rule: UpdateRule, theta: torch.Tensor, grad: torch.Tensor, state: State, *, vector=None,
+    adj_state: Optional[State] = None, adj_scale: float = 1.0, exact_jacobian: bool = True,
+    compute_params: bool = True, compute_state: bool = False, compute_adj_params: bool = False,
+    compute_adj_state: bool = False,
+):
+    """The same for ONE tensor through the twin (differentiable: autograd records it when it is on).
+
+    Returns ``(new_param, new_state, adj_grad, adj_param, adj_state)`` (None where not asked for).
+    """
+    adj_state = adj_state or {}
+    want = dict(compute_params=compute_params, compute_state=compute_state, compute_adj_params=compute_adj_params,
+                compute_adj_state=compute_adj_state)
+    if rule.kind == "sgd":
+        buf = state.get("buf") if rule.momentum != 0.0 else None
+        new, adj_g, new_buf, adj_theta, adj_buf = sgd_twin(
+            theta, grad, buf, vector, adj_state.get("buf"), lr=rule.lr, momentum=rule.momentum,
+            dampening=rule.dampening, weight_decay=rule.weight_decay, nesterov=rule.nesterov, maximize=rule.maximize,
+            adj_scale=adj_scale, **want)
+        return (new, {"buf": new_buf} if compute_state else None, adj_g, adj_theta,
+                {"buf": adj_buf} if (compute_adj_state and vector is not None) else None)
+    t = int(state["t"]) + 1
+    new, adj_g, m, s, smax, adj_theta, adj_m, adj_s, adj_smax = adam_twin(
+        theta, grad, state.get("m"), state.get("s"), state.get("smax"), vector, adj_state.get("m"),
+        adj_state.get("s"), adj_state.get("smax"), lr=rule.lr, beta1=rule.beta1, beta2=rule.beta2, eps=rule.eps,
+        weight_decay=rule.weight_decay, step=t, decoupled=rule.decoupled, amsgrad=rule.amsgrad,
+        maximize=rule.maximize, exact_jacobian=exact_jacobian, adj_scale=adj_scale, **want)
+    return (new, {"t": t, "m": m, "s": s, "smax": smax} if compute_state else None, adj_g, adj_theta,
+            {"m": adj_m, "s": adj_s, "smax": adj_smax} if (compute_adj_state and vector is not None) else None)
+
+
+def groups_by_rule(rules: Dict[str, UpdateRule]) -> List[List[str]]:
+    """Names grouped by equal rules, in order of first appearance."""
+    out: dict = {}
+    for name, rule in rules.items():
+        out.setdefault(rule, []).append(name)
+    return list(out.values())
