@@ -14,17 +14,29 @@ step runs with the checkout first on ``PYTHONPATH`` (``fastmeta/__init__.py`` mo
 3. ``tests``      the CUDA cases of the device-parametrized test files (``pytest -k cuda``,
                   which also selects ``@pytest.mark.cuda`` tests) under a time cap;
 4. ``meta_step``  ``bench.meta_step --device cuda``: BERT-base shape (random init) -> 6 layers,
-                  seq 128, batch 4 and 32, fp32 and bf16, every algorithm x hypergradient; kd,
-                  metadistil/exact and metadistil/autograd of every setting first;
+                  seq 128, batch 4 and 32, fp32 and bf16, every algorithm x hypergradient, the floor
+                  (necessary passes + necessary optimizer updates) and the peers' MetaDistil steps
+                  (higher, TorchOpt: ``bench/peers.py``); kd, metadistil/exact, metadistil/autograd
+                  and the peers of every setting first;
 5. ``kernels``    ``bench.kernels`` with short timing (torch.compile cases last);
-6. ``hvp``        ``bench.hvp --device cuda`` (BERT-base -> 6 layers, batch 32).
+6. ``hvp``        ``bench.hvp --device cuda`` (BERT-base -> 6 layers, batch 32);
+7. ``growth``     ``bench.growth --device cuda`` (low priority: last): step time and step memory of
+                  kd, metadistil exact/autograd/finite_diff and the peers over batch 4/16/32 x seq
+                  128/256 (BERT-base shape -> 6 layers, fp32), small cells first.
 
-It watches its own clock: ``GPU_CHECK_BUDGET_S`` (default 450) is the whole run; a step
+The peers are optional: the GPU machine's own ``python3`` may lack them (their rows then say
+``skipped (not installed ...)``).  ``GPU_CHECK_PEERS_PATH`` (default ``build/gpu_check_peers`` when that
+folder exists) is put on every step's ``PYTHONPATH``; ``python3 -m bench.gpu_check --vendor-peers``
+fills that folder here with the installed ``higher``, ``torchopt`` (its compiled ``_C`` left out:
+TorchOpt falls back to its Python ops), ``optree`` and ``graphviz`` (TorchOpt imports both; ``optree`` is compiled: it imports
+only under the same Python minor version), to carry to the GPU machine with the checkout.
+
+It watches its own clock: ``GPU_CHECK_BUDGET_S`` (default 540) is the whole run; a step
 that cannot start with its minimum time left is reported ``skipped (time)``; each step has a
 cap, and the benchmarks and pytest get an internal deadline inside it so that they stop
 starting new work, write what they measured and exit (``partial``) instead of being killed.
 
-Results: ``bench/results/{meta_step,kernels,hvp}_cuda.*`` (each benchmark's own files) and
+Results: ``bench/results/{meta_step,kernels,hvp,growth}_cuda.*`` (each benchmark's own files) and
 ``bench/results/gpu_check_cuda.{json,md}`` (versions, GPU, every step's status and time, key
 figures).  With ``GPU_CHECK_OUT=<dir>``: ``gpu_check_results.tar.gz`` there (every result,
 log, junit XML and build log of the run) plus at most ``GPU_CHECK_OUT_MAX_FILES`` (8) files
@@ -56,7 +68,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 SCHEMA_VERSION = 1
-STEP_NAMES = ("info", "extension", "tests", "meta_step", "kernels", "hvp")
+STEP_NAMES = ("info", "extension", "tests", "meta_step", "kernels", "hvp", "growth")
 
 # The test files whose CUDA cases run here: parametrized over conftest.DEVICES, or with CUDA
 # cases of their own.  Files holding @pytest.mark.cuda tests are added when found.
@@ -80,10 +92,10 @@ TEST_WEIGHTS = {
     "tests/test_ops.py": 5.0, "tests/test_ops_pilot.py": 2.0, "tests/test_kd_loss.py": 20.0,
     "tests/test_kd_second_order.py": 15.0,
 }
-META_STEP_PRIORITY = ("kd", "metadistil/exact", "metadistil/autograd")
+META_STEP_PRIORITY = ("kd", "metadistil/exact", "metadistil/autograd", "peer/higher", "peer/torchopt")
 LOOSE_FILES = ("gpu_check_results.tar.gz", "gpu_check_{s}.json", "gpu_check.log", "gpu_check_{s}.md",
                "meta_step_{s}.json", "meta_step_{s}.png", "kernels_{s}.json", "hvp_{s}.json",
-               "meta_step_{s}.md", "kernels_{s}.md", "hvp_{s}.md")
+               "meta_step_{s}.md", "kernels_{s}.md", "hvp_{s}.md", "growth_{s}.json", "growth_{s}.png")
 
 
 def _env_flag(name: str) -> bool:
@@ -222,6 +234,16 @@ def _hvp_cmd(ctx: Context, deadline: float) -> list[str]:
     return cmd + ["--teacher", "bert-base", "--batch", "32", "--seq", "128", "--repeats", "5", "--warmup", "1"]
 
 
+def _growth_cmd(ctx: Context, deadline: float) -> list[str]:
+    cmd = [ctx.python, "-m", "bench.growth", "--device", ctx.device, "--out-dir", str(ctx.results_dir),
+           "--deadline", f"{deadline:.1f}"]
+    if ctx.dry_run:
+        return cmd + ["--model", "tiny", "--batch-sizes", "2", "4", "--seq-lens", "8", "16", "--warmup", "0",
+                      "--repeats", "1", "--isolation", "inprocess"]
+    # BERT-base shape -> 6 layers, fp32, bs 4/16/32 x seq 128/256, every method and the peers (the CUDA defaults)
+    return cmd + ["--warmup", "1", "--repeats", "3"]
+
+
 def make_steps(dry_run: bool) -> list[Step]:
     """The steps with their caps; GPU estimates are for one H100 (see README "On a GPU")."""
     scale = 0.5 if dry_run else 1.0
@@ -231,12 +253,52 @@ def make_steps(dry_run: bool) -> list[Step]:
              env=_extension_env, internal_deadline=False),
         Step("tests", cap_s=150 * scale, min_s=40 * scale, estimate_s=90, command=_tests_cmd, env=_tests_env,
              margin_s=20 * scale),
-        Step("meta_step", cap_s=200 * scale, min_s=30 * scale, estimate_s=110, command=_meta_step_cmd,
+        Step("meta_step", cap_s=220 * scale, min_s=30 * scale, estimate_s=130, command=_meta_step_cmd,
              margin_s=15 * scale),
         Step("kernels", cap_s=100 * scale, min_s=20 * scale, estimate_s=60, command=_kernels_cmd,
              margin_s=15 * scale),
         Step("hvp", cap_s=80 * scale, min_s=20 * scale, estimate_s=35, command=_hvp_cmd, margin_s=10 * scale),
+        # low priority: last, and cut short by its deadline (small cells first) when the budget is short
+        Step("growth", cap_s=120 * scale, min_s=30 * scale, estimate_s=90, command=_growth_cmd,
+             margin_s=15 * scale),
     ]
+
+
+PEERS_DIR = REPO / "build" / "gpu_check_peers"
+PEER_PACKAGES = ("higher", "torchopt", "optree", "graphviz")  # torchopt imports optree and graphviz
+
+
+def peers_dir() -> Path | None:
+    """Where vendored peer libraries are (``GPU_CHECK_PEERS_PATH``, else build/gpu_check_peers if present)."""
+    value = os.environ.get("GPU_CHECK_PEERS_PATH")
+    if value:
+        return Path(value).resolve()
+    return PEERS_DIR if PEERS_DIR.is_dir() else None
+
+
+def vendor_peers(target: Path = PEERS_DIR) -> list[str]:
+    """Copy the installed peer packages (higher, torchopt without its compiled ``_C``, optree) to ``target``."""
+    import importlib
+
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in PEER_PACKAGES:
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001
+            print(f"{name}: not importable here ({type(exc).__name__}: {exc}); not copied")
+            continue
+        src = Path(module.__file__).parent
+        dst = target / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        ignore = shutil.ignore_patterns("__pycache__", "_C.*.so", "_C*.pyd") if name == "torchopt" \
+            else shutil.ignore_patterns("__pycache__")
+        shutil.copytree(src, dst, ignore=ignore)
+        copied.append(f"{name} {getattr(module, '__version__', '?')}")
+    print(f"vendored into {target}: {', '.join(copied) or 'nothing'} "
+          f"(carry it with the checkout; python {sys.version_info.major}.{sys.version_info.minor} here)")
+    return copied
 
 
 def base_env(ctx: Context) -> dict[str, str]:
@@ -246,6 +308,9 @@ def base_env(ctx: Context) -> dict[str, str]:
                 "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
                 "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"})
     env.pop("GPU_CHECK_TESTS_DEADLINE", None)
+    peers_path = peers_dir()
+    if peers_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(peers_path)])  # after the checkout
     if ctx.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is a CPU run even where a GPU is present
     if ctx.disable_extension:
@@ -427,14 +492,18 @@ def _summ_meta_step(ctx: Context, text: str) -> dict[str, Any]:
     data = _load_json(ctx.results_dir / f"meta_step_{ctx.suffix}.json")
     if data is None:
         return {}
-    out: dict[str, Any] = {"settings": {}, "incomplete": data.get("incomplete")}
-    counts = {"ok": 0, "failed": 0, "skipped": 0}
+    out: dict[str, Any] = {"settings": {}, "incomplete": data.get("incomplete"), "peers": data.get("peers")}
+    counts = {"ok": 0, "failed": 0, "skipped": 0, "not_installed": 0}
     for s in data["settings"]:
         rows = {}
         for r in s["steps"]:
-            name = r["algorithm"] + (f"/{r['hypergrad']}" if r["hypergrad"] else "")
+            name = f"peer/{r['peer']}" if r.get("peer") else r["algorithm"] + (f"/{r['hypergrad']}" if r["hypergrad"] else "")
             if "skipped" in r:
-                counts["skipped"] += 1
+                if r["skipped"] == "time":
+                    counts["skipped"] += 1
+                else:
+                    counts["not_installed"] += 1
+                    rows[name] = {"skipped": r["skipped"][:160]}
                 continue
             if "error" in r:
                 counts["failed"] += 1
@@ -443,11 +512,38 @@ def _summ_meta_step(ctx: Context, text: str) -> dict[str, Any]:
             counts["ok"] += 1
             rows[name] = {"median_s": r["median_s"], "x_kd": r.get("time_vs_kd"),
                           "x_autograd": r.get("time_vs_autograd"), "x_floor": r.get("time_vs_floor"),
-                          "peak_bytes": r["memory"]["peak_bytes"], "peak_x_kd": r.get("peak_vs_kd")}
+                          "peak_bytes": r["memory"]["peak_bytes"], "peak_x_kd": r.get("peak_vs_kd"),
+                          "step_memory_bytes": r["memory"].get("step_memory_bytes")}
         out["settings"][s["label"]] = {"floor_s": s["floor"].get("floor_s"), "steps": rows,
                                        "goals": data.get("goals", {}).get(s["label"], {})}
     out["counts"] = counts
     return out
+
+
+def _summ_growth(ctx: Context, text: str) -> dict[str, Any]:
+    data = _load_json(ctx.results_dir / f"growth_{ctx.suffix}.json")
+    if data is None:
+        return {}
+    counts = {"ok": 0, "failed": 0, "skipped": 0, "not_installed": 0}
+    largest: dict[str, Any] = {}
+    for r in data["rows"]:
+        if "median_s" in r:
+            counts["ok"] += 1
+            cell = (r["batch_size"] * r["seq_len"], r["seq_len"])
+            best = largest.get(r["method"])
+            if best is None or cell > best["_cell"]:
+                largest[r["method"]] = {"_cell": cell, "batch_size": r["batch_size"], "seq_len": r["seq_len"],
+                                        "median_s": r["median_s"], "step_memory_bytes": r["step_memory_bytes"],
+                                        "x_exact": r.get("time_vs_exact"), "mem_x_exact": r.get("step_memory_vs_exact")}
+        elif "error" in r:
+            counts["failed"] += 1
+        elif r.get("skipped") == "time":
+            counts["skipped"] += 1
+        else:
+            counts["not_installed"] += 1
+    for v in largest.values():
+        v.pop("_cell")
+    return {"counts": counts, "largest_cell": largest, "growth": data.get("growth"), "incomplete": data.get("incomplete")}
 
 
 def _summ_kernels(ctx: Context, text: str) -> dict[str, Any]:
@@ -488,7 +584,7 @@ def _summ_hvp(ctx: Context, text: str) -> dict[str, Any]:
 
 SUMMARISERS: dict[str, Callable[[Context, str], dict[str, Any]]] = {
     "info": _summ_info, "extension": _summ_extension, "tests": _summ_tests, "meta_step": _summ_meta_step,
-    "kernels": _summ_kernels, "hvp": _summ_hvp,
+    "kernels": _summ_kernels, "hvp": _summ_hvp, "growth": _summ_growth,
 }
 
 
@@ -539,6 +635,13 @@ def _collect_info(info: dict[str, Any]) -> None:
     for name in ("torch", "triton", "transformers", "numpy", "pytest", "matplotlib", "ninja", "setuptools"):
         info[name] = _version(name)
     info["pytest_benchmark"] = _version("pytest_benchmark")
+    try:  # the benchmark's optional peers (their rows say "not installed" without them)
+        from bench.peers import PEERS, availability
+
+        info["peers"] = {name: availability(name) for name in PEERS}
+    except Exception as exc:  # noqa: BLE001
+        info["peers"] = {"error": f"{type(exc).__name__}: {exc}"}
+    info["peers_path"] = os.environ.get("GPU_CHECK_PEERS_PATH") or (str(PEERS_DIR) if PEERS_DIR.is_dir() else None)
     import torch
 
     info["torch_cuda"] = torch.version.cuda
@@ -666,6 +769,10 @@ def key_figures(report: dict[str, Any]) -> list[str]:
                  f"triton {info.get('triton')}, transformers {info.get('transformers')}, numpy {info.get('numpy')}, "
                  f"pytest {info.get('pytest')}, matplotlib {info.get('matplotlib')}; nvcc: {info.get('nvcc_version')}; "
                  f"ninja: {info.get('ninja_available')}; triton mode: {info.get('triton_mode')}")
+    pe = info.get("peers") or {}
+    if pe and "error" not in pe:
+        lines.append("peers: " + ", ".join(f"{k} {v['version']}" if v.get("available") else f"{k} missing"
+                                           for k, v in pe.items()))
     fm = info.get("fastmeta") or {}
     if fm:
         lines.append(f"fastmeta imported from {fm.get('file', fm.get('error'))}")
@@ -691,7 +798,7 @@ def key_figures(report: dict[str, Any]) -> list[str]:
     if m.get("settings"):
         c = m.get("counts", {})
         lines.append(f"meta_step: {c.get('ok')} configurations measured, {c.get('failed')} failed, "
-                     f"{c.get('skipped')} skipped (time)")
+                     f"{c.get('skipped')} skipped (time), {c.get('not_installed', 0)} peer rows not installed")
         for label, s in m["settings"].items():
             st = s["steps"]
             kd = st.get("kd", {})
@@ -705,9 +812,24 @@ def key_figures(report: dict[str, Any]) -> list[str]:
                              f"peak {_fmt_x(ex.get('peak_x_kd'))} KD")
             if "median_s" in au:
                 parts.append(f"autograd {_fmt_s(au['median_s'])} s, peak {_fmt_x(au.get('peak_x_kd'))} KD")
+            for peer in ("higher", "torchopt"):
+                pr = st.get(f"peer/{peer}", {})
+                if "median_s" in pr:
+                    parts.append(f"{peer} {_fmt_s(pr['median_s'])} s, peak {_fmt_x(pr.get('peak_x_kd'))} KD")
+                elif "skipped" in pr:
+                    parts.append(f"{peer}: {pr['skipped'][:40]}")
             lines.append("; ".join(parts))
             errs = [f"{k}: {v['error']}" for k, v in st.items() if "error" in v]
             lines += [f"    FAILED {e}" for e in errs[:5]]
+    gr = steps.get("growth", {}).get("summary") or {}
+    if gr.get("counts"):
+        c = gr["counts"]
+        lines.append(f"growth: {c['ok']} configurations measured, {c['failed']} failed, {c['skipped']} skipped (time), "
+                     f"{c['not_installed']} peer rows not installed; largest cell measured per method:")
+        for m, v in gr.get("largest_cell", {}).items():
+            lines.append(f"  {m}: bs{v['batch_size']} seq{v['seq_len']} {_fmt_s(v['median_s'])} s, step mem "
+                         f"{(v['step_memory_bytes'] or 0) / 2**20:.0f} MiB ({_fmt_x(v.get('x_exact'))} / "
+                         f"{_fmt_x(v.get('mem_x_exact'))} of exact's time / memory)")
     k = steps.get("kernels", {}).get("summary") or {}
     if k.get("fwd_bwd"):
         lines.append(f"kernels (fwd+bwd, copy bandwidth {k.get('copy_bandwidth_gb_s')} GB/s):")
@@ -848,7 +970,7 @@ def print_summary(report: dict[str, Any]) -> None:
 # =========================================================================== driver
 def run(argv=None) -> int:
     dry_run = _env_flag("GPU_CHECK_DRY_RUN")
-    budget = float(os.environ.get("GPU_CHECK_BUDGET_S", "240" if dry_run else "450"))
+    budget = float(os.environ.get("GPU_CHECK_BUDGET_S", "240" if dry_run else "540"))
     out_env = os.environ.get("GPU_CHECK_OUT")
     out = Path(out_env).resolve() if out_env else None
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -915,6 +1037,9 @@ def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--info"]:
         return info_main(args[1])
+    if args[:1] == ["--vendor-peers"]:
+        vendor_peers(Path(args[1]).resolve() if len(args) > 1 else PEERS_DIR)
+        return 0
     if args[:1] == ["--extension"]:
         device = args[args.index("--device") + 1] if "--device" in args else "cpu"
         return extension_main(args[1], device)

@@ -118,6 +118,15 @@ def make_impl(name: str, kind: str, temperature: float, device: str) -> Callable
         return lambda zs, zt: kd_loss(zs, zt, temperature, kind=kind, check_finite=False)
     fn = eager_kd_loss(kind, temperature)
     if name == "compile":
+        # The "bwd" mode times a backward of ONE kept graph (retain_graph=True); AOTAutograd's donated
+        # buffers forbid that ("compiled with non-empty donated buffers", first seen on an H200), so
+        # they are off for this benchmark (torch >= 2.6 has the switch; the fwd+bwd mode is unaffected).
+        try:
+            import torch._functorch.config as functorch_config
+        except ImportError:
+            functorch_config = None
+        if functorch_config is not None and hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
         return torch.compile(fn)
     return fn
 

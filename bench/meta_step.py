@@ -13,11 +13,22 @@ hypergrad=...)``) this measures, in ONE run:
   state included, as usually reported);
 - ratios to plain KD's step (``algorithm="kd"``) and to the ``autograd``
   (double-backward) hypergradient of the same algorithm;
-- the floor: the passes a MetaDistil step cannot avoid, each timed alone in the
-  same run -- teacher forward+backward, teacher forward, student
-  forward+backward x3 (pilot, quiz, real step), one student JVP -- and every
-  step's time over their sum.  Optimizer updates are timed too but are NOT part
-  of the floor (reported beside it).
+- the floor of a MetaDistil step: the necessary passes -- teacher
+  forward+backward, teacher forward (for the real step), student
+  forward+backward x2 (pilot, real step), quiz forward+backward, one student
+  JVP -- plus the necessary optimizer updates -- the teacher's update x1 and
+  the student's update x1 (the optimizers' own ``step()``; the pilot's update
+  is part of the meta-gradient, not an optimizer update of the floor) -- each
+  timed alone in the same run; ``time_vs_floor`` = step time / their sum;
+- peers (``--peers higher torchopt``, the default): the same MetaDistil step
+  written the way a user of ``higher`` and of TorchOpt writes it
+  (``bench/peers.py``: same models, batch, optimizers, KD loss), as rows
+  ``{"algorithm": "metadistil", "hypergrad": "autograd", "peer": "higher" |
+  "torchopt", ...}`` with the same fields and ratios (``time_vs_autograd`` is
+  against fastmeta's own ``metadistil/autograd``).  A peer that is not
+  installed (``pip install .[bench]``) is a row with ``"skipped": "not
+  installed: ..."``, one that fails a row with ``"error"``: never faked.
+  fastmeta's own rows have ``"peer": null``.
 
 Configurations:
 
@@ -95,6 +106,15 @@ MODELS = {
                  student_layers=1),
 }
 
+
+# What the floor holds (the issue's words): every necessary pass and every necessary optimizer update
+# of a MetaDistil step, each timed alone in the same run; the sum.  The pilot step's update is not an
+# optimizer update of the floor: it is part of the meta-gradient (fastmeta: the fused pilot op).
+FLOOR_DEFINITION = (
+    "floor = teacher forward+backward (logits cotangent) + teacher forward (no graph, for the real step) "
+    "+ student forward+backward x2 (pilot, real step) + quiz forward+backward (student) + one student JVP "
+    "(torch.func.jvp, math attention) + teacher optimizer update x1 + student optimizer update x1 "
+    "({optimizer}, the optimizers' own step()), each timed alone in this run, medians summed")
 
 # =========================================================================== worker side
 def build_models(model: str, *, seed: int, attn: str, dropout: float | None):
@@ -218,31 +238,51 @@ def _memory_end(device: str, start: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time ``fastmeta.meta_step`` for one (algorithm, hypergrad) configuration."""
+    """Time one training step configuration: ``fastmeta.meta_step(algorithm, hypergrad)``, or, with
+    ``spec["peer"]``, the MetaDistil step of that peer library (``bench/peers.py``)."""
     import torch
 
-    import fastmeta
+    peer = spec.get("peer")
+    row: dict[str, Any] = {"kind": "step", "algorithm": spec["algorithm"], "hypergrad": spec.get("hypergrad"),
+                           "peer": peer}
+    if peer is not None:
+        from bench import peers
 
+        info = peers.availability(peer)
+        if not info["available"]:
+            return dict(row, skipped=info["reason"])
+        row["peer_version"] = info["version"]
     device = spec["device"]
     teacher, student, batch, quiz, teacher_opt, student_opt = _setup(spec)
-    kwargs: dict[str, Any] = dict(algorithm=spec["algorithm"], temperature=spec["temperature"],
-                                  kd_weight=spec["kd_weight"])
-    if spec.get("hypergrad") is not None:
-        kwargs["hypergrad"] = spec["hypergrad"]
-    if spec.get("inner_lr") is not None:
-        kwargs["inner_lr"] = spec["inner_lr"]
-    kwargs.update(spec.get("algorithm_options") or {})
     phase_records: list[dict[str, float]] = []
+    if peer is None:
+        import fastmeta
+
+        kwargs: dict[str, Any] = dict(algorithm=spec["algorithm"], temperature=spec["temperature"],
+                                      kd_weight=spec["kd_weight"])
+        if spec.get("hypergrad") is not None:
+            kwargs["hypergrad"] = spec["hypergrad"]
+        if spec.get("inner_lr") is not None:
+            kwargs["inner_lr"] = spec["inner_lr"]
+        kwargs.update(spec.get("algorithm_options") or {})
+
+        def run_step():
+            out = fastmeta.meta_step(teacher, student, batch, quiz, teacher_opt, student_opt, **kwargs)
+            timings = getattr(out, "timings", None)
+            if isinstance(timings, dict):
+                phase_records.append({k: float(v) for k, v in timings.items() if isinstance(v, (int, float))})
+    else:
+        if spec["algorithm"] != "metadistil":
+            raise ValueError(f"peer rows are MetaDistil steps, got algorithm={spec['algorithm']!r}")
+        stepper = peers.make_peer(peer, teacher, student, teacher_opt, student_opt,
+                                  temperature=spec["temperature"], kd_weight=spec["kd_weight"])
+
+        def run_step():
+            stepper.step(batch, quiz)
 
     def step():
         with _autocast(device, spec["dtype"]):
-            out = fastmeta.meta_step(teacher, student, batch, quiz, teacher_opt, student_opt,
-                                     **kwargs)
-        timings = getattr(out, "timings", None)
-        if isinstance(timings, dict):
-            phase_records.append({k: float(v) for k, v in timings.items()
-                                  if isinstance(v, (int, float))})
-        return out
+            run_step()
 
     mem = _memory_start(device)
     t_wall = time.perf_counter()
@@ -256,12 +296,8 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
             vals = [r[key] for r in timed_phases if key in r]
             phases[key] = common.median(vals)
     finite = all(bool(torch.isfinite(p).all()) for m in (teacher, student) for p in m.parameters())
-    return {
-        "kind": "step", "algorithm": spec["algorithm"], "hypergrad": spec.get("hypergrad"),
-        "times_s": times, "median_s": common.median(times), "wall_s": wall,
-        "phase_medians_s": phases, "memory": mem, "parameters_finite_after": finite,
-        "torch_threads": torch.get_num_threads(),
-    }
+    return dict(row, times_s=times, median_s=common.median(times), wall_s=wall, phase_medians_s=phases,
+                memory=mem, parameters_finite_after=finite, torch_threads=torch.get_num_threads())
 
 
 def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
@@ -316,16 +352,18 @@ def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
         with sdpa_kernel(SDPBackend.MATH), ac():
             jvp(f, (params,), (tangents,))
 
-    def optimizer_steps():
-        # teacher once, student twice (pilot + real) as a MetaDistil step does
-        for p in teacher.parameters():
-            p.grad = torch.zeros_like(p)
-        for p in student.parameters():
-            p.grad = torch.zeros_like(p)
-        with torch.no_grad():
-            teacher_opt.step()
-            student_opt.step()
-            student_opt.step()
+    def set_zero_grads(model):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+
+    def optimizer_update(opt):
+        # the optimizer's own step (its state exists after the warm-up); gradients are set once,
+        # outside the timing, as the step finds them (assigned by autograd, nothing to copy)
+        def run():
+            with torch.no_grad():
+                opt.step()
+        return run
 
     mem = _memory_start(device)
     passes = {
@@ -338,16 +376,20 @@ def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, (fn, count) in passes.items():
         times = common.time_calls(fn, repeats=rep, warmup=warm, device=device)
-        results[name] = {"times_s": times, "median_s": common.median(times), "count": count}
+        results[name] = {"times_s": times, "median_s": common.median(times), "count": count, "kind": "pass"}
     clear()
-    opt_times = common.time_calls(optimizer_steps, repeats=rep, warmup=warm, device=device)
+    updates = {"teacher_update": (teacher, teacher_opt), "student_update": (student, student_opt)}
+    for name, (model, opt) in updates.items():
+        set_zero_grads(model)
+        times = common.time_calls(optimizer_update(opt), repeats=rep, warmup=max(warm, 1), device=device)
+        results[name] = {"times_s": times, "median_s": common.median(times), "count": 1, "kind": "optimizer update"}
+    clear()
     mem = _memory_end(device, mem)
     floor = sum(r["median_s"] * r["count"] for r in results.values())
+    passes_s = sum(r["median_s"] * r["count"] for r in results.values() if r["kind"] == "pass")
     return {
-        "kind": "floor", "passes": results, "floor_s": floor,
-        "optimizer_updates": {"times_s": opt_times, "median_s": common.median(opt_times),
-                              "what": "teacher optimizer step x1 + student optimizer step x2 "
-                                      f"({spec['optimizer']}), not part of the floor"},
+        "kind": "floor", "passes": results, "floor_s": floor, "floor_passes_only_s": passes_s,
+        "definition": FLOOR_DEFINITION.format(optimizer=spec["optimizer"]),
         "memory": mem,
     }
 
@@ -379,6 +421,7 @@ def settings_for(args) -> list[dict[str, Any]]:
 
 
 def configurations(algorithms, hypergrads) -> list[tuple[str, str | None]]:
+    """fastmeta's own (algorithm, hypergrad) configurations of this run (plain KD always included)."""
     out = []
     table = meaningful()
     for alg in algorithms:
@@ -392,35 +435,61 @@ def configurations(algorithms, hypergrads) -> list[tuple[str, str | None]]:
     return out
 
 
-def _conf_name(alg: str, hg: str | None) -> str:
+def keys(args) -> list[tuple[str, str | None, str | None]]:
+    """Every row of a setting, as (algorithm, hypergrad, peer): fastmeta's configurations (peer None),
+    then the peers' MetaDistil steps (hypergrad "autograd": they backprop through the pilot)."""
+    out = [(a, h, None) for a, h in configurations(args.algorithms, args.hypergrads)]
+    for name in getattr(args, "peers", None) or ():
+        from bench.peers import PEERS
+
+        if name not in PEERS:
+            raise SystemExit(f"unknown peer {name!r}; choose from {PEERS}")
+        out.append(("metadistil", "autograd", name))
+    return out
+
+
+def _conf_name(alg: str, hg: str | None, peer: str | None = None) -> str:
+    if peer is not None:
+        return f"peer/{peer}"
     return alg if hg is None else f"{alg}/{hg}"
 
 
-def _priority(names: list[str] | None, confs: list[tuple[str, str | None]]) -> set:
-    """The configurations of ``--priority`` ("kd", "metadistil/exact", ...); all of them when not given."""
+def _row_name(r: dict[str, Any]) -> str:
+    return _conf_name(r["algorithm"], r["hypergrad"], r.get("peer"))
+
+
+def _label(r: dict[str, Any]) -> str:
+    """How a row is printed: ``metadistil / exact``; a peer: ``MetaDistil with higher (peer)``."""
+    if r.get("peer"):
+        return f"MetaDistil with {r['peer']} (peer)"
+    return r["algorithm"] + (f" / {r['hypergrad']}" if r["hypergrad"] else "")
+
+
+def _priority(names: list[str] | None, confs: list[tuple]) -> set:
+    """The configurations of ``--priority`` ("kd", "metadistil/exact", "peer/higher", ...); all when not given."""
     if not names:
         return set(confs)
-    by_name = {_conf_name(a, h): (a, h) for a, h in confs}
+    by_name = {_conf_name(*c): c for c in confs}
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise SystemExit(f"--priority: {unknown} not among this run's configurations {sorted(by_name)}")
     return {by_name[n] for n in names}
 
 
-def plan(args, settings: list[dict[str, Any]]) -> list[tuple[int, str, str | None, str | None]]:
-    """The order of the work: (setting index, "floor"|"step", algorithm, hypergrad).
+def plan(args, settings: list[dict[str, Any]]) -> list[tuple[int, str, tuple | None]]:
+    """The order of the work: (setting index, "floor"|"step", (algorithm, hypergrad, peer) or None).
 
     Every setting's floor and its ``--priority`` configurations first (all settings), then the
     rest, so that a run cut short by ``--deadline`` has the most wanted figures of every setting.
     """
-    confs = configurations(args.algorithms, args.hypergrads)
+    confs = keys(args)
     first = _priority(args.priority, confs)
-    items = []
+    items: list[tuple[int, str, tuple | None]] = []
     for i in range(len(settings)):
-        items.append((i, "floor", None, None))
-        items += [(i, "step", a, h) for a, h in confs if (a, h) in first]
+        items.append((i, "floor", None))
+        items += [(i, "step", c) for c in confs if c in first]
     for i in range(len(settings)):
-        items += [(i, "step", a, h) for a, h in confs if (a, h) not in first]
+        items += [(i, "step", c) for c in confs if c not in first]
     return items
 
 
@@ -432,12 +501,12 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
                 inner_lr=args.inner_lr, temperature=args.temperature, kd_weight=args.kd_weight,
                 warmup=args.warmup, repeats=args.repeats, threads=args.threads,
                 cache_models=args.isolation == "inprocess")
-    confs = configurations(args.algorithms, args.hypergrads)
+    confs = keys(args)
     states = [{"setting": s, "label": f"{s['model']} bs{s['batch_size']} seq{s['seq_len']} {s['dtype']}",
                "floor": None, "rows": {}} for s in settings]
     runner = _runner(args)
     skipped = 0
-    for i, kind, alg, hg in plan(args, settings):
+    for i, kind, conf in plan(args, settings):
         st = states[i]
         label = st["label"]
         if deadline is not None and time.time() >= deadline:
@@ -445,12 +514,14 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
             if kind == "floor":
                 st["floor"] = {"kind": "floor", "skipped": "time"}
             else:
-                st["rows"][(alg, hg)] = {"kind": "step", "algorithm": alg, "hypergrad": hg, "skipped": "time"}
+                alg, hg, peer = conf
+                st["rows"][conf] = {"kind": "step", "algorithm": alg, "hypergrad": hg, "peer": peer,
+                                    "skipped": "time"}
             continue
         spec = dict(base, **st["setting"], kind=kind)
         t0 = time.perf_counter()
         if kind == "floor":
-            log(f"[{label}] floor passes ...")
+            log(f"[{label}] floor ...")
             try:
                 st["floor"] = runner(spec)
             except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
@@ -459,16 +530,21 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
             else:
                 log(f"[{label}] floor = {st['floor']['floor_s']:.4f} s ({time.perf_counter() - t0:.0f} s)")
         else:
-            spec.update(algorithm=alg, hypergrad=hg)
+            alg, hg, peer = conf
+            name = _conf_name(alg, hg, peer)
+            spec.update(algorithm=alg, hypergrad=hg, peer=peer)
             try:
                 res = runner(spec)
             except Exception as exc:  # noqa: BLE001 - WorkerError, OOM, a bug in one algorithm: recorded
-                res = {"kind": "step", "algorithm": alg, "hypergrad": hg, "error": _error_text(exc)}
-                log(f"[{label}] {alg}/{hg}: FAILED\n{res['error']}")
+                res = {"kind": "step", "algorithm": alg, "hypergrad": hg, "peer": peer, "error": _error_text(exc)}
+                log(f"[{label}] {name}: FAILED\n{res['error']}")
             else:
-                log(f"[{label}] {alg}/{hg}: median {res['median_s']:.4f} s, peak "
-                    f"{common.fmt_bytes(res['memory']['peak_bytes'])} ({time.perf_counter() - t0:.0f} s)")
-            st["rows"][(alg, hg)] = res
+                if "skipped" in res:
+                    log(f"[{label}] {name}: skipped ({res['skipped']})")
+                else:
+                    log(f"[{label}] {name}: median {res['median_s']:.4f} s, peak "
+                        f"{common.fmt_bytes(res['memory']['peak_bytes'])} ({time.perf_counter() - t0:.0f} s)")
+            st["rows"][conf] = res
         if on_progress is not None:
             on_progress(_finish(states, confs))
     if skipped:
@@ -542,8 +618,8 @@ def _add_ratios(rows: list[dict[str, Any]], floor: dict[str, Any]) -> None:
     kd = next((r for r in ok if r["algorithm"] == "kd"), None)
     floor_s = floor.get("floor_s")
     for r in ok:
-        auto = next((a for a in ok if a["algorithm"] == r["algorithm"]
-                     and a["hypergrad"] == "autograd"), None)
+        auto = next((a for a in ok if a["algorithm"] == r["algorithm"] and a["hypergrad"] == "autograd"
+                     and not a.get("peer")), None)  # fastmeta's own double backward
         r["time_vs_kd"] = r["median_s"] / kd["median_s"] if kd else None
         r["time_vs_autograd"] = r["median_s"] / auto["median_s"] if auto else None
         r["time_vs_floor"] = r["median_s"] / floor_s if floor_s else None
@@ -557,8 +633,9 @@ def _add_ratios(rows: list[dict[str, Any]], floor: dict[str, Any]) -> None:
 
 
 def goals(setting_result: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals for MetaDistil with fastmeta exact (stated for GPU)."""
-    steps = {(r["algorithm"], r["hypergrad"]): r for r in setting_result["steps"] if _ok(r)}
+    """The issue's goals for MetaDistil with fastmeta exact (stated for GPU), peers included:
+    exact faster and leaner (step memory; peak on CUDA) than every peer that ran."""
+    steps = {(r["algorithm"], r["hypergrad"]): r for r in setting_result["steps"] if _ok(r) and not r.get("peer")}
     exact = steps.get(("metadistil", "exact"))
     auto = steps.get(("metadistil", "autograd"))
     out: dict[str, Any] = {}
@@ -571,6 +648,16 @@ def goals(setting_result: dict[str, Any]) -> dict[str, Any]:
     if exact and exact.get("peak_vs_kd") is not None:
         out["peak_memory_vs_kd"] = {"value": exact["peak_vs_kd"], "goal": "<= 1.5",
                                     "met": exact["peak_vs_kd"] <= 1.5}
+    for r in setting_result["steps"]:
+        if not (exact and r.get("peer") and _ok(r)):
+            continue
+        t = exact["median_s"] / r["median_s"]
+        out[f"time_vs_{r['peer']}"] = {"value": t, "goal": "< 1", "met": t < 1.0}
+        mem_key = "peak_bytes" if exact["memory"].get("peak_kind", "").startswith("torch.cuda") else "step_memory_bytes"
+        if r["memory"][mem_key] > 0:
+            m = exact["memory"][mem_key] / r["memory"][mem_key]
+            out[f"{'peak' if mem_key == 'peak_bytes' else 'step'}_memory_vs_{r['peer']}"] = {
+                "value": m, "goal": "< 1", "met": m < 1.0}
     return out
 
 
@@ -591,7 +678,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"## {s['label']}", ""]
         rows = []
         for r in s["steps"]:
-            name = r["algorithm"] + (f" / {r['hypergrad']}" if r["hypergrad"] else "")
+            name = _label(r)
             if "skipped" in r:
                 rows.append([name, f"skipped ({r['skipped']})"] + [None] * 8)
                 continue
@@ -612,13 +699,14 @@ def render_markdown(report: dict[str, Any]) -> str:
              "step mem", "step mem x KD", "step mem x autograd"], rows))
         f = s["floor"]
         if "floor_s" in f:
-            frows = [[k, r["count"], common.fmt(r["median_s"], 4), common.fmt(r["median_s"] * r["count"], 4)]
-                     for k, r in f["passes"].items()]
-            frows.append(["**floor (sum)**", "", "", common.fmt(f["floor_s"], 4)])
-            frows.append(["optimizer updates (not in floor)", "", "",
-                          common.fmt(f["optimizer_updates"]["median_s"], 4)])
-            lines += ["Floor: the necessary passes, each timed alone in this run:", "",
-                      common.markdown_table(["pass", "count", "median s", "s x count"], frows)]
+            frows = [[k, r.get("kind", "pass"), r["count"], common.fmt(r["median_s"], 4),
+                      common.fmt(r["median_s"] * r["count"], 4)] for k, r in f["passes"].items()]
+            frows.append(["**floor (sum)**", "", "", "", common.fmt(f["floor_s"], 4)])
+            if "optimizer_updates" in f:  # a result file of the earlier definition (updates outside the floor)
+                frows.append(["optimizer updates (not in this floor)", "", "", "",
+                              common.fmt(f["optimizer_updates"]["median_s"], 4)])
+            lines += [f"Floor ({f.get('definition', 'the necessary passes, each timed alone in this run')}):", "",
+                      common.markdown_table(["item", "kind", "count", "median s", "s x count"], frows)]
             if s["setting"]["dtype"] != "fp32":
                 lines += [f"(The floor's passes all run under {s['setting']['dtype']} autocast, its JVP too; the "
                           "engine computes the student tangent in fp32 by default, jvp_precision='fp32'.)", ""]
@@ -654,7 +742,7 @@ def render_chart(report: dict[str, Any], path: Path) -> bool:
     for s in settings:
         ok = [r for r in s["steps"] if _ok(r)]
         prefix = f"{s['label']}: " if len(settings) > 1 else ""
-        labels += [prefix + _conf_name(r["algorithm"], r["hypergrad"]) for r in ok]
+        labels += [prefix + _row_name(r) for r in ok]
         times += [r["time_vs_kd"] for r in ok]
         mems += [r[mem_key] for r in ok]
     if not labels:
@@ -680,8 +768,12 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None)
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     p.add_argument("--hypergrads", nargs="+", default=list(HYPERGRADS))
+    p.add_argument("--peers", nargs="*", default=["higher", "torchopt"],
+                   help="peer libraries whose MetaDistil step is a row of every setting (bench/peers.py; "
+                        "default: higher torchopt; none: --peers with no name). A peer that is not installed "
+                        "is reported as skipped (not installed), never faked")
     p.add_argument("--priority", nargs="+", default=None, metavar="ALG[/HYPERGRAD]",
-                   help="run these configurations (e.g. kd metadistil/exact metadistil/autograd) for every "
+                   help="run these configurations (e.g. kd metadistil/exact metadistil/autograd peer/higher) for every "
                         "setting first, then the rest (default: setting by setting)")
     p.add_argument("--warmup", type=int, default=None, help="default 1 on CPU, 2 on CUDA")
     p.add_argument("--repeats", type=int, default=None, help="default 3 on CPU, 5 on CUDA")
@@ -726,6 +818,12 @@ def parse_args(argv=None):
     if args.threads is None and not cuda:
         args.threads = 1
     return args
+
+
+def _peer_info(name: str) -> dict[str, Any]:
+    from bench import peers
+
+    return peers.availability(name)
 
 
 def _memory_note(args) -> str:
@@ -773,7 +871,7 @@ def main(argv=None) -> dict[str, Any]:
     settings_list = settings_for(args)
 
     def report_for(settings) -> dict[str, Any]:
-        skipped = sum(1 for s in settings for r in s["steps"] + [s["floor"]] if "skipped" in r)
+        skipped = sum(1 for s in settings for r in s["steps"] + [s["floor"]] if r.get("skipped") == "time")
         report = {
             "benchmark": "meta_step",
             "environment": env,
@@ -782,6 +880,7 @@ def main(argv=None) -> dict[str, Any]:
             "memory_note": _memory_note(args),
             "settings": settings,
             "goals": {s["label"]: goals(s) for s in settings},
+            "peers": {name: _peer_info(name) for name in (args.peers or ())},
             "total_wall_s": time.perf_counter() - t0,
         }
         if skipped:

@@ -3,46 +3,70 @@
 Table 4 compares, on MRPC with a BERT-base teacher, batch 4, on a V100, the
 training time to the best dev score, the peak memory and the best dev scores of
 plain KD, MetaDistil and ReptileDistil.  This command trains, from the SAME
-fine-tuned teacher and the SAME student initialisation, on the same batches:
+fine-tuned teacher and the SAME student initialisation, on the same batches
+(rows say what they are: every row but the higher one is ``fastmeta.meta_step``):
 
-==========================  =======================================================
-``kd``                      plain KD                     (meta_step algorithm="kd")
-``metadistil_official``     MetaDistil as its official code computes it: double
-                            backward (algorithm="metadistil", hypergrad="autograd")
-``metadistil_fastmeta``     MetaDistil, fastmeta exact   (hypergrad="exact")
-``reptile``                 ReptileDistil                (algorithm="reptile")
-``lgtm_finite_diff``        LGTM as in its paper: finite-difference influence
-                            (algorithm="lgtm", hypergrad="finite_diff")
-``lgtm_fastmeta``           LGTM, fastmeta exact         (hypergrad="exact")
-==========================  =======================================================
+==============================  ===================================================================
+``kd``                          plain KD                                  (meta_step algorithm="kd")
+``metadistil_fastmeta``         MetaDistil, fastmeta exact                (algorithm="metadistil", hypergrad="exact")
+``metadistil_double_backward``  MetaDistil, double backward (fastmeta)    (hypergrad="autograd": fastmeta's own
+                                double backward through the pilot step; ``metadistil_official`` is its old name)
+``metadistil_higher``           MetaDistil, higher (closest stand-in for the official recipe): the step written with
+                                ``higher.innerloop_ctx`` (``bench/peers.py``), double backward through a patched
+                                student as the official code's hand-written functional BERT does; the paper's
+                                MetaDistil figures sit beside this row; needs ``pip install .[bench]``
+``reptile``                     ReptileDistil (fastmeta)                  (algorithm="reptile")
+``lgtm_finite_diff``            LGTM, finite difference as in its paper   (algorithm="lgtm", hypergrad="finite_diff")
+``lgtm_fastmeta``               LGTM, fastmeta exact                      (hypergrad="exact")
+``ikd``                         IKD, first order as in its paper (Eq. 14) (algorithm="ikd", hypergrad="first_order")
+==============================  ===================================================================
 
 and reports, per method: training time to its best dev score (cumulative
 wall time of the training steps, evaluation excluded), training time to first
 match plain KD's best dev score, peak memory, best dev F1/accuracy -- each beside
 the paper's figure (KD 10 min / 3.7 GB / 90.0/86.5; MetaDistil 31 min / 11.4 GB /
-91.1/86.8; ReptileDistil 22 min / 8.1 GB / 91.6/87.7; LGTM has no figure in that
-table).
+91.1/86.8; ReptileDistil 22 min / 8.1 GB / 91.6/87.7; LGTM and IKD have no figure in
+that table).  A dev score reached while the student predicts ONE class for every
+dev example is printed as ``majority class (acc x%)`` (or ``one class only``), not as
+the method's score, and the best score with both classes predicted is reported
+beside it (``never`` when the student never left the majority class).
 
-Default (``--device cpu``): a SCALED-DOWN CPU reproduction with small real
-models -- teacher = all-MiniLM-L6-v2 (6 layers, hidden 384) fine-tuned briefly on
-the task ONCE (its state is cached in the run's temp dir and every method starts
-from it), student = the fine-tuned teacher's first 2 layers; a subset of MRPC's
-train split, real text, short schedule, dev = the full MRPC dev split.  One fresh
-subprocess per method, so each peak RSS is that method's alone.  The output says
-so, with the subset sizes, sequence length and step counts.
+Default (``--device cpu``, the "quick" run): a SCALED-DOWN CPU reproduction with small
+real models -- teacher = all-MiniLM-L6-v2 (6 layers, hidden 384) fine-tuned briefly
+on the task ONCE (its state is cached and every method starts from it), student = the
+fine-tuned teacher's first 2 layers; a subset of MRPC's train split (720 + 80 quiz),
+real text, 30 steps per method, dev = the full MRPC dev split (408).  It measures the
+time and memory columns; in 30 steps no student leaves the majority class, which the
+table says.  One fresh subprocess per method, so each peak RSS is that method's alone.
+
+``--preset scores``: trains long enough for the score columns to mean something, in
+<= 60 minutes on 2 idle cores (two methods at a time, one core each: ``--parallel 2``):
+the teacher fine-tuned on the full MRPC train split (3,301 examples after the 10 %
+quiz split) for 400 steps of batch 16 (lr 1e-4); then six methods -- KD, MetaDistil
+exact, MetaDistil with higher, ReptileDistil, LGTM exact, IKD -- each 400 steps of
+batch 8 (student lr 2e-4, teacher lr 2e-5, T = 2, KD weight 0.5), dev evaluation
+every 25 steps, each method's training capped at 12 minutes (a capped method says
+so).  Results ``bench/results/table4_scores_cpu.{json,md,png}`` beside the quick
+ones (``table4_cpu.*``).  Command::
+
+    .venv/bin/python -m bench.table4 --preset scores
+
+Any option given on the command line overrides the preset's value.
 
 ``--device cuda``: BERT-base-sized teacher (12L, 768, randomly initialised unless
 ``--teacher`` names a local model directory) -> 6-layer student for the time and
 memory columns; refuses clearly when CUDA is not available.
 
-Results: ``bench/results/table4_<device>.{json,md,png}``.
+``--teacher-state PATH``: reuse a fine-tuned teacher (saved there by an earlier run
+with the same data, model and fine-tuning settings; fine-tuned and saved when absent).
+
+Results: ``bench/results/table4_<device>.{json,md,png}`` (``table4_<preset>_<device>``
+with a preset).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import random
 import tempfile
 import time
@@ -52,22 +76,38 @@ from typing import Any
 from bench import common
 
 METHODS = {
-    # name: (label, meta_step kwargs)
+    # name: (label, how the step is made: meta_step kwargs, or {"peer": library} for bench/peers.py)
     "kd": ("plain KD", dict(algorithm="kd")),
-    "metadistil_official": ("MetaDistil, official (double backward)",
-                            dict(algorithm="metadistil", hypergrad="autograd")),
     "metadistil_fastmeta": ("MetaDistil, fastmeta exact", dict(algorithm="metadistil", hypergrad="exact")),
-    "reptile": ("ReptileDistil", dict(algorithm="reptile", hypergrad="first_order")),
-    "lgtm_finite_diff": ("LGTM, finite difference (paper)", dict(algorithm="lgtm", hypergrad="finite_diff")),
+    "metadistil_double_backward": ("MetaDistil, double backward (fastmeta)",
+                                   dict(algorithm="metadistil", hypergrad="autograd")),
+    "metadistil_higher": ("MetaDistil, higher (closest stand-in for the official recipe)", dict(peer="higher")),
+    "reptile": ("ReptileDistil (fastmeta)", dict(algorithm="reptile", hypergrad="first_order")),
+    "lgtm_finite_diff": ("LGTM, finite difference as in its paper (fastmeta)",
+                         dict(algorithm="lgtm", hypergrad="finite_diff")),
     "lgtm_fastmeta": ("LGTM, fastmeta exact", dict(algorithm="lgtm", hypergrad="exact")),
+    "ikd": ("IKD, first order as in its paper (fastmeta)", dict(algorithm="ikd", hypergrad="first_order")),
 }
+ALIASES = {"metadistil_official": "metadistil_double_backward"}  # the row's earlier, misleading name
 
 # Table 4 of the ReptileDistil paper (MRPC, BERT-base teacher, batch 4, V100).
-# The score pair is MRPC's GLUE pair; we read it as F1/accuracy (F1 > accuracy on MRPC).
+# The score pair is MRPC's GLUE pair; we read it as F1/accuracy (F1 > accuracy on MRPC).  The paper's
+# MetaDistil ran the official code: its figures sit beside the closest stand-in, the higher row.
 PAPER = {
     "kd": dict(time_min=10, memory_gb=3.7, f1=90.0, accuracy=86.5),
-    "metadistil_official": dict(time_min=31, memory_gb=11.4, f1=91.1, accuracy=86.8),
+    "metadistil_higher": dict(time_min=31, memory_gb=11.4, f1=91.1, accuracy=86.8),
     "reptile": dict(time_min=22, memory_gb=8.1, f1=91.6, accuracy=87.7),
+}
+
+# ``--preset NAME``: defaults for a purpose (options given on the command line win).  See the module docstring.
+PRESETS: dict[str, dict[str, Any]] = {
+    "scores": dict(
+        train_examples=0,  # the full train split (3,668 -> 3,301 train + 367 quiz)
+        teacher_finetune_steps=400, teacher_finetune_batch_size=16, teacher_finetune_lr=1e-4,
+        batch_size=8, steps=400, eval_every=25, student_lr=2e-4, teacher_lr=2e-5,
+        methods=["kd", "metadistil_fastmeta", "metadistil_higher", "reptile", "lgtm_fastmeta", "ikd"],
+        parallel=2, method_time_cap_s=720.0,
+    ),
 }
 
 DEFAULT_DATA_DIR = common.REPO_ROOT.parent / "shared" / "data" / "glue" / "MRPC"
@@ -86,7 +126,7 @@ def load_data(args) -> dict[str, Any]:
         source = "datasets hub nyu-mll/glue mrpc"
     train = list(task_data.train)
     random.Random(args.seed).shuffle(train)
-    train = train[: args.train_examples]
+    train = train[: args.train_examples] if args.train_examples else train
     dev = list(task_data.dev)[: args.dev_examples] if args.dev_examples else list(task_data.dev)
     sub = fdata.TaskData(task_data.spec, train, dev, [], task_data.source)
     split = fdata.split_quiz(sub, quiz_split=args.quiz_split, seed=args.seed)
@@ -101,7 +141,15 @@ def load_data(args) -> dict[str, Any]:
                   "full_train": len(task_data.train)},
         "majority_baseline": fdata.majority_baseline(
             task_data.spec, [e.label for e in split.train], [e.label for e in split.dev]),
+        "majority_label": _majority_label([e.label for e in split.train]),
     }
+
+
+def _majority_label(labels) -> int:
+    counts: dict[int, int] = {}
+    for y in labels:
+        counts[int(y)] = counts.get(int(y), 0) + 1
+    return max(sorted(counts), key=lambda k: counts[k])
 
 
 def _tokenizer(args):
@@ -149,8 +197,12 @@ def evaluate(model, dataset, pad_token_id: int, device: str, batch_size: int = 6
     model.train(was_training)
     spec = fdata.get_task("mrpc")
     m = fdata.compute_metrics(spec, preds, golds)
+    classes = sorted(set(preds))
     return {"accuracy": float(m["accuracy"]), "f1": float(m["f1"]),
-            "score": float(m["combined_score"])}
+            "score": float(m["combined_score"]),
+            # the student predicts one class for every example: its score is that class's, not the method's
+            "single_class": classes[0] if len(classes) == 1 else None,
+            "predicted_positive": sum(1 for p in preds if p == 1)}
 
 
 # =========================================================================== models
@@ -229,7 +281,20 @@ def worker_method(spec: dict[str, Any]) -> dict[str, Any]:
     pad = data["pad_token_id"]
     batches = _batches(data["train"], spec["batch_size"], spec["steps"], spec["seed"] + 1, pad)
     quizzes = _batches(data["quiz"], spec["batch_size"], spec["steps"], spec["seed"] + 2, pad)
-    kwargs = dict(METHODS[spec["method"]][1], temperature=spec["temperature"], kd_weight=spec["kd_weight"])
+    how = METHODS[spec["method"]][1]
+    if "peer" in how:  # the step written with a peer library (bench/peers.py)
+        from bench import peers
+
+        stepper = peers.make_peer(how["peer"], teacher, student, teacher_opt, student_opt,
+                                  temperature=spec["temperature"], kd_weight=spec["kd_weight"])
+
+        def train_step(b, q):
+            return stepper.step(b, q)["student_loss"]
+    else:
+        kwargs = dict(how, temperature=spec["temperature"], kd_weight=spec["kd_weight"])
+
+        def train_step(b, q):
+            return fastmeta.meta_step(teacher, student, b, q, teacher_opt, student_opt, **kwargs).student_loss
     watch = common.Stopwatch(device)
     history = [dict(step=0, train_time_s=0.0, **evaluate(student, data["dev"], pad, device))]
     losses = []
@@ -240,18 +305,25 @@ def worker_method(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         mem["peak_reset_supported"] = common.reset_peak_rss()
     step_times = []
+    cap = spec.get("method_time_cap_s") or None
+    stopped = None
+    t_wall = time.perf_counter()
     for step, (b, q) in enumerate(zip(batches, quizzes), start=1):
         before = watch.total
         with watch:
             b = {k: v.to(device) for k, v in b.items()}
             q = {k: v.to(device) for k, v in q.items()}
             with _autocast(device, spec["dtype"]):
-                out = fastmeta.meta_step(teacher, student, b, q, teacher_opt, student_opt, **kwargs)
+                loss = train_step(b, q)
         step_times.append(watch.total - before)
-        losses.append(float(out.student_loss))
-        if step % spec["eval_every"] == 0 or step == len(batches):
+        losses.append(float(loss))
+        capped = cap is not None and watch.total >= cap and step < len(batches)
+        if step % spec["eval_every"] == 0 or step == len(batches) or capped:
             history.append(dict(step=step, train_time_s=watch.total,
                                 **evaluate(student, data["dev"], pad, device)))
+        if capped:
+            stopped = f"training-time cap of {cap:.0f} s reached after step {step} of {len(batches)}"
+            break
     if device == "cuda":
         mem["peak_bytes"] = common.cuda_peak_bytes()
         mem["peak_kind"] = "torch.cuda.max_memory_allocated"
@@ -261,9 +333,9 @@ def worker_method(spec: dict[str, Any]) -> dict[str, Any]:
             ", reset after model set-up" if mem["peak_reset_supported"] else "")
         mem["step_memory_bytes"] = mem["peak_bytes"] - mem["rss_before_training_bytes"]
     return {"kind": "method", "method": spec["method"], "history": history,
-            "train_time_s": watch.total, "step_times_s": step_times,
+            "train_time_s": watch.total, "wall_s": time.perf_counter() - t_wall, "step_times_s": step_times,
             "median_step_s": common.median(step_times), "student_losses": losses,
-            "memory": mem}
+            "steps_done": len(step_times), "stopped_early": stopped, "memory": mem}
 
 
 def _autocast(device: str, dtype: str):
@@ -289,25 +361,41 @@ def worker_main(spec_path: str) -> None:
 
 
 # =========================================================================== summary
+def _best(hist: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """The method's best evaluation: the best (earliest among equals) at which the student predicts both
+    classes; only when it never does, the best one-class evaluation (flagged: that score is the class's)."""
+    two = [h for h in hist if h.get("single_class") is None]
+    pool = two or hist
+    return max(pool, key=lambda h: (h["score"], -h["step"])), not two
+
+
 def summarise(methods: dict[str, Any]) -> dict[str, Any]:
-    """Best score, time to best, time to match plain KD's best, per method."""
+    """Best score (see :func:`_best`), time to best, time to match plain KD's best, per method."""
     out: dict[str, Any] = {}
-    kd_best = None
+    kd_best = kd_two_class = None
     if "kd" in methods and "error" not in methods["kd"]:
-        kd_best = max(h["score"] for h in methods["kd"]["history"])
+        kd_h, kd_one = _best(methods["kd"]["history"])
+        kd_best, kd_two_class = kd_h["score"], not kd_one
     for name, res in methods.items():
         if "error" in res:
             out[name] = {"error": res["error"]}
             continue
         hist = res["history"]
-        best = max(hist, key=lambda h: (h["score"], -h["step"]))  # earliest among equal bests
-        match = next((h for h in hist if kd_best is not None and h["score"] >= kd_best - 1e-12), None)
+        best, one_class = _best(hist)
+        eligible = [h for h in hist if not kd_two_class or h.get("single_class") is None]
+        match = next((h for h in eligible if kd_best is not None and h["score"] >= kd_best - 1e-12), None)
+        first_two = next((h for h in hist if h.get("single_class") is None), None)
         out[name] = {
             "best_score": best["score"], "best_accuracy": best["accuracy"], "best_f1": best["f1"],
             "best_step": best["step"], "time_to_best_s": best["train_time_s"],
+            "best_single_class": best.get("single_class") if one_class else None,
+            "left_one_class_at_step": first_two["step"] if first_two else None,
+            "left_one_class_at_s": first_two["train_time_s"] if first_two else None,
             "time_to_match_kd_best_s": match["train_time_s"] if match else None,
             "step_matching_kd_best": match["step"] if match else None,
             "total_train_time_s": res["train_time_s"], "median_step_s": res["median_step_s"],
+            "steps_done": res.get("steps_done", len(res.get("step_times_s", [])) or None),
+            "stopped_early": res.get("stopped_early"),
             "peak_bytes": res["memory"]["peak_bytes"],
             "step_memory_bytes": res["memory"].get("step_memory_bytes"),
         }
@@ -334,7 +422,7 @@ def _paper_cell(name: str, key: str) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    env, cfg, summ = report["environment"], report["config"], report["summary"]
+    env, summ = report["environment"], report["summary"]
     scale = report["scale_note"]
     lines = [f"# Table 4 (ReptileDistil paper) reproduced: {env['device']} ({env['device_name']})", "",
              f"**{scale}**", "",
@@ -346,17 +434,20 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"{report['teacher']['train_s']:.0f} s). Majority-class baseline on dev: F1/acc = "
              f"{100 * report['data']['majority_baseline']['f1']:.1f}/"
              f"{100 * report['data']['majority_baseline']['accuracy']:.1f}.", ""]
+    majority = report["data"].get("majority_label")
     rows = []
     for name, (label, _) in METHODS.items():
         s = summ.get(name)
         if s is None:
             continue
         if "error" in s:
-            rows.append([label, "failed: " + s["error"].strip().splitlines()[-1][:100]] + [None] * 8)
+            rows.append([label, "failed: " + s["error"].strip().splitlines()[-1][:100]] + [None] * 9)
             continue
         mem_col = common.fmt_bytes(s["peak_bytes"])
         if s.get("step_memory_bytes") is not None:
             mem_col += f" (+{common.fmt_bytes(s['step_memory_bytes'])})"
+        if s.get("stopped_early"):
+            label += f" [stopped by the time cap after {s.get('steps_done')} steps]"
         rows.append([
             label,
             f"{s['time_to_best_s']:.1f} s (step {s['best_step']})", _paper_cell(name, "time"),
@@ -365,27 +456,52 @@ def render_markdown(report: dict[str, Any]) -> str:
             common.fmt(s.get("median_step_s"), 3) + " s" + (
                 f" ({s['median_step_vs_kd']:.2f}x)" if s.get("median_step_vs_kd") else ""),
             mem_col, _paper_cell(name, "memory"),
-            f"{100 * s['best_f1']:.1f}/{100 * s['best_accuracy']:.1f}", _paper_cell(name, "score"),
+            score_cell(s, majority), _paper_cell(name, "score"),
+            (f"step {s['left_one_class_at_step']} ({s['left_one_class_at_s']:.0f} s)"
+             if s.get("left_one_class_at_step") is not None else "never"),
             common.fmt(s.get("peak_vs_kd"), 2, "x"),
         ])
     lines.append(common.markdown_table(
         ["method", "time to best (ours)", "paper", "time to match KD's best", "median step (x KD)",
          "peak mem (ours; + during training)", "paper", "best dev F1/acc (ours)", "paper F1/acc",
-         "peak x KD"], rows))
+         "first predicts both classes", "peak x KD"], rows))
     lines += ["", "Times are cumulative training-step wall time (evaluation excluded). "
+              "A method's best dev score is its best evaluation at which the student predicts both classes; "
+              "a student that predicted one class for every dev example at all its evaluations has only that "
+              "class's score, printed as 'majority class (acc x%)'. "
               "The paper's figures (V100, BERT-base teacher, batch 4, full MRPC) are beside ours for "
-              "reference only: our models, data subset and hardware differ, so compare ratios, "
-              "not absolute values. LGTM has no figure in the paper's Table 4 (—). "
+              "reference only: our models, data and hardware differ, so compare ratios, "
+              "not absolute values. LGTM and IKD have no figure in the paper's Table 4 (—); the paper's "
+              "MetaDistil (its official code) sits beside the higher row, the closest stand-in for that recipe. "
               + report["memory_note"], ""]
-    lines.append("Dev score per evaluation (step: F1/acc):")
+    lines.append("Dev score per evaluation (step: F1/acc; 'M' = the student predicted the majority class for "
+                 "every dev example, '1' / '0' = that one class):")
     lines.append("")
     for name, res in report["methods"].items():
         if "error" in res:
             continue
-        pts = ", ".join(f"{h['step']}: {100 * h['f1']:.1f}/{100 * h['accuracy']:.1f}" for h in res["history"])
+        pts = ", ".join(f"{h['step']}: {100 * h['f1']:.1f}/{100 * h['accuracy']:.1f}" + _one_class_mark(h, majority)
+                        for h in res["history"])
         lines.append(f"- {METHODS[name][0]}: {pts}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _one_class_mark(h: dict[str, Any], majority: int | None) -> str:
+    c = h.get("single_class")
+    if c is None:
+        return ""
+    return " M" if c == majority else f" {c}"
+
+
+def score_cell(s: dict[str, Any], majority: int | None) -> str:
+    """F1/acc, or what a one-class score is."""
+    c = s.get("best_single_class")
+    if c is None:
+        return f"{100 * s['best_f1']:.1f}/{100 * s['best_accuracy']:.1f}"
+    if c == majority:
+        return f"majority class (acc {100 * s['best_accuracy']:.1f}%)"
+    return f"one class only: {c} (acc {100 * s['best_accuracy']:.1f}%)"
 
 
 def render_chart(report: dict[str, Any], path: Path) -> None:
@@ -424,8 +540,11 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR) if DEFAULT_DATA_DIR.is_dir() else None,
                    help="GLUE MRPC TSV folder (default ../shared/data/glue/MRPC when it exists, "
                         "else the datasets hub)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--train-examples", type=int, default=800)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="scores: train long enough for the score columns to mean something (<= 60 min on 2 idle "
+                        "cores; see the module docstring); options given here override the preset's")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + list(ALIASES))
+    p.add_argument("--train-examples", type=int, default=800, help="0 = the full train split")
     p.add_argument("--dev-examples", type=int, default=0, help="0 = the full dev split")
     p.add_argument("--quiz-split", type=float, default=0.1)
     p.add_argument("--max-seq-length", type=int, default=128)
@@ -449,12 +568,27 @@ def parse_args(argv=None):
                         "threads stalled at barriers, 2-3x slower and far noisier)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--isolation", choices=["subprocess", "inprocess"], default="subprocess")
-    p.add_argument("--worker-timeout", type=float, default=900)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="methods trained side by side, one worker process each (2 on an idle 2-core machine with "
+                        "--threads 1: one core per method)")
+    p.add_argument("--method-time-cap-s", type=float, default=0.0,
+                   help="stop a method's training once its training time passes this (0 = none); a capped method "
+                        "is marked in the table")
+    p.add_argument("--teacher-state", default=None,
+                   help="file of a fine-tuned teacher to reuse (written there when absent, with its settings "
+                        "beside it in <file>.json; reused only when they match)")
+    p.add_argument("--worker-timeout", type=float, default=3600)
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
-    p.add_argument("--tag", default=None, help="result file stem (default table4_<device>)")
+    p.add_argument("--tag", default=None, help="result file stem (default table4_<device>, "
+                                               "table4_<preset>_<device> with a preset)")
     p.add_argument("--shared-machine", choices=["auto", "yes", "no"], default="auto")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    first, _ = p.parse_known_args(argv)
+    if first.preset:
+        p.set_defaults(**PRESETS[first.preset])
+    args = p.parse_args(argv)
+    args.methods = list(dict.fromkeys(ALIASES.get(m, m) for m in args.methods))
+    return args
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -479,63 +613,133 @@ def main(argv=None) -> dict[str, Any]:
         f"dev {data['sizes']['dev']} examples (of {data['sizes']['full_train']} train)")
     base = dict(device=args.device, model=args.model, teacher=args.teacher, attn=args.attn, seed=args.seed,
                 threads=args.threads, dtype=args.dtype, freeze_word_embeddings=args.freeze_word_embeddings)
+    out_dir = Path(args.out_dir)
+    stem = args.tag or (f"table4_{args.preset}_{args.device}" if args.preset else f"table4_{args.device}")
+    methods: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fastmeta-table4-") as tmp:
         data_path = str(Path(tmp) / "data.pt")
         torch.save(data, data_path)
-        teacher_state = str(Path(tmp) / "teacher.pt")
         run = _runner(args, data_path)
-        t0 = time.perf_counter()
-        teacher = run(dict(base, kind="teacher", teacher_state=teacher_state,
-                           teacher_finetune_steps=args.teacher_finetune_steps,
-                           teacher_finetune_batch_size=args.teacher_finetune_batch_size,
-                           teacher_finetune_lr=args.teacher_finetune_lr))
-        log(f"teacher fine-tuned: {teacher['steps']} steps in {time.perf_counter() - t0:.0f} s, dev "
-            f"F1/acc {100 * teacher['dev']['f1']:.1f}/{100 * teacher['dev']['accuracy']:.1f}")
-        methods: dict[str, Any] = {}
-        for name in args.methods:
+        teacher_state, teacher = _teacher(args, base, data, run, Path(tmp), log)
+
+        def one(name: str) -> tuple[str, dict[str, Any], float]:
             t0 = time.perf_counter()
             spec = dict(base, kind="method", method=name, teacher_state=teacher_state,
                         batch_size=args.batch_size, steps=args.steps, eval_every=args.eval_every,
                         teacher_lr=args.teacher_lr, student_lr=args.student_lr,
-                        temperature=args.temperature, kd_weight=args.kd_weight)
+                        temperature=args.temperature, kd_weight=args.kd_weight,
+                        method_time_cap_s=args.method_time_cap_s)
             try:
-                methods[name] = run(spec)
+                return name, run(spec), time.perf_counter() - t0
             except common.WorkerError as exc:
-                methods[name] = {"method": name, "error": str(exc)}
-                log(f"{name}: FAILED\n{exc}")
-                continue
-            best = max(h["score"] for h in methods[name]["history"])
-            log(f"{name}: {time.perf_counter() - t0:.0f} s, median step "
-                f"{methods[name]['median_step_s']:.3f} s, best (F1+acc)/2 {100 * best:.1f}, peak "
-                f"{common.fmt_bytes(methods[name]['memory']['peak_bytes'])}")
+                return name, {"method": name, "error": str(exc)}, time.perf_counter() - t0
+
+        def done(name: str, res: dict[str, Any], seconds: float) -> None:
+            methods[name] = res
+            if "error" in res:
+                log(f"{name}: FAILED\n{res['error']}")
+            else:
+                s = summarise({name: res})[name]
+                log(f"{name}: {seconds:.0f} s, {res['steps_done']} steps, median step {res['median_step_s']:.3f} s, "
+                    f"best dev F1/acc {score_cell(s, data['majority_label'])} at step {s['best_step']}, peak "
+                    f"{common.fmt_bytes(res['memory']['peak_bytes'])}"
+                    + (f"; {res['stopped_early']}" if res.get("stopped_early") else ""))
+            partial = make_report(args, env, data, teacher, {n: methods[n] for n in args.methods if n in methods},
+                                  time.perf_counter() - t_start)
+            partial["partial"] = True
+            common.write_json(out_dir / f"{stem}.json", partial)
+
+        if args.parallel > 1 and args.isolation == "subprocess":
+            from concurrent.futures import ThreadPoolExecutor, as_completed
+
+            log(f"{len(args.methods)} methods, {args.parallel} at a time (one worker process each)")
+            with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+                for fut in as_completed([pool.submit(one, name) for name in args.methods]):
+                    done(*fut.result())
+        else:
+            for name in args.methods:
+                done(*one(name))
     env["load_average_at_end"] = common.load_average()
+    report = make_report(args, env, data, teacher, {n: methods[n] for n in args.methods},
+                         time.perf_counter() - t_start)
+    common.write_json(out_dir / f"{stem}.json", report)
+    md = render_markdown(report)
+    (out_dir / f"{stem}.md").write_text(md)
+    render_chart(report, out_dir / f"{stem}.png")
+    print(md)
+    print(f"wrote {out_dir / stem}.{{json,md,png}} in {report['total_wall_s']:.0f} s")
+    return report
+
+
+def _teacher(args, base: dict[str, Any], data: dict[str, Any], run, tmp: Path, log):
+    """Fine-tune the teacher once (or reuse ``--teacher-state`` when its settings match); (state path, result)."""
+    settings = dict(model=args.model, teacher=args.teacher, tokenizer=args.tokenizer, attn=args.attn, seed=args.seed,
+                    data_source=data["source"], sizes=data["sizes"], max_seq_length=args.max_seq_length,
+                    quiz_split=args.quiz_split, steps=args.teacher_finetune_steps,
+                    batch_size=args.teacher_finetune_batch_size, lr=args.teacher_finetune_lr, device=args.device)
+    if args.teacher_state:
+        path = Path(args.teacher_state)
+        meta_path = path.with_name(path.name + ".json")
+        if path.is_file() and meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("settings") == json.loads(json.dumps(settings)):
+                log(f"teacher: reusing {path} (dev F1/acc {100 * meta['result']['dev']['f1']:.1f}/"
+                    f"{100 * meta['result']['dev']['accuracy']:.1f})")
+                return str(path), dict(meta["result"], reused_from=str(path))
+            log(f"teacher: {path} was fine-tuned with other settings: fine-tuning again")
+    else:
+        path, meta_path = tmp / "teacher.pt", None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # the teacher is fine-tuned alone: it may use every core the methods will share
+    teacher = run(dict(base, kind="teacher", teacher_state=str(path), threads=args.threads * max(args.parallel, 1),
+                       teacher_finetune_steps=args.teacher_finetune_steps,
+                       teacher_finetune_batch_size=args.teacher_finetune_batch_size,
+                       teacher_finetune_lr=args.teacher_finetune_lr))
+    log(f"teacher fine-tuned: {teacher['steps']} steps in {time.perf_counter() - t0:.0f} s, dev "
+        f"F1/acc {100 * teacher['dev']['f1']:.1f}/{100 * teacher['dev']['accuracy']:.1f}")
+    if meta_path is not None:
+        meta_path.write_text(json.dumps({"settings": settings, "result": teacher}, indent=1))
+    return str(path), teacher
+
+
+def make_report(args, env, data, teacher, methods, wall_s: float) -> dict[str, Any]:
     scale_short = (f"{args.model}, {data['sizes']['train']} train ex., seq<={args.max_seq_length}, "
                    f"bs {args.batch_size}, {args.steps} steps")
     if args.device == "cpu":
-        scale = (f"Scaled-down CPU reproduction, not the paper's setting: teacher {args.model} "
+        scale = (f"Scaled-down CPU reproduction, not the paper's setting{f' (preset {args.preset})' if args.preset else ''}: "
+                 f"teacher {args.model} "
                  f"({'all-MiniLM-L6-v2, 6L/384' if args.model == 'minilm' else args.model}) fine-tuned "
-                 f"{args.teacher_finetune_steps} steps (bs {args.teacher_finetune_batch_size}) on the train "
-                 f"subset; student = its first {STUDENT_LAYERS[args.model]} layers; MRPC train subset of "
+                 f"{args.teacher_finetune_steps} steps (bs {args.teacher_finetune_batch_size}, lr "
+                 f"{args.teacher_finetune_lr:g}) on the train split; student = its first {STUDENT_LAYERS[args.model]} "
+                 f"layers; MRPC train {'split' if not args.train_examples else 'subset'} of "
                  f"{data['sizes']['train']} examples (+{data['sizes']['quiz']} quiz, 10% split as in "
                  f"MetaDistil, used by every method), full dev ({data['sizes']['dev']}); max seq length "
                  f"{args.max_seq_length} (dynamic padding); batch size {args.batch_size}; {args.steps} "
-                 f"training steps per method, dev evaluation every {args.eval_every} steps; "
-                 f"{args.dtype}.")
+                 f"training steps per method (student lr {args.student_lr:g}, teacher lr {args.teacher_lr:g}, "
+                 f"T {args.temperature:g}, KD weight {args.kd_weight:g})"
+                 + (f", each capped at {args.method_time_cap_s:.0f} s of training" if args.method_time_cap_s else "")
+                 + f", dev evaluation every {args.eval_every} steps; {args.dtype}"
+                 + (f"; {args.parallel} methods at a time, one worker process each" if args.parallel > 1 else "")
+                 + ".")
     else:
         scale = (f"GPU run: teacher {args.model}, student its first {STUDENT_LAYERS[args.model]} layers, "
                  f"{data['sizes']['train']} train examples, batch {args.batch_size}, {args.steps} steps, "
                  f"{args.dtype}.")
-    report = {
+    return {
         "benchmark": "table4",
+        "preset": args.preset,
         "environment": env,
         "scale_note": scale,
         "scale_short": scale_short,
         "config": {k: v for k, v in vars(args).items() if k != "worker"},
-        "data": {k: data[k] for k in ("source", "task", "sizes", "majority_baseline")},
+        "data": {k: data[k] for k in ("source", "task", "sizes", "majority_baseline", "majority_label")},
         "methods_meta_step_kwargs": {k: v[1] for k, v in METHODS.items()},
+        "method_labels": {k: v[0] for k, v in METHODS.items()},
         "paper": PAPER,
         "paper_note": "Table 4 of the ReptileDistil paper: MRPC, BERT-base teacher, batch 4, V100; "
-                      "score pair read as F1/accuracy; LGTM has no figure there.",
+                      "score pair read as F1/accuracy; LGTM and IKD have no figure there; the paper's MetaDistil "
+                      "(official code) is compared with the higher row.",
         "memory_note": ("Peak memory on CPU: peak RSS (VmHWM) of one fresh process per method, reset "
                         "after model set-up (it includes the models, optimizer state and interpreter); "
                         "'+' = the increase over the RSS just before training."
@@ -544,17 +748,8 @@ def main(argv=None) -> dict[str, Any]:
         "teacher": teacher,
         "methods": methods,
         "summary": summarise(methods),
-        "total_wall_s": time.perf_counter() - t_start,
+        "total_wall_s": wall_s,
     }
-    out_dir = Path(args.out_dir)
-    stem = args.tag or f"table4_{args.device}"
-    common.write_json(out_dir / f"{stem}.json", report)
-    md = render_markdown(report)
-    (out_dir / f"{stem}.md").write_text(md)
-    render_chart(report, out_dir / f"{stem}.png")
-    print(md)
-    print(f"wrote {out_dir / stem}.{{json,md,png}} in {report['total_wall_s']:.0f} s")
-    return report
 
 
 def _runner(args, data_path: str):

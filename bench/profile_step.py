@@ -1,0 +1,426 @@
+"""``python -m bench.profile_step``: where one ``fastmeta.meta_step`` configuration spends its time.
+
+For ONE configuration (algorithm, hypergrad, batch size) this, in ONE process:
+
+1. runs ``--warmup`` + ``--steps`` training steps of ``fastmeta.meta_step`` and prints
+   the median seconds of every phase the step reports (``StepOutput.timings``:
+   ``validate``, ``meta_gradient`` with the engine's ``meta_gradient.<phase>``,
+   ``teacher_update``, ``student_step.*``, ``student_update``, ``total``), plus
+   ``(untimed)`` = ``total`` minus the step's phases (the engine's ``meta_gradient.*`` are
+   inside ``meta_gradient``);
+2. times the floor's passes ALONE on the same models and batches (a MetaDistil step
+   cannot do less): teacher forward+backward, teacher forward (no graph, the real
+   step's), student forward+backward (pilot and real step: x2), quiz forward+backward,
+   one student JVP (``torch.func.jvp``, math attention), the teacher's and the
+   student's optimizer updates (one each) -- and diagnostics that are not in the floor
+   (the student forward+backward under math attention, the double-VJP tangent,
+   the fused pilot op alone);
+3. prints, per phase, the step's median, the floor pass it corresponds to, and the gap;
+4. with ``--profile``: the timed steps again under ``torch.profiler`` (CPU activity;
+   CUDA too on a GPU), the top ``--row-limit`` ops by self time and the phases
+   (``record_function`` ranges named ``fastmeta.<phase>``) by total time;
+   ``--trace PATH`` also writes a Chrome trace;
+5. with ``--memory``: the timed steps again, with the peak resident set size reached inside
+   each phase (VmHWM read and reset at every phase boundary).
+
+Defaults are bench.meta_step's CPU setting (teacher all-MiniLM-L6-v2 -> its first 2
+layers, seq 128, AdamW for both, 1 intra-op thread).  Examples::
+
+    python -m bench.profile_step --algorithm metadistil --hypergrad exact --batch-size 4
+    python -m bench.profile_step --algorithm lgtm --hypergrad finite_diff --batch-size 32 --profile
+    python -m bench.profile_step --model tiny --steps 2 --no-floor          # smoke test
+
+``--json PATH`` writes everything printed as JSON.  Timings on a shared machine are
+noisy: compare figures from the same run (the gap column), repeat, take medians.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# phase of StepOutput.timings -> (floor pass, how many of it the phase needs)
+FLOOR_OF_PHASE = {
+    "meta_gradient.teacher_forward": ("teacher_forward_backward", 1),  # + meta_gradient.teacher_backward
+    "meta_gradient.student_forward_backward": ("student_forward_backward_train", 1),
+    "meta_gradient.quiz_forward_backward": ("student_forward_backward_quiz", 1),
+    "meta_gradient.student_jvp": ("student_jvp", 1),
+    "teacher_update": ("teacher_optimizer_step", 1),
+    "student_step.teacher_forward": ("teacher_forward", 1),
+    "student_step.forward_backward": ("student_forward_backward_train", 1),
+    "student_update": ("student_optimizer_step", 1),
+}
+FLOOR_PASSES = {  # name -> count in the floor
+    "teacher_forward_backward": 1,
+    "teacher_forward": 1,
+    "student_forward_backward_train": 2,
+    "student_forward_backward_quiz": 1,
+    "student_jvp": 1,
+    "teacher_optimizer_step": 1,
+    "student_optimizer_step": 1,
+}
+
+
+def _median(values):
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _time(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def setup(args):
+    """Teacher, student, batch, quiz batch and both optimizers (bench.meta_step's models)."""
+    import torch
+
+    from bench import meta_step
+
+    torch.manual_seed(args.seed)
+    teacher, student = meta_step.build_models(args.model, seed=args.seed, attn=args.attn, dropout=args.dropout)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    vocab = teacher.config.vocab_size
+    seq = args.seq_len or (16 if args.model == "tiny" else 128)
+    batch = meta_step.random_batch(vocab, args.batch_size, seq, generator=gen, device="cpu")
+    quiz = meta_step.random_batch(vocab, args.batch_size, seq, generator=gen, device="cpu")
+    opt_cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[args.optimizer]
+    teacher_opt = opt_cls(teacher.parameters(), lr=args.teacher_lr)
+    student_opt = opt_cls(student.parameters(), lr=args.student_lr)
+    return teacher, student, batch, quiz, teacher_opt, student_opt
+
+
+def step_kwargs(args) -> dict:
+    kwargs: dict[str, Any] = dict(algorithm=args.algorithm, temperature=args.temperature, kd_weight=args.kd_weight)
+    if args.algorithm != "kd":
+        kwargs["hypergrad"] = args.hypergrad
+    if args.inner_lr is not None:
+        kwargs["inner_lr"] = args.inner_lr
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        kwargs[key] = json.loads(value)
+    return kwargs
+
+
+def run_steps(models, args, n: int) -> list[dict]:
+    """``n`` meta_steps; their ``timings`` dicts (with ``(untimed)``)."""
+    import fastmeta
+
+    teacher, student, batch, quiz, teacher_opt, student_opt = models
+    kwargs = step_kwargs(args)
+    records = []
+    for _ in range(n):
+        out = fastmeta.meta_step(teacher, student, batch, quiz, teacher_opt, student_opt, **kwargs)
+        t = {k: float(v) for k, v in out.timings.items() if isinstance(v, (int, float))}
+        top = sum(v for k, v in t.items() if not k.startswith("meta_gradient.") and k != "total")
+        t["(untimed)"] = t.get("total", 0.0) - top
+        records.append(t)
+    return records
+
+
+def floor_passes(models, args) -> dict[str, list[float]]:
+    """Every floor pass (and the diagnostics) timed alone on ``models``; the models are left as found."""
+    import copy
+
+    import torch
+    from torch.func import functional_call, jvp
+
+    from fastmeta.functional import math_attention
+
+    teacher, student, batch, quiz, teacher_opt, student_opt = models
+    # the optimizer steps must not move the models the steps use: work on copies
+    t_copy, s_copy = copy.deepcopy(teacher), copy.deepcopy(student)
+    opt_cls = type(teacher_opt)
+    t_opt = opt_cls(t_copy.parameters(), lr=args.teacher_lr)
+    s_opt = opt_cls(s_copy.parameters(), lr=args.student_lr)
+    t_opt.load_state_dict(teacher_opt.state_dict())
+    s_opt.load_state_dict(student_opt.state_dict())
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    q_inputs = {k: v for k, v in quiz.items() if k != "labels"}
+    labels, q_labels = batch["labels"], quiz["labels"]
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    cot = torch.randn(labels.shape[0], teacher.config.num_labels, generator=gen)
+    t_params = [p for p in teacher.parameters() if p.requires_grad]
+    s_params = [p for p in student.parameters() if p.requires_grad]
+
+    def teacher_fwd_bwd():
+        logits = teacher(**inputs).logits
+        torch.autograd.grad(logits, t_params, cot, allow_unused=True)
+
+    def teacher_fwd():
+        with torch.no_grad():
+            teacher(**inputs)
+
+    def student_fwd_bwd(kw, y, ctx=contextlib.nullcontext):
+        def run():
+            with ctx():
+                logits = student(**kw).logits
+                loss = torch.nn.functional.cross_entropy(logits, y)
+            torch.autograd.grad(loss, s_params, allow_unused=True)
+        return run
+
+    params = {n: p.detach() for n, p in student.named_parameters()}
+    tangents = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
+
+    def student_jvp():
+        def f(p):
+            return functional_call(student, p, args=(), kwargs=inputs).logits
+        with torch.no_grad(), math_attention():
+            jvp(f, (params,), (tangents,))
+
+    def double_vjp():
+        with math_attention():
+            logits = student(**inputs).logits
+            dummy = torch.zeros_like(logits, requires_grad=True)
+            grads = torch.autograd.grad(logits, s_params, dummy, create_graph=True, allow_unused=True)
+            pairs = [(g, tangents[n]) for g, (n, p) in zip(grads, student.named_parameters()) if g is not None]
+            torch.autograd.grad([g for g, _ in pairs], dummy, [t for _, t in pairs])
+
+    def optimizer_step(model, opt):
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3 for p in model.parameters()]
+
+        def run():
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+            opt.step()
+        return run
+
+    from fastmeta.engine.optimizer import optimizer_update
+
+    s_named = {n: p for n, p in s_copy.named_parameters() if p.requires_grad}
+    s_grads = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3 for n, p in s_named.items()}
+
+    theta = {n: p.detach() for n, p in s_named.items()}
+
+    def pilot_alone():
+        update = optimizer_update(s_named, s_opt, inner_lr=None)
+        update.pilot(theta, s_grads, update.states)
+
+    passes = {
+        "teacher_forward_backward": teacher_fwd_bwd,
+        "teacher_forward": teacher_fwd,
+        "student_forward_backward_train": student_fwd_bwd(inputs, labels),
+        "student_forward_backward_quiz": student_fwd_bwd(q_inputs, q_labels),
+        "student_jvp": student_jvp,
+        "teacher_optimizer_step": optimizer_step(t_copy, t_opt),
+        "student_optimizer_step": optimizer_step(s_copy, s_opt),
+        # diagnostics (not in the floor)
+        "diag: student_forward_backward_train, math attention": student_fwd_bwd(inputs, labels, math_attention),
+        "diag: student tangent by double VJP": double_vjp,
+    }
+    try:  # the engine's fused pilot step alone (values only), when this version has it
+        pilot_alone()
+        passes["diag: pilot step alone (engine, values)"] = pilot_alone
+    except (AttributeError, TypeError):
+        pass
+    out = {}
+    for name, fn in passes.items():
+        out[name] = _time(fn, args.floor_repeats, 1)
+    return out
+
+
+def gap_table(phases: dict[str, float], floor: dict[str, float]) -> list[tuple[str, float, str, float, float]]:
+    """Rows ``(phase, step median, floor pass, floor s, gap s)``; the teacher forward/backward pair shares one pass."""
+    rows = []
+    phases = dict(phases)
+    if "meta_gradient.teacher_forward" in phases:  # one floor pass for the pair
+        phases["meta_gradient.teacher_forward"] += phases.pop("meta_gradient.teacher_backward", 0.0)
+    for phase, value in phases.items():
+        if phase == "total" or phase == "meta_gradient":
+            continue
+        if phase.startswith("meta_gradient.") and phase.split(".", 1)[1] == "total":
+            continue
+        name, count = FLOOR_OF_PHASE.get(phase, (None, 0))
+        reference = floor.get(name, 0.0) * count if name else 0.0
+        label = phase + ("+backward" if phase == "meta_gradient.teacher_forward" else "")
+        rows.append((label, value, name or "-", reference, value - reference))
+    # the engine's own untimed remainder
+    if "meta_gradient" in phases:
+        inner = sum(v for k, v in phases.items() if k.startswith("meta_gradient.") and not k.endswith(".total"))
+        rows.append(("meta_gradient (untimed inside)", phases["meta_gradient"] - inner, "-", 0.0,
+                     phases["meta_gradient"] - inner))
+    return rows
+
+
+@contextlib.contextmanager
+def _phases_as_ranges():
+    """Mark every timed phase (the step's and the engine's) as a ``record_function`` range ``fastmeta.<phase>``."""
+    import torch
+
+    from fastmeta.algorithms._common import StepContext
+    from fastmeta.engine.trajectory import Timer
+
+    originals = {cls: cls.phase for cls in (StepContext, Timer)}
+
+    def wrap(original, prefix):
+        @contextlib.contextmanager
+        def phase(self, name):
+            with torch.profiler.record_function(f"fastmeta.{prefix}{name}"), original(self, name):
+                yield
+        return phase
+
+    StepContext.phase = wrap(originals[StepContext], "")
+    Timer.phase = wrap(originals[Timer], "meta_gradient.")
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.phase = original
+
+
+@contextlib.contextmanager
+def _phase_memory(record: dict):
+    """Peak RSS per phase: at every phase boundary the peak since the last boundary (VmHWM, then reset) is
+    attributed to the innermost open phase (``(between phases)`` outside any); ``record[phase]`` keeps the
+    largest peak seen in it, as MiB above the RSS before the step."""
+    from bench import common
+    from fastmeta.algorithms._common import StepContext
+    from fastmeta.engine.trajectory import Timer
+
+    originals = {cls: cls.phase for cls in (StepContext, Timer)}
+    stack: list = []
+    base = {"rss": common.current_rss_bytes()}
+
+    def boundary():
+        peak = common.peak_rss_bytes()
+        name = stack[-1] if stack else "(between phases)"
+        record[name] = max(record.get(name, 0.0), (peak - base["rss"]) / 2**20)
+        common.reset_peak_rss()
+
+    def wrap(original, prefix):
+        @contextlib.contextmanager
+        def phase(self, name):
+            boundary()
+            stack.append(prefix + name)
+            try:
+                with original(self, name):
+                    yield
+            finally:
+                boundary()
+                stack.pop()
+        return phase
+
+    StepContext.phase = wrap(originals[StepContext], "")
+    Timer.phase = wrap(originals[Timer], "meta_gradient.")
+    common.reset_peak_rss()
+    try:
+        yield base
+    finally:
+        boundary()
+        for cls, original in originals.items():
+            cls.phase = original
+
+
+def profile_steps(models, args) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with _phases_as_ranges(), profile(activities=activities, record_shapes=args.record_shapes) as prof:
+        run_steps(models, args, args.steps)
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    averages = prof.key_averages(group_by_input_shape=args.record_shapes)
+    ops = averages.table(sort_by="self_cpu_time_total", row_limit=args.row_limit)
+    phases = [e for e in averages if e.key.startswith("fastmeta.")]
+    phases.sort(key=lambda e: -e.cpu_time_total)
+    lines = ["", f"phases (record_function ranges, totals over {args.steps} steps):"]
+    for e in phases:
+        lines.append(f"  {e.key:55s} {e.cpu_time_total / 1e6 / args.steps:9.4f} s/step  x{e.count // args.steps}")
+    return ops + "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n")[0])
+    p.add_argument("--algorithm", default="metadistil")
+    p.add_argument("--hypergrad", default="exact")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--model", default="minilm", choices=["minilm", "tiny", "bert-base"])
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median per phase)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--floor-repeats", type=int, default=3)
+    p.add_argument("--no-floor", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also run the timed steps under torch.profiler")
+    p.add_argument("--record-shapes", action="store_true")
+    p.add_argument("--memory", action="store_true", help="also the peak RSS reached inside each phase (Linux)")
+    p.add_argument("--row-limit", type=int, default=25)
+    p.add_argument("--trace", default=None, help="Chrome trace path (with --profile)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--teacher-lr", type=float, default=2e-5)
+    p.add_argument("--student-lr", type=float, default=5e-5)
+    p.add_argument("--inner-lr", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--kd-weight", type=float, default=0.5)
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--option", action="append", metavar="KEY=JSON",
+                   help="extra meta_step option, e.g. --option atomic=false --option inner_steps=2")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from bench import common
+
+    common.quiet_transformers()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = setup(args)
+    records = run_steps(models, args, args.warmup + args.steps)[args.warmup:]
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    phases = {k: _median([r[k] for r in records if k in r]) for k in keys}
+    report: dict[str, Any] = {"config": vars(args), "phases": phases, "steps": records}
+    name = f"{args.algorithm}/{args.hypergrad} bs{args.batch_size}"
+    print(f"== {name}: step phases, median of {args.steps} ({args.threads} thread(s))")
+    for k, v in phases.items():
+        print(f"  {k:55s} {v:9.4f} s")
+    if not args.no_floor:
+        floor_times = floor_passes(models, args)
+        floor = {k: _median(v) for k, v in floor_times.items()}
+        floor_sum = sum(floor[k] * c for k, c in FLOOR_PASSES.items())
+        report.update(floor_passes=floor_times, floor_medians=floor, floor_s=floor_sum)
+        print(f"== floor passes, each alone (median of {args.floor_repeats})")
+        for k, v in floor.items():
+            count = FLOOR_PASSES.get(k)
+            print(f"  {k:55s} {v:9.4f} s" + (f"  x{count}" if count else ""))
+        print(f"  {'floor (sum)':55s} {floor_sum:9.4f} s")
+        print(f"== step vs floor: {phases['total']:.4f} s / {floor_sum:.4f} s = {phases['total'] / floor_sum:.3f}x")
+        rows = gap_table(phases, floor)
+        report["gaps"] = rows
+        print(f"  {'phase':45s} {'step s':>8s}  {'floor pass':32s} {'floor s':>8s} {'gap s':>8s}")
+        for phase, value, fname, ref, gap in rows:
+            print(f"  {phase:45s} {value:8.4f}  {fname:32s} {ref:8.4f} {gap:8.4f}")
+    if args.memory:
+        record: dict = {}
+        with _phase_memory(record):
+            run_steps(models, args, args.steps)
+        report["phase_peak_mib"] = record
+        print(f"== peak RSS per phase over {args.steps} steps (MiB above the RSS before them)")
+        for k, v in sorted(record.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:55s} {v:9.1f}")
+    if args.profile:
+        text = profile_steps(models, args)
+        report["profile"] = text
+        print(f"== torch.profiler over {args.steps} steps")
+        print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()
