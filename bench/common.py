@@ -347,13 +347,28 @@ def _main_module_name() -> str:
     return spec.name if spec is not None and spec.name else (sys.argv[0] if sys.argv else "?")
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(REPO_ROOT),
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except Exception:  # noqa: BLE001
+        out = subprocess.run(["git", *args], cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=10)
+    except Exception:  # noqa: BLE001 - no git
         return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    """HEAD's sha, plus ``+ N changed file(s) (diff sha1 ...)`` when tracked files differ from it:
+    the tree that ran, not only the commit (a copied tree, e.g. on the device machine, carries
+    the git metadata of some earlier commit)."""
+    sha = _git("rev-parse", "HEAD")
+    if not sha:
+        return None
+    changed = _git("status", "--porcelain", "--untracked-files=no")
+    if changed:
+        import hashlib
+
+        digest = hashlib.sha1((_git("diff", "HEAD") or "").encode()).hexdigest()[:12]
+        return f"{sha} + {len(changed.splitlines())} changed file(s) (diff sha1 {digest})"
+    return sha
 
 
 # --------------------------------------------------------------------------- reports

@@ -606,11 +606,9 @@ def _run_text(argv: list[str], timeout: float = 20) -> str | None:
 
 
 def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except Exception:  # noqa: BLE001 - no git, or not a git checkout (a copied tree)
-        return None
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+    from bench.common import _git_commit as commit  # the one home (bench.common imports no torch)
+
+    return commit()
 
 
 def info_main(path: str) -> int:

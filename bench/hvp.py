@@ -268,11 +268,9 @@ def _environment(args) -> dict:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
         env["cuda_device"] = cuda_device_info()
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                           text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    from bench.common import _git_commit
+
+    env["git_commit"] = _git_commit()
     try:
         from fastmeta import _extension
 

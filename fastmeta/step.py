@@ -171,7 +171,8 @@ def meta_step(
         AdamW/amsgrad, differentiated exactly; ``"sgd"``: MetaDistil's official
         look-ahead ``θS' = θS − η·∇LS`` whatever the optimizer), ``adam_jacobian="exact"``
         (``"frozen_second_moment"``: Adam's second moment held fixed in the Jacobian, an
-        approximation); ``inner_steps`` must be an int >= 1 (a float or bool is a
+        approximation; both are refused by kd and reptile, which have no engine pilot step);
+        ``inner_steps`` must be an int >= 1 (a float or bool is a
         ``TypeError``).
         Flags must be bools and numbers numbers (``"false"`` or ``"0.5"`` is a ``TypeError``).
         kd: ``teacher_ce=False``.
@@ -228,6 +229,14 @@ def meta_step(
     pilot = options.pop("pilot", "optimizer")
     adam_jacobian = options.pop("adam_jacobian", "exact")
     check_pilot_options(pilot, adam_jacobian)
+    if not getattr(module, "USES_ENGINE", False):
+        for name, value, default in (("pilot", pilot, "optimizer"), ("adam_jacobian", adam_jacobian, "exact")):
+            if value != default:
+                raise ValueError(
+                    f"{name}={value!r} applies to the meta-gradient engine's pilot step (metadistil, lgtm, ikd); "
+                    f"algorithm={algorithm!r} has none"
+                    + (" (ReptileDistil's pilot step is set by pilot_optimizer=)" if algorithm == "reptile" else "")
+                )
     atomic = check_flag("atomic", options.pop("atomic", True))
     grad_sync = options.pop("grad_sync", None)
     loss_scale = check_loss_scale(options.pop("loss_scale", None))

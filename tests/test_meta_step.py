@@ -203,6 +203,19 @@ def test_bad_input_raises_and_leaves_everything_untouched(algorithm, hypergrad, 
     assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
 
 
+@pytest.mark.parametrize("algorithm,hypergrad", [c for c in CASES if c[0] in ("kd", "reptile")])
+@pytest.mark.parametrize("option", [{"pilot": "sgd"}, {"adam_jacobian": "frozen_second_moment"}], ids=str)
+def test_engine_pilot_options_refused_where_there_is_no_engine_pilot(algorithm, hypergrad, option):
+    """kd and reptile take no engine pilot step: pilot= / adam_jacobian= would be silently ignored."""
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+    saved = snapshot(teacher, student, opt_t, opt_s)
+    with pytest.raises(ValueError, match=f"{next(iter(option))}=.*algorithm='{algorithm}' has none"):
+        call(teacher, student, opt_t, opt_s, algorithm, hypergrad, **option)
+    assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
+    # the defaults, given explicitly, are accepted
+    call(teacher, student, opt_t, opt_s, algorithm, hypergrad, pilot="optimizer", adam_jacobian="exact")
+
+
 @pytest.mark.parametrize("algorithm,hypergrad", [c for c in CASES if c[1] != "autograd"])
 def test_logits_shape_mismatch(algorithm, hypergrad, device):
     teacher, student, opt_t, opt_s = setup(algorithm, hypergrad, classes_t=4, classes_s=3, device=device)
