@@ -46,6 +46,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -283,6 +284,36 @@ def _cuda_plan() -> Tuple[bool, Optional[CudaToolkit], str]:
     return True, toolkit, f"toolkit {toolkit.describe()}"
 
 
+def clear_stale_build_lock(build_dir: Path, max_age_s: Optional[float] = None) -> bool:
+    """Remove ``build_dir/lock`` when it is older than ``max_age_s`` (``FASTMETA_BUILD_LOCK_TIMEOUT_S``,
+    default 900 s); True if removed.
+
+    torch's loader takes that lock file for the build and waits, forever, while it exists: a build
+    that was killed (Ctrl-C, a stopped job) leaves it behind and every later ``import fastmeta``
+    hangs silently.  A build takes seconds to a few minutes (CUDA included), so a lock this old has
+    no live owner; it is removed with a warning that says so."""
+    lock = Path(build_dir) / "lock"
+    if max_age_s is None:
+        max_age_s = float(os.environ.get("FASTMETA_BUILD_LOCK_TIMEOUT_S", "900"))
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False
+    warnings.warn(
+        f"fastmeta: removing a stale extension build lock {lock} ({age:.0f} s old, limit {max_age_s:.0f} s: "
+        "FASTMETA_BUILD_LOCK_TIMEOUT_S); an earlier build was interrupted",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    try:
+        lock.unlink()
+    except FileNotFoundError:
+        pass
+    return True
+
+
 def _build(root: Path, with_cuda: bool, verbose: bool, toolkit: Optional[CudaToolkit] = None) -> Path:
     sources = sorted(str(p) for p in root.glob("*.cpp"))
     include_paths = [str(root), str(root / "cuda")]
@@ -305,6 +336,7 @@ def _build(root: Path, with_cuda: bool, verbose: bool, toolkit: Optional[CudaToo
     ).hexdigest()[:12]
     build_dir = cache_directory() / f"fastmeta_C_{flavour}_{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    clear_stale_build_lock(build_dir)
     _STATUS.build_directory = str(build_dir)
     _STATUS.sources = sources
     # -fno-math-errno/-fno-trapping-math: sqrt without its errno branch and selects of FP values

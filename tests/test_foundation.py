@@ -121,6 +121,32 @@ def test_failed_build_warns_once_and_falls_back_to_pytorch(tmp_path):
     assert "this is not C++" in log.read_text() or "error" in log.read_text().lower()
 
 
+def test_stale_build_lock_is_removed_with_a_warning_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build killed mid-way leaves build_dir/lock, and torch's loader then waits forever on every
+    later import (seen on this project's CI machine): an old lock is removed, loudly; a recent one
+    (a build in progress elsewhere) is left alone."""
+    import os
+    import time
+    import warnings
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not _extension.clear_stale_build_lock(tmp_path, max_age_s=60)
+    assert lock.exists()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _extension.clear_stale_build_lock(tmp_path, max_age_s=60)
+    assert not lock.exists()
+    assert any("stale extension build lock" in str(w.message) for w in caught)
+    monkeypatch.setenv("FASTMETA_BUILD_LOCK_TIMEOUT_S", "7200")
+    lock.write_text("")
+    os.utime(lock, (old, old))
+    assert not _extension.clear_stale_build_lock(tmp_path) and lock.exists()
+    assert not _extension.clear_stale_build_lock(tmp_path / "none")
+
+
 def test_disable_extension_env_uses_pytorch():
     script = "import fastmeta; r = fastmeta.backends(); print(r['extension']['built'], r['extension']['disabled'])"
     result = _run([sys.executable, "-c", script],
