@@ -273,7 +273,15 @@ def peers_dir() -> Path | None:
     value = os.environ.get("GPU_CHECK_PEERS_PATH")
     if value:
         return Path(value).resolve()
-    return PEERS_DIR if PEERS_DIR.is_dir() else None
+    if not PEERS_DIR.is_dir():
+        return None
+    # vendored packages include compiled modules (optree) built for one Python minor: a folder made
+    # for another Python (its PYTHON_VERSION file) would shadow working installs with broken ones
+    marker = PEERS_DIR / "PYTHON_VERSION"
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if marker.is_file() and marker.read_text().strip() != here:
+        return None
+    return PEERS_DIR
 
 
 def vendor_peers(target: Path = PEERS_DIR) -> list[str]:
@@ -296,6 +304,7 @@ def vendor_peers(target: Path = PEERS_DIR) -> list[str]:
             else shutil.ignore_patterns("__pycache__")
         shutil.copytree(src, dst, ignore=ignore)
         copied.append(f"{name} {getattr(module, '__version__', '?')}")
+    (target / "PYTHON_VERSION").write_text(f"{sys.version_info.major}.{sys.version_info.minor}\n")
     print(f"vendored into {target}: {', '.join(copied) or 'nothing'} "
           f"(carry it with the checkout; python {sys.version_info.major}.{sys.version_info.minor} here)")
     return copied

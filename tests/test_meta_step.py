@@ -155,6 +155,66 @@ def test_non_finite_anywhere_leaves_everything_untouched(algorithm, hypergrad, p
     call(teacher, student, opt_t, opt_s, algorithm, hypergrad)
 
 
+@pytest.mark.parametrize("algorithm,hypergrad", [("metadistil", "exact"), ("lgtm", "finite_diff")])
+def test_kept_snapshot_buffers_survive_repeated_rollbacks(algorithm, hypergrad, device):
+    """The undo snapshot copies into buffers kept across steps: clean steps, a failing step (the
+    student's last forward, after the teacher's update: the teacher is rolled back), clean steps,
+    another failure, clean steps -- every failure leaves everything as it was, and the models end
+    bitwise where the same clean steps alone take copies of them."""
+    from fastmeta.algorithms import _common
+
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad, device=device)
+    t2, s2, ot2, os2 = copy.deepcopy((teacher, student, opt_t, opt_s))  # the reference: clean steps only
+    t3, s3, ot3, os3 = copy.deepcopy((teacher, student, opt_t, opt_s))  # throwaway copies to count forwards on
+    start = s3.calls
+    call(t3, s3, ot3, os3, algorithm, hypergrad, batch=make_batch(10, device=device))
+    forwards = s3.calls - start  # the student's forwards in one clean step (its last: the real step)
+    plan = ["ok", "ok", "fail", "ok", "fail", "fail", "ok"]
+    for i, what in enumerate(plan):
+        batch = make_batch(11 + i, device=device)
+        if what == "ok":
+            call(teacher, student, opt_t, opt_s, algorithm, hypergrad, batch=batch)
+            call(t2, s2, ot2, os2, algorithm, hypergrad, batch=batch)
+            buffers = _common._KEPT[opt_t]["params"][1]
+            if i == 1:
+                kept = buffers[0].data_ptr()
+            elif i > 1:
+                assert buffers[0].data_ptr() == kept  # the same buffer, reused
+            continue
+        saved = snapshot(teacher, student, opt_t, opt_s)
+        student.poison_at = student.calls + forwards
+        with pytest.raises(FloatingPointError, match="finite"):
+            call(teacher, student, opt_t, opt_s, algorithm, hypergrad, batch=batch)
+        student.poison_at = None
+        assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
+    for a, b in ((teacher, t2), (student, s2), (opt_t, ot2), (opt_s, os2)):
+        assert_same(a.state_dict(), b.state_dict())
+
+
+def test_kept_snapshot_buffer_is_never_shared_by_two_live_snapshots():
+    """A second live snapshot of the same optimizer gets its own copies; a released buffer is reused;
+    after a restore the optimizer owns the state copies and they are no longer kept."""
+    from fastmeta.algorithms._common import _KEPT, _Snapshot
+
+    teacher, student, opt_t, opt_s = setup("metadistil", "exact")
+    params = list(teacher.parameters())
+    first = _Snapshot(params, opt_t)
+    second = _Snapshot(params, opt_t)
+    assert first.data[0].data_ptr() != second.data[0].data_ptr()
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    second.release()
+    first.restore()  # bitwise back, although `second` existed meanwhile
+    assert all(torch.equal(p, d) for p, d in zip(params, second.data))
+    third = _Snapshot(params, opt_t)
+    assert third.data[0].data_ptr() == first.data[0].data_ptr()  # the kept params buffer, reused
+    state_views = [v for st in opt_t.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    kept_state = _KEPT[opt_t].get("state")
+    assert kept_state is None or all(v.data_ptr() != c.data_ptr() for v in state_views for c in kept_state[1])
+    third.release()
+
+
 def _bad_inputs(device="cpu"):
     device = torch.device(device)
     x, y = make_batch(5, device=device)
