@@ -371,6 +371,24 @@ def _git_commit() -> str | None:
     return sha
 
 
+def resolve_deadline(deadline: float | None, time_budget_s: float | None) -> float | None:
+    """The earlier of an absolute ``--deadline`` (``time.time()`` seconds) and now + ``--time-budget-s``."""
+    if time_budget_s is None:
+        return deadline
+    budget = time.time() + time_budget_s
+    return budget if deadline is None else min(deadline, budget)
+
+
+def replot(json_path: str | Path, render_markdown: Callable[[dict], str],
+           render_chart: Callable[[dict, Path], bool]) -> None:
+    """Re-render a benchmark's ``.md`` (and ``.png``) from its committed ``.json``."""
+    path = Path(json_path)
+    report = json.loads(path.read_text())
+    path.with_suffix(".md").write_text(render_markdown(report))
+    drew = render_chart(report, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.md')}" + (f" and {path.with_suffix('.png')}" if drew else ""))
+
+
 # --------------------------------------------------------------------------- reports
 def write_json(path: str | Path, data: Any) -> Path:
     path = Path(path)

@@ -33,7 +33,6 @@ one line per method and sequence length).  ``--replot JSON`` redraws the markdow
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -332,11 +331,7 @@ def _memory_note(args) -> str:
 
 
 def replot(json_path: str) -> None:
-    path = Path(json_path)
-    report = json.loads(path.read_text())
-    path.with_suffix(".md").write_text(render_markdown(report))
-    drew = render_chart(report, path.with_suffix(".png"))
-    print(f"wrote {path.with_suffix('.md')}" + (f" and {path.with_suffix('.png')}" if drew else ""))
+    common.replot(json_path, render_markdown, render_chart)
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -353,10 +348,7 @@ def main(argv=None) -> dict[str, Any]:
     env["worker_threads"] = args.threads or env["torch_threads"]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    deadline = args.deadline
-    if args.time_budget_s is not None:
-        budget = time.time() + args.time_budget_s
-        deadline = budget if deadline is None else min(deadline, budget)
+    deadline = common.resolve_deadline(args.deadline, args.time_budget_s)
     out_dir = Path(args.out_dir)
     stem = args.tag or f"growth_{args.device}"
     used_peers = sorted({parse_method(m)[2] for m in args.methods} - {None})

@@ -358,9 +358,9 @@ def main(argv=None) -> int:
         print("--device cuda: no CUDA GPU on this machine; nothing measured, no figures written.", file=sys.stderr)
         return 2
     ops = HVP_OPS + MIXED_OPS if args.ops == "all" else args.ops.split(",")
-    deadline = args.deadline
-    if args.time_budget_s is not None:
-        deadline = min(deadline or float("inf"), time.time() + args.time_budget_s)
+    from bench.common import resolve_deadline
+
+    deadline = resolve_deadline(args.deadline, args.time_budget_s)
     env = _environment(args)
     env["isolation"] = args.isolation
     rows = []

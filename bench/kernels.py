@@ -40,6 +40,7 @@ from typing import Any, Callable
 from bench.common import (
     RESULTS_DIR,
     environment_info,
+    resolve_deadline,
     markdown_table,
     median,
     require_device,
@@ -248,9 +249,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    deadline = args.deadline
-    if args.time_budget_s is not None:
-        deadline = min(deadline or float("inf"), time.time() + args.time_budget_s)
+    deadline = resolve_deadline(args.deadline, args.time_budget_s)
     timed = _timer(device, args.warmup, args.repeats)
     impls = args.impls.split(",")
     if device == "cpu" and "compile" in impls:

@@ -839,12 +839,7 @@ def _memory_note(args) -> str:
 
 
 def replot(json_path: str) -> None:
-    path = Path(json_path)
-    report = json.loads(path.read_text())
-    md = render_markdown(report)
-    path.with_suffix(".md").write_text(md)
-    drew = render_chart(report, path.with_suffix(".png"))
-    print(f"wrote {path.with_suffix('.md')}" + (f" and {path.with_suffix('.png')}" if drew else ""))
+    common.replot(json_path, render_markdown, render_chart)
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -862,10 +857,7 @@ def main(argv=None) -> dict[str, Any]:
     env["worker_threads"] = args.threads or env["torch_threads"]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    deadline = args.deadline
-    if args.time_budget_s is not None:
-        budget_deadline = time.time() + args.time_budget_s
-        deadline = budget_deadline if deadline is None else min(deadline, budget_deadline)
+    deadline = common.resolve_deadline(args.deadline, args.time_budget_s)
     out_dir = Path(args.out_dir)
     stem = args.tag or f"meta_step_{args.device}"
     settings_list = settings_for(args)
