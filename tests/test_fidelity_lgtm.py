@@ -21,31 +21,12 @@ import torch
 import torch.nn.functional as F
 
 import fastmeta
+from _fidelity_models import bert_batch, max_rel_diff, tiny_bert
 
 TOL = 1e-10
 
 
 # --------------------------------------------------------------------------- models and data
-def tiny_bert(layers, seed, num_labels=3):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=16, num_labels=num_labels, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation="eager",
-    )
-    return BertForSequenceClassification(config).double()
-
-
-def bert_batch(seed, size=4, length=7, num_labels=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 40, (size, length), generator=g)
-    mask = torch.ones(size, length, dtype=torch.long)
-    mask[0, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, num_labels, (size,), generator=g)}
-
-
 class MLP(torch.nn.Module):
     def __init__(self, width, seed, classes=3, inputs=5):
         super().__init__()
@@ -153,15 +134,6 @@ def official_step(T, S, optT, optS, batch, quiz, *, alpha_kd, t_alpha_kd, temper
     influence_norm = float(torch.sqrt(sum((eta * i).square().sum() for i in h)))
     aux_norm = float(torch.sqrt(sum(d.square().sum() for d in dalpha)))
     return influence_norm, aux_norm
-
-
-def max_rel_diff(a, b):
-    worst = 0.0
-    for (na, x), (nb, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert na == nb
-        if x.is_floating_point():
-            worst = max(worst, float((x - y).abs().max()) / max(1.0, float(y.abs().max())))
-    return worst
 
 
 def make_opt(kind, model, lr):

@@ -21,28 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import fastmeta
+from _fidelity_models import bert_batch, tiny_bert
 
 TOL = 1e-10
-
-
-def tiny_bert(layers, seed, num_labels=3):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=16, num_labels=num_labels, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, attn_implementation="eager",
-    )
-    return BertForSequenceClassification(config).double()
-
-
-def bert_batch(seed, size=4, length=7, num_labels=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 40, (size, length), generator=g)
-    mask = torch.ones(size, length, dtype=torch.long)
-    mask[0, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, num_labels, (size,), generator=g)}
 
 
 def transformers_adamw_step(params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, state=None):
