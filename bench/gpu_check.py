@@ -212,7 +212,7 @@ def _meta_step_cmd(ctx: Context, deadline: float) -> list[str]:
            "--priority", *META_STEP_PRIORITY, "--deadline", f"{deadline:.1f}"]
     if ctx.dry_run:
         cmd += ["--model", "tiny", "--batch-sizes", "2", "--seq-len", "8", "--dtypes", "fp32", "bf16",
-                "--warmup", "0", "--repeats", "1", "--isolation", "inprocess"]
+                "--warmup", "0", "--repeats", "1", "--rounds", "1", "--isolation", "inprocess"]
     else:  # bert-base -> 6 layers, seq 128, bs 4 and 32, fp32 and bf16 (the CUDA defaults), in one process
         cmd += ["--warmup", "2", "--repeats", "5"]
     return cmd

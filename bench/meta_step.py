@@ -20,6 +20,12 @@ hypergrad=...)``) this measures, in ONE run:
   the student's update x1 (the optimizers' own ``step()``; the pilot's update
   is part of the meta-gradient, not an optimizer update of the floor) -- each
   timed alone in the same run; ``time_vs_floor`` = step time / their sum;
+- the exact step's other student tangent (``--student-tangents double_vjp``, the default; fp32
+  settings only: under autocast it would also change the tangent's precision):
+  rows ``{"algorithm": "metadistil" | "lgtm", "hypergrad": "exact", "student_tangent":
+  "double_vjp"}`` (the tangent back-propagated through the pilot's kept graph instead of
+  ``torch.func.jvp``: faster at large batches, more memory); fastmeta's default rows have
+  ``"student_tangent": null`` (``"jvp"``);
 - peers (``--peers higher torchopt``, the default): the same MetaDistil step
   written the way a user of ``higher`` and of TorchOpt writes it
   (``bench/peers.py``: same models, batch, optimizers, KD loss), as rows
@@ -49,6 +55,12 @@ runs those configurations of every setting first; ``--deadline``/``--time-budget
 starting new ones (the rest is reported "skipped (time)"; the JSON is rewritten after each
 item, so what ran is kept).  ``--replot JSON`` redraws the markdown and PNG of a result file
 (e.g. one measured where matplotlib was missing).
+
+Noisy machines: ``--rounds R`` (CPU default 3, with ``--repeats 1``) runs every
+configuration R times, interleaved (round 1 of all configurations and the floor, then
+round 2, ...), each time in a fresh worker with its own warm-up; a row's median is over
+all its timed steps, its memory the largest of its rounds.  A slow spell of a shared
+machine then hits every configuration alike instead of whichever ran during it.
 
 Results: ``bench/results/meta_step_<device>.{json,md,png}`` (``--out-dir`` to
 change).
@@ -244,7 +256,7 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
 
     peer = spec.get("peer")
     row: dict[str, Any] = {"kind": "step", "algorithm": spec["algorithm"], "hypergrad": spec.get("hypergrad"),
-                           "peer": peer}
+                           "peer": peer, "student_tangent": spec.get("student_tangent")}
     if peer is not None:
         from bench import peers
 
@@ -264,6 +276,8 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
             kwargs["hypergrad"] = spec["hypergrad"]
         if spec.get("inner_lr") is not None:
             kwargs["inner_lr"] = spec["inner_lr"]
+        if spec.get("student_tangent"):
+            kwargs["student_tangent"] = spec["student_tangent"]
         kwargs.update(spec.get("algorithm_options") or {})
 
         def run_step():
@@ -435,34 +449,46 @@ def configurations(algorithms, hypergrads) -> list[tuple[str, str | None]]:
     return out
 
 
-def keys(args) -> list[tuple[str, str | None, str | None]]:
-    """Every row of a setting, as (algorithm, hypergrad, peer): fastmeta's configurations (peer None),
-    then the peers' MetaDistil steps (hypergrad "autograd": they backprop through the pilot)."""
-    out = [(a, h, None) for a, h in configurations(args.algorithms, args.hypergrads)]
+STUDENT_TANGENT_ROWS = ("metadistil", "lgtm")  # the exact rows repeated with each --student-tangents value
+
+
+def keys(args) -> list[tuple[str, str | None, str | None, str | None]]:
+    """Every row of a setting, as (algorithm, hypergrad, peer, student_tangent): fastmeta's configurations
+    (peer None, student_tangent None: the default JVP), the exact rows of metadistil/lgtm again with each
+    ``--student-tangents`` value, then the peers' MetaDistil steps (hypergrad "autograd": they backprop
+    through the pilot)."""
+    own = configurations(args.algorithms, args.hypergrads)
+    out = [(a, h, None, None) for a, h in own]
+    for tangent in getattr(args, "student_tangents", None) or ():
+        if tangent not in ("double_vjp",):
+            raise SystemExit(f"unknown student tangent {tangent!r}; choose from ('double_vjp',)")
+        out += [(a, h, None, tangent) for a, h in own if h == "exact" and a in STUDENT_TANGENT_ROWS]
     for name in getattr(args, "peers", None) or ():
         from bench.peers import PEERS
 
         if name not in PEERS:
             raise SystemExit(f"unknown peer {name!r}; choose from {PEERS}")
-        out.append(("metadistil", "autograd", name))
+        out.append(("metadistil", "autograd", name, None))
     return out
 
 
-def _conf_name(alg: str, hg: str | None, peer: str | None = None) -> str:
+def _conf_name(alg: str, hg: str | None, peer: str | None = None, tangent: str | None = None) -> str:
     if peer is not None:
         return f"peer/{peer}"
-    return alg if hg is None else f"{alg}/{hg}"
+    return (alg if hg is None else f"{alg}/{hg}") + (f"+{tangent}" if tangent else "")
 
 
 def _row_name(r: dict[str, Any]) -> str:
-    return _conf_name(r["algorithm"], r["hypergrad"], r.get("peer"))
+    return _conf_name(r["algorithm"], r["hypergrad"], r.get("peer"), r.get("student_tangent"))
 
 
 def _label(r: dict[str, Any]) -> str:
-    """How a row is printed: ``metadistil / exact``; a peer: ``MetaDistil with higher (peer)``."""
+    """How a row is printed: ``metadistil / exact``, ``metadistil / exact (double_vjp)``; a peer:
+    ``MetaDistil with higher (peer)``."""
     if r.get("peer"):
         return f"MetaDistil with {r['peer']} (peer)"
-    return r["algorithm"] + (f" / {r['hypergrad']}" if r["hypergrad"] else "")
+    tangent = f" ({r['student_tangent']})" if r.get("student_tangent") else ""
+    return r["algorithm"] + (f" / {r['hypergrad']}" if r["hypergrad"] else "") + tangent
 
 
 def _priority(names: list[str] | None, confs: list[tuple]) -> set:
@@ -477,20 +503,54 @@ def _priority(names: list[str] | None, confs: list[tuple]) -> set:
 
 
 def plan(args, settings: list[dict[str, Any]]) -> list[tuple[int, str, tuple | None]]:
-    """The order of the work: (setting index, "floor"|"step", (algorithm, hypergrad, peer) or None).
+    """The order of the work: (setting index, "floor"|"step", (algorithm, hypergrad, peer, tangent) or None).
 
     Every setting's floor and its ``--priority`` configurations first (all settings), then the
-    rest, so that a run cut short by ``--deadline`` has the most wanted figures of every setting.
+    rest, so that a run cut short by ``--deadline`` has the most wanted figures of every setting;
+    that whole order once per ``--rounds``.
     """
     confs = keys(args)
     first = _priority(args.priority, confs)
+
+    def runs(i: int, c: tuple) -> bool:  # the student-tangent rows: fp32 only (under autocast double_vjp
+        return c[3] is None or settings[i]["dtype"] == "fp32"  # needs jvp_precision="autocast": another tangent)
+
     items: list[tuple[int, str, tuple | None]] = []
     for i in range(len(settings)):
         items.append((i, "floor", None))
-        items += [(i, "step", c) for c in confs if c in first]
+        items += [(i, "step", c) for c in confs if c in first and runs(i, c)]
     for i in range(len(settings)):
-        items += [(i, "step", c) for c in confs if c not in first]
-    return items
+        items += [(i, "step", c) for c in confs if c not in first and runs(i, c)]
+    return items * max(1, getattr(args, "rounds", 1))
+
+
+def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row (or floor) from the results of its rounds: times pooled (median over all timed steps),
+    phase medians the median of the rounds' ones, memory the largest round's; an error or skip wins."""
+    bad = next((r for r in results if not _ok(r)), None)
+    if bad is not None or len(results) == 1:
+        return bad if bad is not None else results[0]
+    out = dict(results[-1])
+    out["rounds"] = len(results)
+    if out["kind"] == "floor":
+        passes = {}
+        for name, last in results[-1]["passes"].items():
+            times = [t for r in results for t in r["passes"][name]["times_s"]]
+            passes[name] = dict(last, times_s=times, median_s=common.median(times))
+        out["passes"] = passes
+        out["floor_s"] = sum(p["median_s"] * p["count"] for p in passes.values())
+        out["floor_passes_only_s"] = sum(p["median_s"] * p["count"] for p in passes.values() if p["kind"] == "pass")
+    else:
+        times = [t for r in results for t in r["times_s"]]
+        out.update(times_s=times, median_s=common.median(times), wall_s=sum(r["wall_s"] for r in results))
+        keys_ = {k for r in results for k in r.get("phase_medians_s", {})}
+        out["phase_medians_s"] = {k: common.median([r["phase_medians_s"][k] for r in results
+                                                    if k in r.get("phase_medians_s", {})]) for k in keys_}
+        out["parameters_finite_after"] = all(r.get("parameters_finite_after", True) for r in results)
+    largest = max(results, key=lambda r: r["memory"]["peak_bytes"])
+    out["memory"] = dict(largest["memory"], rounds_peak_bytes=[r["memory"]["peak_bytes"] for r in results],
+                         rounds_step_memory_bytes=[r["memory"].get("step_memory_bytes") for r in results])
+    return out
 
 
 def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = None,
@@ -503,7 +563,7 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
                 cache_models=args.isolation == "inprocess")
     confs = keys(args)
     states = [{"setting": s, "label": f"{s['model']} bs{s['batch_size']} seq{s['seq_len']} {s['dtype']}",
-               "floor": None, "rows": {}} for s in settings]
+               "floor": [], "rows": {}} for s in settings]
     runner = _runner(args)
     skipped = 0
     for i, kind, conf in plan(args, settings):
@@ -512,31 +572,34 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
         if deadline is not None and time.time() >= deadline:
             skipped += 1
             if kind == "floor":
-                st["floor"] = {"kind": "floor", "skipped": "time"}
-            else:
-                alg, hg, peer = conf
-                st["rows"][conf] = {"kind": "step", "algorithm": alg, "hypergrad": hg, "peer": peer,
-                                    "skipped": "time"}
+                if not st["floor"]:  # a round already measured is kept
+                    st["floor"].append({"kind": "floor", "skipped": "time"})
+            elif conf not in st["rows"]:
+                alg, hg, peer, tangent = conf
+                st["rows"][conf] = [{"kind": "step", "algorithm": alg, "hypergrad": hg, "peer": peer,
+                                     "student_tangent": tangent, "skipped": "time"}]
             continue
         spec = dict(base, **st["setting"], kind=kind)
         t0 = time.perf_counter()
         if kind == "floor":
             log(f"[{label}] floor ...")
             try:
-                st["floor"] = runner(spec)
+                floor = runner(spec)
             except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-                st["floor"] = {"kind": "floor", "error": _error_text(exc)}
-                log(f"[{label}] floor: FAILED\n{st['floor']['error']}")
+                floor = {"kind": "floor", "error": _error_text(exc)}
+                log(f"[{label}] floor: FAILED\n{floor['error']}")
             else:
-                log(f"[{label}] floor = {st['floor']['floor_s']:.4f} s ({time.perf_counter() - t0:.0f} s)")
+                log(f"[{label}] floor = {floor['floor_s']:.4f} s ({time.perf_counter() - t0:.0f} s)")
+            st["floor"].append(floor)
         else:
-            alg, hg, peer = conf
-            name = _conf_name(alg, hg, peer)
-            spec.update(algorithm=alg, hypergrad=hg, peer=peer)
+            alg, hg, peer, tangent = conf
+            name = _conf_name(alg, hg, peer, tangent)
+            spec.update(algorithm=alg, hypergrad=hg, peer=peer, student_tangent=tangent)
             try:
                 res = runner(spec)
             except Exception as exc:  # noqa: BLE001 - WorkerError, OOM, a bug in one algorithm: recorded
-                res = {"kind": "step", "algorithm": alg, "hypergrad": hg, "peer": peer, "error": _error_text(exc)}
+                res = {"kind": "step", "algorithm": alg, "hypergrad": hg, "peer": peer, "student_tangent": tangent,
+                       "error": _error_text(exc)}
                 log(f"[{label}] {name}: FAILED\n{res['error']}")
             else:
                 if "skipped" in res:
@@ -544,7 +607,7 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
                 else:
                     log(f"[{label}] {name}: median {res['median_s']:.4f} s, peak "
                         f"{common.fmt_bytes(res['memory']['peak_bytes'])} ({time.perf_counter() - t0:.0f} s)")
-            st["rows"][conf] = res
+            st["rows"].setdefault(conf, []).append(res)
         if on_progress is not None:
             on_progress(_finish(states, confs))
     if skipped:
@@ -567,8 +630,8 @@ def _finish(states, confs) -> list[dict[str, Any]]:
 
     out = []
     for st in states:
-        rows = [copy.deepcopy(st["rows"][c]) for c in confs if c in st["rows"]]
-        floor = copy.deepcopy(st["floor"]) if st["floor"] is not None else {"kind": "floor", "skipped": "not run"}
+        rows = [copy.deepcopy(merge_rounds(st["rows"][c])) for c in confs if c in st["rows"]]
+        floor = copy.deepcopy(merge_rounds(st["floor"])) if st["floor"] else {"kind": "floor", "skipped": "not run"}
         _add_ratios(rows, floor)
         out.append({"setting": st["setting"], "label": st["label"], "floor": floor, "steps": rows})
     return out
@@ -635,7 +698,8 @@ def _add_ratios(rows: list[dict[str, Any]], floor: dict[str, Any]) -> None:
 def goals(setting_result: dict[str, Any]) -> dict[str, Any]:
     """The issue's goals for MetaDistil with fastmeta exact (stated for GPU), peers included:
     exact faster and leaner (step memory; peak on CUDA) than every peer that ran."""
-    steps = {(r["algorithm"], r["hypergrad"]): r for r in setting_result["steps"] if _ok(r) and not r.get("peer")}
+    steps = {(r["algorithm"], r["hypergrad"]): r for r in setting_result["steps"]
+             if _ok(r) and not r.get("peer") and not r.get("student_tangent")}
     exact = steps.get(("metadistil", "exact"))
     auto = steps.get(("metadistil", "autograd"))
     out: dict[str, Any] = {}
@@ -670,8 +734,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"transformers {env['versions']['transformers']}, triton {env['versions']['triton']}, "
              f"python {env['versions']['python']}; {threads}. {env['note']}", "",
              f"Models: {report['models']}. Optimizer: {report['options']['optimizer']} for both "
-             f"models; warm-up {report['options']['warmup']} steps, median of "
-             f"{report['options']['repeats']} timed steps. {report['memory_note']}", ""]
+             f"models; {_timing_words(report['options'])}. {report['memory_note']}", ""]
     if report.get("incomplete"):
         lines += [f"**Incomplete run**: {report['incomplete']}", ""]
     for s in report["settings"]:
@@ -720,6 +783,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                                      f"{'met' if v['met'] else 'missed'})" for k, v in g.items()))
             lines.append("")
     return "\n".join(lines)
+
+
+def _timing_words(options: dict[str, Any]) -> str:
+    rounds = options.get("rounds", 1) or 1
+    if rounds == 1:
+        return f"warm-up {options['warmup']} steps, median of {options['repeats']} timed steps"
+    return (f"{rounds} interleaved rounds (every configuration and the floor, then again), each in a fresh "
+            f"worker with {options['warmup']} warm-up step(s) and {options['repeats']} timed step(s); median of "
+            f"the {rounds * options['repeats']} timed steps, memory of the largest round")
 
 
 def render_chart(report: dict[str, Any], path: Path) -> bool:
@@ -772,11 +844,17 @@ def parse_args(argv=None):
                    help="peer libraries whose MetaDistil step is a row of every setting (bench/peers.py; "
                         "default: higher torchopt; none: --peers with no name). A peer that is not installed "
                         "is reported as skipped (not installed), never faked")
+    p.add_argument("--student-tangents", nargs="*", default=["double_vjp"],
+                   help="the exact rows of metadistil and lgtm again with each of these student_tangent values "
+                        "(default: double_vjp; none: --student-tangents with no value)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run every configuration this many times, interleaved, each in a fresh worker (default 3 "
+                        "on CPU, 1 on CUDA); medians pool the rounds' timed steps")
     p.add_argument("--priority", nargs="+", default=None, metavar="ALG[/HYPERGRAD]",
                    help="run these configurations (e.g. kd metadistil/exact metadistil/autograd peer/higher) for every "
                         "setting first, then the rest (default: setting by setting)")
     p.add_argument("--warmup", type=int, default=None, help="default 1 on CPU, 2 on CUDA")
-    p.add_argument("--repeats", type=int, default=None, help="default 3 on CPU, 5 on CUDA")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per round (default 1 on CPU, 5 on CUDA)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--teacher-lr", type=float, default=2e-5)
     p.add_argument("--student-lr", type=float, default=5e-5)
@@ -812,7 +890,11 @@ def parse_args(argv=None):
     if args.warmup is None:
         args.warmup = 2 if cuda else 1
     if args.repeats is None:
-        args.repeats = 5 if cuda else 3
+        args.repeats = 5 if cuda else 1
+    if args.rounds is None:
+        args.rounds = 1 if cuda else 3
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
     if args.isolation is None:
         args.isolation = "inprocess" if cuda else "subprocess"
     if args.threads is None and not cuda:

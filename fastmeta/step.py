@@ -87,7 +87,7 @@ from fastmeta import batching
 from fastmeta.algorithms import ALGORITHMS, HYPERGRADS, check_hypergrad
 from fastmeta.algorithms._common import StepContext, Transaction, check_flag, check_max_grad_norm, check_number
 from fastmeta.algorithms.output import StepOutput
-from fastmeta.engine import JVP_PRECISIONS, check_count, check_loss_scale, check_pilot_options
+from fastmeta.engine import JVP_PRECISIONS, STUDENT_TANGENTS, check_count, check_loss_scale, check_pilot_options
 
 __all__ = ["meta_step", "StepOutput"]
 
@@ -166,7 +166,10 @@ def meta_step(
         dynamic scaler such as :class:`fastmeta.amp.DynamicLossScale` can back off and
         retry), ``jvp_precision="fp32"`` (under a bf16/fp16 autocast the engine's student
         tangent runs with autocast off; ``"autocast"`` keeps it under the caller's
-        autocast; see ``fastmeta.engine.meta_gradient``), ``pilot="optimizer"`` (the
+        autocast; see ``fastmeta.engine.meta_gradient``), ``student_tangent="jvp"`` (how
+        hypergrad="exact" takes the student tangent: ``"jvp"`` by forward mode, ``"double_vjp"``
+        through the pilot's kept graph, faster at large batches, more memory; see
+        ``fastmeta.engine.meta_gradient``), ``pilot="optimizer"`` (the
         engine's pilot step is the student optimizer's real update: SGD/momentum/Adam/
         AdamW/amsgrad, differentiated exactly; ``"sgd"``: MetaDistil's official
         look-ahead ``θS' = θS − η·∇LS`` whatever the optimizer), ``adam_jacobian="exact"``
@@ -243,6 +246,12 @@ def meta_step(
     jvp_precision = options.pop("jvp_precision", "fp32")
     if jvp_precision not in JVP_PRECISIONS:
         raise ValueError(f"jvp_precision must be one of {JVP_PRECISIONS}, got {jvp_precision!r}")
+    student_tangent = options.pop("student_tangent", "jvp")
+    if student_tangent not in STUDENT_TANGENTS:
+        raise ValueError(f"student_tangent must be one of {STUDENT_TANGENTS}, got {student_tangent!r}")
+    if student_tangent != "jvp" and not (getattr(module, "USES_ENGINE", False) and hypergrad == "exact"):
+        raise ValueError(f"student_tangent={student_tangent!r} applies to hypergrad='exact' of the engine's "
+                         f"algorithms (metadistil, lgtm, ikd); got algorithm={algorithm!r}, hypergrad={hypergrad!r}")
     teacher_scheduler = options.pop("teacher_scheduler", None)
     student_scheduler = options.pop("student_scheduler", None)
     split = batching.split_batch(batch, name="batch")
@@ -283,6 +292,7 @@ def meta_step(
         grad_sync=grad_sync,
         loss_scale=loss_scale,
         jvp_precision=jvp_precision,
+        student_tangent=student_tangent,
         pilot=pilot,
         adam_jacobian=adam_jacobian,
         transaction=transaction,

@@ -99,7 +99,8 @@ def _check_meta_step_report(report, out_dir):
     assert {p["kind"] for p in floor["passes"].values()} == {"pass", "optimizer update"}
     assert math.isclose(floor["floor_s"], sum(p["median_s"] * p["count"] for p in floor["passes"].values()))
     assert floor["floor_passes_only_s"] < floor["floor_s"] and "optimizer update" in floor["definition"]
-    steps = {(r["algorithm"], r["hypergrad"], r["peer"]): r for r in setting["steps"]}
+    steps = {(r["algorithm"], r["hypergrad"], r["peer"]) + ((r["student_tangent"],) if r.get("student_tangent") else ()): r
+             for r in setting["steps"]}
     assert ("kd", None, None) in steps
     for r in steps.values():
         assert "error" not in r, r.get("error")
@@ -121,13 +122,22 @@ def test_meta_step_smoke(tmp_path):
     from bench import meta_step
 
     meta_step.main(["--model", "tiny", "--isolation", "inprocess", "--warmup", "0", "--repeats", "1",
-                    "--algorithms", "kd", "metadistil", "--hypergrads", "exact", "autograd",
+                    "--rounds", "2", "--algorithms", "kd", "metadistil", "--hypergrads", "exact", "autograd",
                     "--out-dir", str(tmp_path)])
     steps = _check_meta_step_report(None, tmp_path)
     assert set(steps) == {("kd", None, None), ("metadistil", "exact", None), ("metadistil", "autograd", None),
+                          ("metadistil", "exact", None, "double_vjp"),
                           ("metadistil", "autograd", "higher"), ("metadistil", "autograd", "torchopt")}
+    # two interleaved rounds of one timed step each: pooled
+    exact = steps[("metadistil", "exact", None)]
+    assert exact["rounds"] == 2 and len(exact["times_s"]) == 2 and len(exact["memory"]["rounds_peak_bytes"]) == 2
+    assert exact["student_tangent"] is None
+    md = (tmp_path / "meta_step_cpu.md").read_text()
+    assert "metadistil / exact (double_vjp)" in md and "2 interleaved rounds" in md
     auto = steps[("metadistil", "autograd", None)]
     assert math.isclose(auto["time_vs_autograd"], 1.0)
+    assert math.isclose(steps[("metadistil", "exact", None, "double_vjp")]["time_vs_autograd"],
+                        steps[("metadistil", "exact", None, "double_vjp")]["median_s"] / auto["median_s"])
     for peer in ("higher", "torchopt"):
         r = steps[("metadistil", "autograd", peer)]
         if "skipped" in r:
@@ -146,7 +156,7 @@ def test_meta_step_missing_peer_is_reported_not_faked(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torchopt", None)  # as when TorchOpt is not installed
     report = meta_step.main(["--model", "tiny", "--isolation", "inprocess", "--warmup", "0", "--repeats", "1",
-                             "--algorithms", "kd", "--peers", "torchopt", "--out-dir", str(tmp_path)])
+                             "--rounds", "1", "--algorithms", "kd", "--peers", "torchopt", "--out-dir", str(tmp_path)])
     (setting,) = report["settings"]
     row = next(r for r in setting["steps"] if r.get("peer") == "torchopt")
     assert row["skipped"].startswith("not installed") and "median_s" not in row
@@ -176,20 +186,26 @@ def test_meta_step_priority_plan_and_cuda_defaults():
     assert all(s["model"] == "bert-base" and s["seq_len"] == 128 for s in settings)
     items = meta_step.plan(args, settings)
     confs = meta_step.configurations(args.algorithms, args.hypergrads)
-    assert len(confs) == 12 and len(meta_step.keys(args)) == 14 and len(items) == 4 * 15
+    # 12 own rows + the exact rows of metadistil and lgtm with student_tangent="double_vjp" + 2 peers
+    assert len(confs) == 12 and len(meta_step.keys(args)) == 16 and len(items) == 4 * 17 - 2 * 2  # no bf16 tangent rows
+    assert ("lgtm", "exact", None, "double_vjp") in meta_step.keys(args)
     first = items[:24]
     assert [(i, k) for i, k, _ in first[::6]] == [(0, "floor"), (1, "floor"), (2, "floor"), (3, "floor")]
     assert {c for _, k, c in first if k == "step"} == {
-        ("kd", None, None), ("metadistil", "exact", None), ("metadistil", "autograd", None),
-        ("metadistil", "autograd", "higher"), ("metadistil", "autograd", "torchopt")}
-    assert ("metadistil", "finite_diff", None) in {c for _, _, c in items[24:]}
+        ("kd", None, None, None), ("metadistil", "exact", None, None), ("metadistil", "autograd", None, None),
+        ("metadistil", "autograd", "higher", None), ("metadistil", "autograd", "torchopt", None)}
+    assert ("metadistil", "finite_diff", None, None) in {c for _, _, c in items[24:]}
     with pytest.raises(SystemExit, match="--priority"):
         meta_step.plan(meta_step.parse_args(["--priority", "magic/exact"]), settings)
     with pytest.raises(SystemExit, match="unknown peer"):
         meta_step.keys(meta_step.parse_args(["--peers", "jax"]))
     assert meta_step.keys(meta_step.parse_args(["--peers"]))[-1][2] is None  # --peers alone: no peer rows
+    assert len(meta_step.keys(meta_step.parse_args(["--student-tangents"]))) == 14
     cpu = meta_step.parse_args([])
-    assert (cpu.isolation, cpu.warmup, cpu.repeats, cpu.threads) == ("subprocess", 1, 3, 1)
+    assert (cpu.isolation, cpu.warmup, cpu.repeats, cpu.threads, cpu.rounds) == ("subprocess", 1, 1, 1, 3)
+    assert args.rounds == 1
+    # rounds: the whole plan again, interleaved
+    assert meta_step.plan(cpu, settings) == meta_step.plan(meta_step.parse_args(["--rounds", "1"]), settings) * 3
     assert cpu.peers == ["higher", "torchopt"]
 
 

@@ -244,6 +244,46 @@ def test_exact_with_dropout_in_train_mode_matches_reference(device):
     assert torch.equal(after_exact, after_ref)  # the replayed JVP forward consumed no extra randomness
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_double_vjp_tangent_matches_reference_and_jvp_float64(name, device):
+    """``student_tangent="double_vjp"``: the tangent back-propagated through the pilot's kept graph.
+    Against the independent reference (meta-gradient) and the forward-mode JVP (influences)."""
+    teacher, student, batch, quiz, shift = family(name, device=device)
+    kwargs = dict(inner_lr=0.3, temperature=2.0, kd_weight=0.7, shift_labels=shift, compute_influence=True)
+    got = meta_gradient(teacher, student, batch, quiz, student_tangent="double_vjp", **kwargs)
+    jvp = meta_gradient(teacher, student, batch, quiz, student_tangent="jvp", **kwargs)
+    ref = reference_meta_grad(teacher, student, batch, quiz, lr=0.3, tau=2.0, w=0.7, shift=shift)
+    assert rel_err(got.teacher_grads, ref) <= 1e-10
+    scale = float(jvp.influences.abs().max())
+    assert scale > 0.0
+    assert float((got.influences - jvp.influences).abs().max()) <= 1e-10 * scale
+    assert rel_err(got.student_grads, jvp.student_grads) <= 1e-12  # the pilot gradient, through the split backward
+
+
+def test_double_vjp_tangent_with_dropout_uses_the_pilots_masks(device):
+    """Dropout active: the kept graph IS the pilot forward's (its masks), and no randomness is drawn for it."""
+    teacher = make_bert(24, 2, "eager", dropout=0.2, seed=1).train().to(device)
+    student = make_bert(16, 2, "eager", dropout=0.2, seed=2).train().to(device)
+    batch, quiz = to_device(bert_batch(5, 11, 3), device), to_device(bert_batch(4, 9, 4), device)
+    torch.manual_seed(7)
+    got = meta_gradient(teacher, student, batch, quiz, inner_lr=0.5, temperature=1.5, kd_weight=0.6,
+                        student_tangent="double_vjp").teacher_grads
+    after_got = torch.rand(1, device=device)
+    torch.manual_seed(7)
+    ref = reference_meta_grad(teacher, student, batch, quiz, lr=0.5, tau=1.5, w=0.6)
+    after_ref = torch.rand(1, device=device)
+    assert rel_err(got, ref) <= 1e-10
+    assert torch.equal(after_got, after_ref)
+
+
+def test_student_tangent_bad_values_name_the_argument(device):
+    teacher, student, batch, quiz, _ = family("cnn", device=device)
+    with pytest.raises(ValueError, match="student_tangent must be one of"):
+        meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, student_tangent="reverse")
+    with pytest.raises(ValueError, match="student_tangent='double_vjp' applies to hypergrad='exact'"):
+        meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, hypergrad="finite_diff", student_tangent="double_vjp")
+
+
 @pytest.mark.parametrize("kind", ["kl", "reverse_kl", "softmax_mse", "logit_mse"])
 def test_every_kd_kind_exact_matches_autograd(kind, device):
     teacher, student, batch, quiz, shift = family("gpt2", device=device)
@@ -469,7 +509,7 @@ def test_frozen_second_moment_matches_double_backward_of_the_linearised_step(opt
 
 
 # --------------------------------------------------------------------------- side effects
-@pytest.mark.parametrize("hypergrad", ["exact", "finite_diff", "autograd"])
+@pytest.mark.parametrize("hypergrad", ["exact", "exact-double_vjp", "finite_diff", "autograd"])
 def test_nothing_changes(hypergrad, device):
     teacher, student, batch, quiz, _ = family("cnn", dtype=torch.float32 if hypergrad == "finite_diff" else torch.float64,
                                               device=device)
@@ -482,7 +522,9 @@ def test_nothing_changes(hypergrad, device):
     grads = {id(p): p.grad.clone() for p in list(teacher.parameters()) + list(student.parameters())}
     buffers = [(b, b.clone()) for b in list(teacher.buffers()) + list(student.buffers())]
     modes = [(m, m.training) for m in list(teacher.modules()) + list(student.modules())]
-    result = meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, hypergrad=hypergrad, compute_influence=True)
+    hypergrad, _, tangent = hypergrad.partition("-")
+    result = meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, hypergrad=hypergrad, compute_influence=True,
+                           student_tangent=tangent or "jvp")
     assert all(torch.isfinite(g).all() for g in result.teacher_grads.values())
     for p in list(teacher.parameters()) + list(student.parameters()):
         before = params[id(p)]

@@ -53,9 +53,10 @@ def test_dry_run_end_to_end(tmp_path):
     assert tests["shards"] == 2 and tests["log_counts"]["PASSED"] == 10  # two pytest processes, merged
     assert set(tests["by_file"]) == {"test_meta_step", "test_functional"}
     meta = steps["meta_step"]["summary"]
-    # 12 configurations + the 2 peers, x fp32/bf16 (a peer missing here would be "not_installed", not "ok")
+    # 12 configurations + the 2 peers, x fp32/bf16, + the 2 double_vjp rows in fp32 (a peer missing here
+    # would be "not_installed", not "ok")
     n_peers = sum(1 for p in ("higher", "torchopt") if importlib.util.find_spec(p) is not None)
-    assert meta["counts"] == {"ok": 24 + 2 * n_peers, "failed": 0, "skipped": 0, "not_installed": 4 - 2 * n_peers}
+    assert meta["counts"] == {"ok": 24 + 2 + 2 * n_peers, "failed": 0, "skipped": 0, "not_installed": 4 - 2 * n_peers}
     assert set(meta["settings"]) == {"tiny bs2 seq8 fp32", "tiny bs2 seq8 bf16"}
     for setting in meta["settings"].values():
         assert setting["floor_s"] > 0

@@ -276,6 +276,33 @@ def test_engine_pilot_options_refused_where_there_is_no_engine_pilot(algorithm, 
     call(teacher, student, opt_t, opt_s, algorithm, hypergrad, pilot="optimizer", adam_jacobian="exact")
 
 
+@pytest.mark.parametrize("algorithm,hypergrad", [c for c in CASES if not (c[0] in ("metadistil", "lgtm", "ikd")
+                                                                           and c[1] == "exact")])
+def test_student_tangent_refused_where_it_does_not_apply(algorithm, hypergrad):
+    """student_tangent= chooses how hypergrad='exact' takes the student tangent; elsewhere it is an error."""
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+    saved = snapshot(teacher, student, opt_t, opt_s)
+    with pytest.raises(ValueError, match="student_tangent='double_vjp' applies to hypergrad='exact'"):
+        call(teacher, student, opt_t, opt_s, algorithm, hypergrad, student_tangent="double_vjp")
+    assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
+
+
+@pytest.mark.parametrize("algorithm", ["metadistil", "lgtm", "ikd"])
+def test_student_tangent_double_vjp_commits_the_same_step(algorithm):
+    """meta_step with student_tangent='double_vjp' commits what the default (JVP) commits, to fp64 rounding."""
+    results = []
+    for tangent in ("jvp", "double_vjp"):
+        teacher, student, opt_t, opt_s = setup(algorithm, "exact")
+        torch.manual_seed(3)
+        call(teacher, student, opt_t, opt_s, algorithm, "exact", student_tangent=tangent)
+        results.append([p.detach().clone() for p in list(teacher.parameters()) + list(student.parameters())])
+    moved = max(float((a - b).abs().max()) for a, b in zip(*results))
+    assert moved <= 1e-12
+    with pytest.raises(ValueError, match="student_tangent must be one of"):
+        teacher, student, opt_t, opt_s = setup(algorithm, "exact")
+        call(teacher, student, opt_t, opt_s, algorithm, "exact", student_tangent="forward")
+
+
 @pytest.mark.parametrize("algorithm,hypergrad", [c for c in CASES if c[1] != "autograd"])
 def test_logits_shape_mismatch(algorithm, hypergrad, device):
     teacher, student, opt_t, opt_s = setup(algorithm, hypergrad, classes_t=4, classes_s=3, device=device)

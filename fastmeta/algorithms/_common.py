@@ -279,6 +279,7 @@ class StepContext:
     grad_sync: Any = None  # data parallelism: see fastmeta.engine.meta_gradient(grad_sync=)
     loss_scale: float = 1.0  # float16 loss scaling: see fastmeta.engine.scaled_grad
     jvp_precision: str = "fp32"  # see fastmeta.engine.meta_gradient(jvp_precision=)
+    student_tangent: str = "jvp"  # see fastmeta.engine.meta_gradient(student_tangent=)
     tangent_precision: Optional[str] = None  # set by engine_meta_gradient
     pilot: str = "optimizer"  # see fastmeta.engine.meta_gradient(pilot=)
     adam_jacobian: str = "exact"  # see fastmeta.engine.meta_gradient(adam_jacobian=)
@@ -419,6 +420,7 @@ class StepContext:
             quiz_point=quiz_point, compute_influence=compute_influence, shift_labels=self.shift_labels,
             keep_pilot=keep_pilot, compute_teacher_grads=compute_teacher_grads,
             grad_sync=self.grad_sync, jvp_precision=self.jvp_precision, loss_scale=self.loss_scale,
+            student_tangent=self.student_tangent if method == "exact" else "jvp",
         )
         api.check_plan(self.student, self.student_optimizer, options)
         # finite differences perturb the student's parameters in place and restore them to within a

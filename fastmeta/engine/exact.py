@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..functional import functional_logits, jvp_logits, replay_rng, transform_buffers
 from ..hessian import forward_over_reverse
-from .trajectory import Problem
+from .trajectory import Problem, kept_tangent
 
 
 def tangent_step(problem: Problem):
@@ -26,6 +26,8 @@ def tangent_step(problem: Problem):
         with problem.timer.phase("student_jvp"):
             if need_hvp:
                 u, hv = _logits_jvp_and_hvp(problem, snap, direction)
+            elif j == 0 and problem.tangent_graph is not None:
+                u, hv = kept_tangent(problem, direction), None
             else:
                 params = None if j == 0 else snap.theta
                 _, u = jvp_logits(problem.student, problem.split_x, direction, params=params, rng_state=snap.rng)

@@ -77,12 +77,15 @@ class Problem:
     shift_labels: bool
     loss_scale: float
     x_attention: Callable = contextlib.nullcontext  # context of the student's forwards on x
+    keep_tangent_graph: bool = False  # pilot backward with create_graph: the tangent by double VJP (exact.py)
     # set by teacher_forward
     teacher_raw: Any = None
     teacher_aligned: Any = None
     zt: Any = None
     labels: Any = None
     mask: Any = None
+    # set by pilot_trajectory when keep_tangent_graph: (w, ∇θS LS as a function of w), see kept_tangent_graph
+    tangent_graph: Any = None
 
     @property
     def names(self) -> list:
@@ -162,13 +165,18 @@ def pilot_trajectory(problem: Problem, steps: int, grad_sync: Optional[Callable]
                 else:
                     current = {name: t.detach().requires_grad_(True) for name, t in theta.items()}
                     raw = functional_logits(problem.student, current, problem.split_x)
-                zs = problem.align(raw)
+                keep = j == 0 and problem.keep_tangent_graph
+                leaf = raw.detach().requires_grad_(True) if keep else raw
+                zs = problem.align(leaf)
                 if j == 0:
                     check_logits_pair(zs, problem.teacher_aligned)
                 ls = problem.student_loss(zs, problem.zt)
                 check_finite(ls.detach(), "student loss LS on batch" + (f" (inner step {j})" if j else ""))
                 tensors = [current[name] for name in names]
-                grads = grads_or_zeros(scaled_grad(ls, tensors, problem.loss_scale, allow_unused=True), tensors)
+                if keep:
+                    grads = _grads_keeping_tangent_graph(problem, raw, leaf, ls, tensors)
+                else:
+                    grads = grads_or_zeros(scaled_grad(ls, tensors, problem.loss_scale, allow_unused=True), tensors)
         grads = {name: g.detach() for name, g in zip(names, grads)}
         if j == 0:
             if grad_sync is not None:  # in place
@@ -180,6 +188,38 @@ def pilot_trajectory(problem: Problem, steps: int, grad_sync: Optional[Callable]
             theta, states = update.pilot(theta, grads, states, compute_state=j < steps - 1)
         del raw, zs, ls
     return Trajectory(snapshots, theta, *first)
+
+
+def _grads_keeping_tangent_graph(problem: Problem, raw, leaf, ls, tensors) -> list:
+    """``∇θS LS`` by a backward of ``raw`` with a leaf cotangent ``w = ∂LS/∂raw`` and ``create_graph``.
+
+    The gradient is ``J_Sᵀ w``, linear in ``w``: back-propagating a direction ``a``
+    through it to ``w`` gives ``J_S a``, the exact student tangent of the reverse
+    sweep's step 0, without the forward pass a JVP repeats (:func:`kept_tangent`).
+    ``problem.tangent_graph`` keeps that graph (the pilot forward's activations and
+    the backward's saved tensors) until :func:`kept_tangent` releases it.  The loss's
+    own backward (``w``) is first order, so any KD kernel works.
+    """
+    scale = problem.loss_scale
+    (w,) = torch.autograd.grad(ls if scale == 1.0 else ls * scale, leaf)
+    w = w.detach().requires_grad_(True)
+    kept = torch.autograd.grad(raw, tensors, w, create_graph=True, allow_unused=True)
+    problem.tangent_graph = (w, kept)
+    grads = [None if g is None else g.detach() for g in kept]
+    if scale != 1.0:
+        grads = [None if g is None else g * (1.0 / scale) for g in grads]
+    return grads_or_zeros(grads, tensors)
+
+
+def kept_tangent(problem: Problem, direction: dict) -> torch.Tensor:
+    """``u = J_S(θS)·a`` on the raw logits through the kept pilot graph (released here); exact."""
+    w, kept = problem.tangent_graph
+    problem.tangent_graph = None
+    pairs = [(g, direction[name]) for name, g in zip(problem.names, kept) if g is not None and g.requires_grad]
+    if not pairs:
+        return torch.zeros_like(w)
+    (u,) = torch.autograd.grad([g for g, _ in pairs], w, [d.to(g.dtype) for g, d in pairs], allow_unused=True)
+    return torch.zeros_like(w) if u is None else u.detach()
 
 
 def quiz_gradient(problem: Problem, point: Optional[dict], grad_sync: Optional[Callable] = None):
