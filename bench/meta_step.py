@@ -56,7 +56,7 @@ starting new ones (the rest is reported "skipped (time)"; the JSON is rewritten 
 item, so what ran is kept).  ``--replot JSON`` redraws the markdown and PNG of a result file
 (e.g. one measured where matplotlib was missing).
 
-Noisy machines: ``--rounds R`` (CPU default 3, with ``--repeats 1``) runs every
+Noisy machines: ``--rounds R`` (CPU default 2, with ``--repeats 2``) runs every
 configuration R times, interleaved (round 1 of all configurations and the floor, then
 round 2, ...), each time in a fresh worker with its own warm-up; a row's median is over
 all its timed steps, its memory the largest of its rounds.  A slow spell of a shared
@@ -848,13 +848,13 @@ def parse_args(argv=None):
                    help="the exact rows of metadistil and lgtm again with each of these student_tangent values "
                         "(default: double_vjp; none: --student-tangents with no value)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="run every configuration this many times, interleaved, each in a fresh worker (default 3 "
+                   help="run every configuration this many times, interleaved, each in a fresh worker (default 2 "
                         "on CPU, 1 on CUDA); medians pool the rounds' timed steps")
     p.add_argument("--priority", nargs="+", default=None, metavar="ALG[/HYPERGRAD]",
                    help="run these configurations (e.g. kd metadistil/exact metadistil/autograd peer/higher) for every "
                         "setting first, then the rest (default: setting by setting)")
     p.add_argument("--warmup", type=int, default=None, help="default 1 on CPU, 2 on CUDA")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per round (default 1 on CPU, 5 on CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per round (default 2 on CPU, 5 on CUDA)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--teacher-lr", type=float, default=2e-5)
     p.add_argument("--student-lr", type=float, default=5e-5)
@@ -890,9 +890,9 @@ def parse_args(argv=None):
     if args.warmup is None:
         args.warmup = 2 if cuda else 1
     if args.repeats is None:
-        args.repeats = 5 if cuda else 1
+        args.repeats = 5 if cuda else 2
     if args.rounds is None:
-        args.rounds = 1 if cuda else 3
+        args.rounds = 1 if cuda else 2
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
     if args.isolation is None:

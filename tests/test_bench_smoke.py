@@ -202,10 +202,10 @@ def test_meta_step_priority_plan_and_cuda_defaults():
     assert meta_step.keys(meta_step.parse_args(["--peers"]))[-1][2] is None  # --peers alone: no peer rows
     assert len(meta_step.keys(meta_step.parse_args(["--student-tangents"]))) == 14
     cpu = meta_step.parse_args([])
-    assert (cpu.isolation, cpu.warmup, cpu.repeats, cpu.threads, cpu.rounds) == ("subprocess", 1, 1, 1, 3)
+    assert (cpu.isolation, cpu.warmup, cpu.repeats, cpu.threads, cpu.rounds) == ("subprocess", 1, 2, 1, 2)
     assert args.rounds == 1
     # rounds: the whole plan again, interleaved
-    assert meta_step.plan(cpu, settings) == meta_step.plan(meta_step.parse_args(["--rounds", "1"]), settings) * 3
+    assert meta_step.plan(cpu, settings) == meta_step.plan(meta_step.parse_args(["--rounds", "1"]), settings) * 2
     assert cpu.peers == ["higher", "torchopt"]
 
 

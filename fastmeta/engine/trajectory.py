@@ -84,7 +84,7 @@ class Problem:
     zt: Any = None
     labels: Any = None
     mask: Any = None
-    # set by pilot_trajectory when keep_tangent_graph: (w, ∇θS LS as a function of w), see kept_tangent_graph
+    # set by pilot_trajectory when keep_tangent_graph: (w, ∇θS LS as a function of w), see kept_tangent
     tangent_graph: Any = None
 
     @property
