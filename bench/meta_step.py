@@ -457,11 +457,14 @@ def keys(args) -> list[tuple[str, str | None, str | None, str | None]]:
     (peer None, student_tangent None: the default JVP), the exact rows of metadistil/lgtm again with each
     ``--student-tangents`` value, then the peers' MetaDistil steps (hypergrad "autograd": they backprop
     through the pilot)."""
+    from fastmeta.engine import STUDENT_TANGENTS
+
     own = configurations(args.algorithms, args.hypergrads)
     out = [(a, h, None, None) for a, h in own]
+    others = tuple(t for t in STUDENT_TANGENTS if t != "jvp")  # "jvp" is the default rows' tangent
     for tangent in getattr(args, "student_tangents", None) or ():
-        if tangent not in ("double_vjp",):
-            raise SystemExit(f"unknown student tangent {tangent!r}; choose from ('double_vjp',)")
+        if tangent not in others:
+            raise SystemExit(f"unknown student tangent {tangent!r}; choose from {others}")
         out += [(a, h, None, tangent) for a, h in own if h == "exact" and a in STUDENT_TANGENT_ROWS]
     for name in getattr(args, "peers", None) or ():
         from bench.peers import PEERS
@@ -512,8 +515,10 @@ def plan(args, settings: list[dict[str, Any]]) -> list[tuple[int, str, tuple | N
     confs = keys(args)
     first = _priority(args.priority, confs)
 
-    def runs(i: int, c: tuple) -> bool:  # the student-tangent rows: fp32 only (under autocast double_vjp
-        return c[3] is None or settings[i]["dtype"] == "fp32"  # needs jvp_precision="autocast": another tangent)
+    def runs(i: int, c: tuple) -> bool:
+        """The student-tangent rows run in fp32 settings only: under autocast double_vjp needs
+        jvp_precision="autocast", a tangent of another precision than the default rows'."""
+        return c[3] is None or settings[i]["dtype"] == "fp32"
 
     items: list[tuple[int, str, tuple | None]] = []
     for i in range(len(settings)):
@@ -543,9 +548,9 @@ def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         times = [t for r in results for t in r["times_s"]]
         out.update(times_s=times, median_s=common.median(times), wall_s=sum(r["wall_s"] for r in results))
-        keys_ = {k for r in results for k in r.get("phase_medians_s", {})}
+        phases = {k for r in results for k in r.get("phase_medians_s", {})}
         out["phase_medians_s"] = {k: common.median([r["phase_medians_s"][k] for r in results
-                                                    if k in r.get("phase_medians_s", {})]) for k in keys_}
+                                                    if k in r.get("phase_medians_s", {})]) for k in phases}
         out["parameters_finite_after"] = all(r.get("parameters_finite_after", True) for r in results)
     largest = max(results, key=lambda r: r["memory"]["peak_bytes"])
     out["memory"] = dict(largest["memory"], rounds_peak_bytes=[r["memory"]["peak_bytes"] for r in results],

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_flag", "check_number"]
+__all__ = ["check_flag", "check_number", "check_choice"]
 
 
 def check_flag(name: str, value: Any) -> bool:
@@ -20,6 +20,12 @@ def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
     return value
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+    """``value`` must be one of the strings ``choices`` (``ValueError`` naming ``name`` and the choices)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def check_number(name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False) -> float:

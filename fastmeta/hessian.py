@@ -76,6 +76,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import losses, ops
+from ._validation import check_choice
 from .functional import (
     RESTORES,
     as_split_inputs,
@@ -106,11 +107,6 @@ class _LossOfModule(torch.nn.Module):
 
     def forward(self):
         return self._loss_fn(self.module)
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def _trainable(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -215,8 +211,8 @@ def hvp(
         ``H v`` in the form of ``vector`` (dict with its keys, or list), in the
         parameters' dtype.
     """
-    _check_choice("method", method, HVP_METHODS)
-    _check_choice("restore", restore, RESTORES)
+    check_choice("method", method, HVP_METHODS)
+    check_choice("restore", restore, RESTORES)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if isinstance(module_or_params, torch.nn.Module):
@@ -403,7 +399,7 @@ def _resolve_loss(loss, loss_kwargs, method: str) -> LogitLoss:
     """``loss``/``loss_kwargs`` of :func:`mixed_hvp`, checked once, as a :class:`LogitLoss`."""
     kwargs = dict(loss_kwargs or {})
     if isinstance(loss, str):
-        _check_choice("loss", loss, KD_KINDS)
+        check_choice("loss", loss, KD_KINDS)
         if "kind" in kwargs and kwargs["kind"] != loss:
             raise ValueError(f"loss={loss!r} but loss_kwargs['kind']={kwargs['kind']!r}")
         kwargs["kind"] = loss
@@ -418,7 +414,7 @@ def _resolve_loss(loss, loss_kwargs, method: str) -> LogitLoss:
     kind = losses.check_kind(kwargs.get("kind", "kl"))
     temperature = losses.check_temperature(kwargs.get("temperature", 1.0))
     reduction = kwargs.get("reduction", "batchmean")
-    _check_choice("reduction", reduction, losses.REDUCTIONS)
+    check_choice("reduction", reduction, losses.REDUCTIONS)
     if reduction == "none" and method != "exact":
         raise ValueError("loss must return a scalar Tensor (use a reducing reduction)")
     scale = kwargs.get("scale_by_temperature_squared", True)
@@ -473,9 +469,9 @@ def mixed_hvp(
         loss; for another optimizer replace ``v`` by the direction ``−(∂θS'/∂g)ᵀ v/η`` of
         :mod:`fastmeta.engine.optimizer`, as :func:`fastmeta.engine.meta_gradient` does).
     """
-    _check_choice("method", method, MIXED_METHODS)
-    _check_choice("student_jvp", student_jvp, ("forward", "finite_diff"))
-    _check_choice("restore", restore, RESTORES)
+    check_choice("method", method, MIXED_METHODS)
+    check_choice("student_jvp", student_jvp, ("forward", "finite_diff"))
+    check_choice("restore", restore, RESTORES)
     if not isinstance(teacher, torch.nn.Module) or not isinstance(student, torch.nn.Module):
         raise TypeError("teacher and student must be nn.Modules")
     logit_loss = _resolve_loss(loss, loss_kwargs, method)

@@ -87,6 +87,7 @@ from fastmeta import batching
 from fastmeta.algorithms import ALGORITHMS, HYPERGRADS, check_hypergrad
 from fastmeta.algorithms._common import StepContext, Transaction, check_flag, check_max_grad_norm, check_number
 from fastmeta.algorithms.output import StepOutput
+from fastmeta._validation import check_choice
 from fastmeta.engine import JVP_PRECISIONS, STUDENT_TANGENTS, check_count, check_loss_scale, check_pilot_options
 
 __all__ = ["meta_step", "StepOutput"]
@@ -244,11 +245,9 @@ def meta_step(
     grad_sync = options.pop("grad_sync", None)
     loss_scale = check_loss_scale(options.pop("loss_scale", None))
     jvp_precision = options.pop("jvp_precision", "fp32")
-    if jvp_precision not in JVP_PRECISIONS:
-        raise ValueError(f"jvp_precision must be one of {JVP_PRECISIONS}, got {jvp_precision!r}")
+    check_choice("jvp_precision", jvp_precision, JVP_PRECISIONS)
     student_tangent = options.pop("student_tangent", "jvp")
-    if student_tangent not in STUDENT_TANGENTS:
-        raise ValueError(f"student_tangent must be one of {STUDENT_TANGENTS}, got {student_tangent!r}")
+    check_choice("student_tangent", student_tangent, STUDENT_TANGENTS)
     if student_tangent != "jvp" and not (getattr(module, "USES_ENGINE", False) and hypergrad == "exact"):
         raise ValueError(f"student_tangent={student_tangent!r} applies to hypergrad='exact' of the engine's "
                          f"algorithms (metadistil, lgtm, ikd); got algorithm={algorithm!r}, hypergrad={hypergrad!r}")

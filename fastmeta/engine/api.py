@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._validation import check_choice
 from ..batching import check_kd_kind, check_kd_weight, check_same_device, check_temperature, split_batch
 from ..functional import math_attention, preserved_buffers, trainable_parameters
 from . import autograd, exact, finite_diff
@@ -100,11 +101,6 @@ class Options:
 
 
 # --------------------------------------------------------------------------- checks
-def check_choice(name: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
 def check_count(value, name: str) -> int:
     """A count argument: an ``int`` >= 1 (``bool``/``float`` are a ``TypeError`` naming it)."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -34,7 +34,7 @@ from .. import batching, losses
 from ..batching import align_logits_labels, check_finite, check_logits_pair, cross_entropy, model_logits, row_mask
 from ..functional import capture_rng_state, functional_logits
 from .optimizer import OptimizerUpdate
-from .precision import grads_or_zeros, scaled_grad
+from .precision import _unscaled, grads_or_zeros, scaled_grad
 
 
 class Timer:
@@ -205,10 +205,7 @@ def _grads_keeping_tangent_graph(problem: Problem, raw, leaf, ls, tensors) -> li
     w = w.detach().requires_grad_(True)
     kept = torch.autograd.grad(raw, tensors, w, create_graph=True, allow_unused=True)
     problem.tangent_graph = (w, kept)
-    grads = [None if g is None else g.detach() for g in kept]
-    if scale != 1.0:
-        grads = [None if g is None else g * (1.0 / scale) for g in grads]
-    return grads_or_zeros(grads, tensors)
+    return grads_or_zeros(_unscaled([None if g is None else g.detach() for g in kept], scale), tensors)
 
 
 def kept_tangent(problem: Problem, direction: dict) -> torch.Tensor:
