@@ -344,7 +344,7 @@ def meta_gradient(
                             ``create_graph``) until the quiz gradient is known: no forward repeated,
                             but the student's activations and its backward's saved tensors stay
                             alive through the quiz pass (measured on CPU, MiniLM 2-layer student,
-                            bs 32, seq 128: tangent 0.8 s instead of 1.3-1.4 s, ~850 MiB more kept;
+                            bs 32, seq 128: tangent alone 0.8 s against 1.3-1.6 s, ~850 MiB more kept;
                             bench/results/meta_step_cpu.*).  The pilot forward then runs under math
                             attention.  Under a bf16/fp16 autocast it needs ``jvp_precision="autocast"``.
     loss_scale              float16 loss scaling: every backward runs on ``S·loss`` (the teacher's on
