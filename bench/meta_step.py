@@ -26,6 +26,11 @@ hypergrad=...)``) this measures, in ONE run:
   "double_vjp"}`` (the tangent back-propagated through the pilot's kept graph instead of
   ``torch.func.jvp``: faster at large batches, more memory); fastmeta's default rows have
   ``"student_tangent": null`` (``"jvp"``);
+- the exact MetaDistil step with the teacher's graph recomputed (``--teacher-graphs recompute``,
+  the default): rows ``{"algorithm": "metadistil", "hypergrad": "exact", "teacher_graph":
+  "recompute"}`` (no teacher graph alive through the student's passes, one more teacher
+  forward: less memory, more time); fastmeta's default rows have ``"teacher_graph": null``
+  (``"keep"``);
 - peers (``--peers higher torchopt``, the default): the same MetaDistil step
   written the way a user of ``higher`` and of TorchOpt writes it
   (``bench/peers.py``: same models, batch, optimizers, KD loss), as rows
@@ -256,7 +261,7 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
 
     peer = spec.get("peer")
     row: dict[str, Any] = {"kind": "step", "algorithm": spec["algorithm"], "hypergrad": spec.get("hypergrad"),
-                           "peer": peer, "student_tangent": spec.get("student_tangent")}
+                           "peer": peer, **variant_fields(spec.get("variant"))}
     if peer is not None:
         from bench import peers
 
@@ -276,8 +281,7 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
             kwargs["hypergrad"] = spec["hypergrad"]
         if spec.get("inner_lr") is not None:
             kwargs["inner_lr"] = spec["inner_lr"]
-        if spec.get("student_tangent"):
-            kwargs["student_tangent"] = spec["student_tangent"]
+        kwargs.update({k: v for k, v in variant_fields(spec.get("variant")).items() if v is not None})
         kwargs.update(spec.get("algorithm_options") or {})
 
         def run_step():
@@ -450,14 +454,30 @@ def configurations(algorithms, hypergrads) -> list[tuple[str, str | None]]:
 
 
 STUDENT_TANGENT_ROWS = ("metadistil", "lgtm")  # the exact rows repeated with each --student-tangents value
+TEACHER_GRAPH_ROWS = ("metadistil",)  # the exact rows repeated with each --teacher-graphs value
+TEACHER_GRAPH_PREFIX = "teacher_"  # a variant "teacher_recompute" is the option teacher_graph="recompute"
+
+
+def variant_fields(variant: str | None) -> dict[str, str | None]:
+    """A row's variant as its meta_step options (None: the default): ``"double_vjp"`` ->
+    ``student_tangent="double_vjp"``; ``"teacher_recompute"`` -> ``teacher_graph="recompute"``."""
+    if variant is not None and variant.startswith(TEACHER_GRAPH_PREFIX):
+        return {"student_tangent": None, "teacher_graph": variant[len(TEACHER_GRAPH_PREFIX):]}
+    return {"student_tangent": variant, "teacher_graph": None}
+
+
+def _variant(r: dict[str, Any]) -> str | None:
+    if r.get("teacher_graph"):
+        return TEACHER_GRAPH_PREFIX + r["teacher_graph"]
+    return r.get("student_tangent")
 
 
 def keys(args) -> list[tuple[str, str | None, str | None, str | None]]:
-    """Every row of a setting, as (algorithm, hypergrad, peer, student_tangent): fastmeta's configurations
-    (peer None, student_tangent None: the default JVP), the exact rows of metadistil/lgtm again with each
-    ``--student-tangents`` value, then the peers' MetaDistil steps (hypergrad "autograd": they backprop
-    through the pilot)."""
-    from fastmeta.engine import STUDENT_TANGENTS
+    """Every row of a setting, as (algorithm, hypergrad, peer, variant): fastmeta's configurations
+    (peer None, variant None: the default options), the exact rows of metadistil/lgtm again with each
+    ``--student-tangents`` value, the exact metadistil row with each ``--teacher-graphs`` value, then the
+    peers' MetaDistil steps (hypergrad "autograd": they backprop through the pilot)."""
+    from fastmeta.engine import STUDENT_TANGENTS, TEACHER_GRAPHS
 
     own = configurations(args.algorithms, args.hypergrads)
     out = [(a, h, None, None) for a, h in own]
@@ -466,6 +486,11 @@ def keys(args) -> list[tuple[str, str | None, str | None, str | None]]:
         if tangent not in others:
             raise SystemExit(f"unknown student tangent {tangent!r}; choose from {others}")
         out += [(a, h, None, tangent) for a, h in own if h == "exact" and a in STUDENT_TANGENT_ROWS]
+    graphs = tuple(g for g in TEACHER_GRAPHS if g != "keep")  # "keep" is the default rows' graph
+    for graph in getattr(args, "teacher_graphs", None) or ():
+        if graph not in graphs:
+            raise SystemExit(f"unknown teacher graph {graph!r}; choose from {graphs}")
+        out += [(a, h, None, TEACHER_GRAPH_PREFIX + graph) for a, h in own if h == "exact" and a in TEACHER_GRAPH_ROWS]
     for name in getattr(args, "peers", None) or ():
         from bench.peers import PEERS
 
@@ -475,23 +500,26 @@ def keys(args) -> list[tuple[str, str | None, str | None, str | None]]:
     return out
 
 
-def _conf_name(alg: str, hg: str | None, peer: str | None = None, tangent: str | None = None) -> str:
+def _conf_name(alg: str, hg: str | None, peer: str | None = None, variant: str | None = None) -> str:
     if peer is not None:
         return f"peer/{peer}"
-    return (alg if hg is None else f"{alg}/{hg}") + (f"+{tangent}" if tangent else "")
+    return (alg if hg is None else f"{alg}/{hg}") + (f"+{variant}" if variant else "")
 
 
 def _row_name(r: dict[str, Any]) -> str:
-    return _conf_name(r["algorithm"], r["hypergrad"], r.get("peer"), r.get("student_tangent"))
+    return _conf_name(r["algorithm"], r["hypergrad"], r.get("peer"), _variant(r))
 
 
 def _label(r: dict[str, Any]) -> str:
-    """How a row is printed: ``metadistil / exact``, ``metadistil / exact (double_vjp)``; a peer:
-    ``MetaDistil with higher (peer)``."""
+    """How a row is printed: ``metadistil / exact``, ``metadistil / exact (double_vjp)``,
+    ``metadistil / exact (teacher recomputed)``; a peer: ``MetaDistil with higher (peer)``."""
     if r.get("peer"):
         return f"MetaDistil with {r['peer']} (peer)"
-    tangent = f" ({r['student_tangent']})" if r.get("student_tangent") else ""
-    return r["algorithm"] + (f" / {r['hypergrad']}" if r["hypergrad"] else "") + tangent
+    if r.get("teacher_graph"):
+        extra = f" (teacher {r['teacher_graph']}d)" if r["teacher_graph"] == "recompute" else f" ({r['teacher_graph']})"
+    else:
+        extra = f" ({r['student_tangent']})" if r.get("student_tangent") else ""
+    return r["algorithm"] + (f" / {r['hypergrad']}" if r["hypergrad"] else "") + extra
 
 
 def _priority(names: list[str] | None, confs: list[tuple]) -> set:
@@ -506,7 +534,7 @@ def _priority(names: list[str] | None, confs: list[tuple]) -> set:
 
 
 def plan(args, settings: list[dict[str, Any]]) -> list[tuple[int, str, tuple | None]]:
-    """The order of the work: (setting index, "floor"|"step", (algorithm, hypergrad, peer, tangent) or None).
+    """The order of the work: (setting index, "floor"|"step", (algorithm, hypergrad, peer, variant) or None).
 
     Every setting's floor and its ``--priority`` configurations first (all settings), then the
     rest, so that a run cut short by ``--deadline`` has the most wanted figures of every setting;
@@ -518,7 +546,7 @@ def plan(args, settings: list[dict[str, Any]]) -> list[tuple[int, str, tuple | N
     def runs(i: int, c: tuple) -> bool:
         """The student-tangent rows run in fp32 settings only: under autocast double_vjp needs
         jvp_precision="autocast", a tangent of another precision than the default rows'."""
-        return c[3] is None or settings[i]["dtype"] == "fp32"
+        return variant_fields(c[3])["student_tangent"] is None or settings[i]["dtype"] == "fp32"
 
     items: list[tuple[int, str, tuple | None]] = []
     for i in range(len(settings)):
@@ -580,9 +608,9 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
                 if not st["floor"]:  # a round already measured is kept
                     st["floor"].append({"kind": "floor", "skipped": "time"})
             elif conf not in st["rows"]:
-                alg, hg, peer, tangent = conf
+                alg, hg, peer, variant = conf
                 st["rows"][conf] = [{"kind": "step", "algorithm": alg, "hypergrad": hg, "peer": peer,
-                                     "student_tangent": tangent, "skipped": "time"}]
+                                     **variant_fields(variant), "skipped": "time"}]
             continue
         spec = dict(base, **st["setting"], kind=kind)
         t0 = time.perf_counter()
@@ -597,13 +625,13 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
                 log(f"[{label}] floor = {floor['floor_s']:.4f} s ({time.perf_counter() - t0:.0f} s)")
             st["floor"].append(floor)
         else:
-            alg, hg, peer, tangent = conf
-            name = _conf_name(alg, hg, peer, tangent)
-            spec.update(algorithm=alg, hypergrad=hg, peer=peer, student_tangent=tangent)
+            alg, hg, peer, variant = conf
+            name = _conf_name(alg, hg, peer, variant)
+            spec.update(algorithm=alg, hypergrad=hg, peer=peer, variant=variant)
             try:
                 res = runner(spec)
             except Exception as exc:  # noqa: BLE001 - WorkerError, OOM, a bug in one algorithm: recorded
-                res = {"kind": "step", "algorithm": alg, "hypergrad": hg, "peer": peer, "student_tangent": tangent,
+                res = {"kind": "step", "algorithm": alg, "hypergrad": hg, "peer": peer, **variant_fields(variant),
                        "error": _error_text(exc)}
                 log(f"[{label}] {name}: FAILED\n{res['error']}")
             else:
@@ -707,7 +735,7 @@ def goals(setting_result: dict[str, Any]) -> dict[str, Any]:
     """The issue's goals for MetaDistil with fastmeta exact (stated for GPU), peers included:
     exact faster and leaner (step memory; peak on CUDA) than every peer that ran."""
     steps = {(r["algorithm"], r["hypergrad"]): r for r in setting_result["steps"]
-             if _ok(r) and not r.get("peer") and not r.get("student_tangent")}
+             if _ok(r) and not r.get("peer") and not _variant(r)}
     exact = steps.get(("metadistil", "exact"))
     auto = steps.get(("metadistil", "autograd"))
     out: dict[str, Any] = {}
@@ -858,6 +886,9 @@ def parse_args(argv=None):
     p.add_argument("--student-tangents", nargs="*", default=["double_vjp"],
                    help="the exact rows of metadistil and lgtm again with each of these student_tangent values "
                         "(default: double_vjp; none: --student-tangents with no value)")
+    p.add_argument("--teacher-graphs", nargs="*", default=["recompute"],
+                   help="the exact row of metadistil again with each of these teacher_graph values "
+                        "(default: recompute; none: --teacher-graphs with no value)")
     p.add_argument("--rounds", type=int, default=None,
                    help="run every configuration this many times, interleaved, each in a fresh worker (default 2 "
                         "on CPU, 1 on CUDA); medians pool the rounds' timed steps")

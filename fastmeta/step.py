@@ -88,7 +88,7 @@ from fastmeta.algorithms import ALGORITHMS, HYPERGRADS, check_hypergrad
 from fastmeta.algorithms._common import StepContext, Transaction, check_flag, check_max_grad_norm, check_number
 from fastmeta.algorithms.output import StepOutput
 from fastmeta._validation import check_choice
-from fastmeta.engine import JVP_PRECISIONS, STUDENT_TANGENTS, check_count, check_loss_scale, check_pilot_options
+from fastmeta.engine import JVP_PRECISIONS, STUDENT_TANGENTS, TEACHER_GRAPHS, check_count, check_loss_scale, check_pilot_options
 
 __all__ = ["meta_step", "StepOutput"]
 
@@ -170,7 +170,10 @@ def meta_step(
         autocast; see ``fastmeta.engine.meta_gradient``), ``student_tangent="jvp"`` (how
         hypergrad="exact" takes the student tangent: ``"jvp"`` by forward mode, ``"double_vjp"``
         through the pilot's kept graph, faster at large batches, more memory; see
-        ``fastmeta.engine.meta_gradient``), ``pilot="optimizer"`` (the
+        ``fastmeta.engine.meta_gradient``), ``teacher_graph="keep"`` (``"recompute"``: the
+        engine's teacher forward keeps no graph and is run again, same dropout masks, right
+        before the teacher backward: one more teacher forward, less memory; hypergrad "exact"
+        or "finite_diff"; see ``fastmeta.engine.meta_gradient``), ``pilot="optimizer"`` (the
         engine's pilot step is the student optimizer's real update: SGD/momentum/Adam/
         AdamW/amsgrad, differentiated exactly; ``"sgd"``: MetaDistil's official
         look-ahead ``θS' = θS − η·∇LS`` whatever the optimizer), ``adam_jacobian="exact"``
@@ -251,6 +254,13 @@ def meta_step(
     if student_tangent != "jvp" and not (getattr(module, "USES_ENGINE", False) and hypergrad == "exact"):
         raise ValueError(f"student_tangent={student_tangent!r} applies to hypergrad='exact' of the engine's "
                          f"algorithms (metadistil, lgtm, ikd); got algorithm={algorithm!r}, hypergrad={hypergrad!r}")
+    teacher_graph = options.pop("teacher_graph", "keep")
+    check_choice("teacher_graph", teacher_graph, TEACHER_GRAPHS)
+    if teacher_graph != "keep" and not (getattr(module, "USES_ENGINE", False)
+                                        and hypergrad in ("exact", "finite_diff")):
+        raise ValueError(f"teacher_graph={teacher_graph!r} applies to hypergrad 'exact' and 'finite_diff' of the "
+                         f"engine's algorithms (metadistil, lgtm, ikd); got algorithm={algorithm!r}, "
+                         f"hypergrad={hypergrad!r}")
     teacher_scheduler = options.pop("teacher_scheduler", None)
     student_scheduler = options.pop("student_scheduler", None)
     split = batching.split_batch(batch, name="batch")
@@ -292,6 +302,7 @@ def meta_step(
         loss_scale=loss_scale,
         jvp_precision=jvp_precision,
         student_tangent=student_tangent,
+        teacher_graph=teacher_graph,
         pilot=pilot,
         adam_jacobian=adam_jacobian,
         transaction=transaction,

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from bench import common
+from bench import common, meta_step
 
 
 # --------------------------------------------------------------------------- common
@@ -99,7 +99,7 @@ def _check_meta_step_report(report, out_dir):
     assert {p["kind"] for p in floor["passes"].values()} == {"pass", "optimizer update"}
     assert math.isclose(floor["floor_s"], sum(p["median_s"] * p["count"] for p in floor["passes"].values()))
     assert floor["floor_passes_only_s"] < floor["floor_s"] and "optimizer update" in floor["definition"]
-    steps = {(r["algorithm"], r["hypergrad"], r["peer"]) + ((r["student_tangent"],) if r.get("student_tangent") else ()): r
+    steps = {(r["algorithm"], r["hypergrad"], r["peer"]) + ((meta_step._variant(r),) if meta_step._variant(r) else ()): r
              for r in setting["steps"]}
     assert ("kd", None, None) in steps
     for r in steps.values():
@@ -126,14 +126,20 @@ def test_meta_step_smoke(tmp_path):
                     "--out-dir", str(tmp_path)])
     steps = _check_meta_step_report(None, tmp_path)
     assert set(steps) == {("kd", None, None), ("metadistil", "exact", None), ("metadistil", "autograd", None),
-                          ("metadistil", "exact", None, "double_vjp"),
+                          ("metadistil", "exact", None, "double_vjp"), ("metadistil", "exact", None, "teacher_recompute"),
                           ("metadistil", "autograd", "higher"), ("metadistil", "autograd", "torchopt")}
     # two interleaved rounds of one timed step each: pooled
     exact = steps[("metadistil", "exact", None)]
     assert exact["rounds"] == 2 and len(exact["times_s"]) == 2 and len(exact["memory"]["rounds_peak_bytes"]) == 2
-    assert exact["student_tangent"] is None
+    assert exact["student_tangent"] is None and exact["teacher_graph"] is None
+    recompute = steps[("metadistil", "exact", None, "teacher_recompute")]
+    assert recompute["teacher_graph"] == "recompute" and recompute["student_tangent"] is None
+    # the worker ran meta_step with the option: its phases include the replayed teacher forward
+    assert recompute["phase_medians_s"]["meta_gradient.teacher_recompute"] > 0
+    assert "meta_gradient.teacher_recompute" not in exact["phase_medians_s"]
     md = (tmp_path / "meta_step_cpu.md").read_text()
-    assert "metadistil / exact (double_vjp)" in md and "2 interleaved rounds" in md
+    assert "metadistil / exact (double_vjp)" in md and "metadistil / exact (teacher recomputed)" in md
+    assert "2 interleaved rounds" in md
     auto = steps[("metadistil", "autograd", None)]
     assert math.isclose(auto["time_vs_autograd"], 1.0)
     assert math.isclose(steps[("metadistil", "exact", None, "double_vjp")]["time_vs_autograd"],
@@ -186,9 +192,12 @@ def test_meta_step_priority_plan_and_cuda_defaults():
     assert all(s["model"] == "bert-base" and s["seq_len"] == 128 for s in settings)
     items = meta_step.plan(args, settings)
     confs = meta_step.configurations(args.algorithms, args.hypergrads)
-    # 12 own rows + the exact rows of metadistil and lgtm with student_tangent="double_vjp" + 2 peers
-    assert len(confs) == 12 and len(meta_step.keys(args)) == 16 and len(items) == 4 * 17 - 2 * 2  # no bf16 tangent rows
+    # 12 own rows + the exact rows of metadistil and lgtm with student_tangent="double_vjp" + the exact row of
+    # metadistil with teacher_graph="recompute" + 2 peers
+    assert len(confs) == 12 and len(meta_step.keys(args)) == 17 and len(items) == 4 * 18 - 2 * 2  # no bf16 tangent rows
     assert ("lgtm", "exact", None, "double_vjp") in meta_step.keys(args)
+    assert ("metadistil", "exact", None, "teacher_recompute") in {c for _, _, c in items if c and c[3]} and \
+        sum(1 for i, _, c in items if c and c[3] == "teacher_recompute") == 4  # in bf16 settings too
     first = items[:24]
     assert [(i, k) for i, k, _ in first[::6]] == [(0, "floor"), (1, "floor"), (2, "floor"), (3, "floor")]
     assert {c for _, k, c in first if k == "step"} == {
@@ -200,7 +209,10 @@ def test_meta_step_priority_plan_and_cuda_defaults():
     with pytest.raises(SystemExit, match="unknown peer"):
         meta_step.keys(meta_step.parse_args(["--peers", "jax"]))
     assert meta_step.keys(meta_step.parse_args(["--peers"]))[-1][2] is None  # --peers alone: no peer rows
-    assert len(meta_step.keys(meta_step.parse_args(["--student-tangents"]))) == 14
+    assert len(meta_step.keys(meta_step.parse_args(["--student-tangents"]))) == 15
+    assert len(meta_step.keys(meta_step.parse_args(["--teacher-graphs"]))) == 16
+    with pytest.raises(SystemExit, match="unknown teacher graph"):
+        meta_step.keys(meta_step.parse_args(["--teacher-graphs", "keep"]))
     cpu = meta_step.parse_args([])
     assert (cpu.isolation, cpu.warmup, cpu.repeats, cpu.threads, cpu.rounds) == ("subprocess", 1, 2, 1, 2)
     assert args.rounds == 1

@@ -284,6 +284,86 @@ def test_student_tangent_bad_values_name_the_argument(device):
         meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, hypergrad="finite_diff", student_tangent="double_vjp")
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("tangent", ["jvp", "double_vjp"])
+def test_teacher_graph_recompute_matches_reference_float64(name, tangent, device):
+    """``teacher_graph="recompute"``: no teacher graph through the pilot; the forward replayed before
+    the teacher backward.  Against the independent reference, with both exact student tangents."""
+    teacher, student, batch, quiz, shift = family(name, device=device)
+    kwargs = dict(inner_lr=0.3, temperature=2.0, kd_weight=0.7, shift_labels=shift, compute_influence=True,
+                  student_tangent=tangent)
+    got = meta_gradient(teacher, student, batch, quiz, teacher_graph="recompute", **kwargs)
+    kept = meta_gradient(teacher, student, batch, quiz, teacher_graph="keep", **kwargs)
+    ref = reference_meta_grad(teacher, student, batch, quiz, lr=0.3, tau=2.0, w=0.7, shift=shift)
+    assert rel_err(got.teacher_grads, ref) <= 1e-10
+    assert torch.equal(got.influences, kept.influences)  # the student's side does not change
+    assert torch.equal(got.teacher_logits, kept.teacher_logits)
+
+
+def test_teacher_graph_recompute_replays_the_teachers_dropout_masks(device):
+    """Both models in train mode with dropout: the replayed teacher forward draws the first forward's
+    masks (a fresh draw would give another gradient), and the generators end where they would have."""
+    teacher = make_bert(24, 2, "eager", dropout=0.2, seed=1).train().to(device)
+    student = make_bert(16, 2, "eager", dropout=0.2, seed=2).train().to(device)
+    batch, quiz = to_device(bert_batch(5, 11, 3), device), to_device(bert_batch(4, 9, 4), device)
+    kwargs = dict(inner_lr=0.5, temperature=1.5, kd_weight=0.6)
+    torch.manual_seed(7)
+    got = meta_gradient(teacher, student, batch, quiz, teacher_graph="recompute", **kwargs).teacher_grads
+    after_got = torch.rand(1, device=device)
+    torch.manual_seed(7)
+    ref = reference_meta_grad(teacher, student, batch, quiz, lr=0.5, tau=1.5, w=0.6)
+    after_ref = torch.rand(1, device=device)
+    assert rel_err(got, ref) <= 1e-10
+    assert torch.equal(after_got, after_ref)
+
+
+def test_teacher_graph_recompute_keeps_no_teacher_graph_through_the_student_passes(device):
+    """The point of the option: the teacher's first forward records no graph, and the forward with a
+    graph runs after every student pass (pilot, quiz, tangent), right before the teacher backward."""
+    teacher, student, batch, quiz, _ = family("bert-eager", device=device)
+    calls = []
+    hooks = [teacher.register_forward_hook(lambda m, i, o: calls.append(("teacher", torch.is_grad_enabled()))),
+             student.register_forward_hook(lambda m, i, o: calls.append(("student", torch.is_grad_enabled())))]
+    try:
+        meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, kd_weight=0.7, teacher_graph="recompute",
+                      student_tangent="double_vjp")
+        recompute_calls = list(calls)
+        calls.clear()
+        meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, kd_weight=0.7, student_tangent="double_vjp")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert recompute_calls == [("teacher", False), ("student", True), ("student", True), ("teacher", True)]
+    assert calls == [("teacher", True), ("student", True), ("student", True)]
+
+
+class _DriftingTeacher(nn.Module):
+    """A teacher whose forward does not reproduce: an offset that grows with every call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x) + 0.1 * self.calls
+
+
+def test_teacher_graph_recompute_refuses_a_teacher_that_does_not_reproduce(device):
+    teacher, student, batch, quiz, _ = family("cnn", device=device)
+    drifting = _DriftingTeacher(teacher)
+    with pytest.raises(RuntimeError, match="teacher_graph='recompute'.*did not reproduce"):
+        meta_gradient(drifting, student, batch, quiz, inner_lr=0.3, teacher_graph="recompute")
+
+
+def test_teacher_graph_bad_values_name_the_argument(device):
+    teacher, student, batch, quiz, _ = family("cnn", device=device)
+    with pytest.raises(ValueError, match="teacher_graph must be one of"):
+        meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, teacher_graph="discard")
+    with pytest.raises(ValueError, match="teacher_graph='recompute' applies to hypergrad 'exact' and 'finite_diff'"):
+        meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, hypergrad="autograd", teacher_graph="recompute")
+
+
 @pytest.mark.parametrize("kind", ["kl", "reverse_kl", "softmax_mse", "logit_mse"])
 def test_every_kd_kind_exact_matches_autograd(kind, device):
     teacher, student, batch, quiz, shift = family("gpt2", device=device)
@@ -509,7 +589,8 @@ def test_frozen_second_moment_matches_double_backward_of_the_linearised_step(opt
 
 
 # --------------------------------------------------------------------------- side effects
-@pytest.mark.parametrize("hypergrad", ["exact", "exact-double_vjp", "finite_diff", "autograd"])
+@pytest.mark.parametrize("hypergrad", ["exact", "exact-double_vjp", "exact+recompute", "finite_diff",
+                                       "finite_diff+recompute", "autograd"])
 def test_nothing_changes(hypergrad, device):
     teacher, student, batch, quiz, _ = family("cnn", dtype=torch.float32 if hypergrad == "finite_diff" else torch.float64,
                                               device=device)
@@ -522,9 +603,10 @@ def test_nothing_changes(hypergrad, device):
     grads = {id(p): p.grad.clone() for p in list(teacher.parameters()) + list(student.parameters())}
     buffers = [(b, b.clone()) for b in list(teacher.buffers()) + list(student.buffers())]
     modes = [(m, m.training) for m in list(teacher.modules()) + list(student.modules())]
+    hypergrad, _, graph = hypergrad.partition("+")
     hypergrad, _, tangent = hypergrad.partition("-")
     result = meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, hypergrad=hypergrad, compute_influence=True,
-                           student_tangent=tangent or "jvp")
+                           student_tangent=tangent or "jvp", teacher_graph=graph or "keep")
     assert all(torch.isfinite(g).all() for g in result.teacher_grads.values())
     for p in list(teacher.parameters()) + list(student.parameters()):
         before = params[id(p)]

@@ -292,6 +292,24 @@ def test_double_vjp_tangent_under_bf16_autocast():
     assert 0.0 < err_got <= 2 * err_jvp, (err_got, err_jvp)
 
 
+def test_teacher_graph_recompute_under_bf16_autocast():
+    """The replayed teacher forward runs under the caller's autocast, as the first one did (not under the
+    tangent's fp32 context): the same meta-gradient as keeping the graph, bitwise on CPU."""
+    teacher, student, batch, quiz, opt = _case("adamw")
+    teacher, student = teacher.float(), student.float()
+    opt = torch.optim.AdamW(student.parameters(), lr=0.01, weight_decay=0.1)
+    batch, quiz = (batch[0].float(), batch[1]), (quiz[0].float(), quiz[1])
+    warm(student, opt, quiz, 3)
+    results = {}
+    for graph in ("keep", "recompute"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[graph] = _engine(teacher, student, batch, quiz, opt, teacher_graph=graph)
+        assert results[graph].tangent_precision == "fp32 (autocast off)"
+    keep, recompute = results["keep"].teacher_grads, results["recompute"].teacher_grads
+    assert sum(float(g.abs().sum()) for g in keep.values()) > 0.0
+    assert all(torch.equal(keep[n], recompute[n]) for n in keep)
+
+
 def _double_opt(student, opt):
     """A float64 AdamW with ``opt``'s hyper-parameters and (cast) state, over ``student``'s parameters."""
     out = torch.optim.AdamW(student.parameters(), **{k: v for k, v in opt.defaults.items() if k in ("lr", "weight_decay")})

@@ -303,6 +303,37 @@ def test_student_tangent_double_vjp_commits_the_same_step(algorithm):
         call(teacher, student, opt_t, opt_s, algorithm, "exact", student_tangent="forward")
 
 
+@pytest.mark.parametrize("algorithm,hypergrad", [c for c in CASES if not (c[0] in ("metadistil", "lgtm", "ikd")
+                                                                           and c[1] in ("exact", "finite_diff"))])
+def test_teacher_graph_refused_where_it_does_not_apply(algorithm, hypergrad):
+    """teacher_graph= chooses what the engine's exact/finite-difference step keeps; elsewhere it is an error."""
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+    saved = snapshot(teacher, student, opt_t, opt_s)
+    with pytest.raises(ValueError, match="teacher_graph='recompute' applies to hypergrad 'exact' and 'finite_diff'"):
+        call(teacher, student, opt_t, opt_s, algorithm, hypergrad, teacher_graph="recompute")
+    assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
+
+
+@pytest.mark.parametrize("algorithm,hypergrad", [("metadistil", "exact"), ("metadistil", "finite_diff"),
+                                                 ("lgtm", "exact"), ("ikd", "exact")])
+def test_teacher_graph_recompute_commits_the_same_step(algorithm, hypergrad):
+    """meta_step with teacher_graph='recompute' commits what the default ('keep') commits: the replayed
+    teacher forward is the same computation (bitwise on CPU)."""
+    results = []
+    for graph in ("keep", "recompute"):
+        teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+        torch.manual_seed(3)
+        out = call(teacher, student, opt_t, opt_s, algorithm, hypergrad, teacher_graph=graph)
+        results.append([p.detach().clone() for p in list(teacher.parameters()) + list(student.parameters())])
+        assert ("meta_gradient.teacher_recompute" in out.timings) == (graph == "recompute")
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
+    saved = snapshot(teacher, student, opt_t, opt_s)
+    with pytest.raises(ValueError, match="teacher_graph must be one of"):
+        call(teacher, student, opt_t, opt_s, algorithm, hypergrad, teacher_graph="offload")
+    assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
+
+
 @pytest.mark.parametrize("algorithm,hypergrad", [c for c in CASES if c[1] != "autograd"])
 def test_logits_shape_mismatch(algorithm, hypergrad, device):
     teacher, student, opt_t, opt_s = setup(algorithm, hypergrad, classes_t=4, classes_s=3, device=device)

@@ -280,6 +280,7 @@ class StepContext:
     loss_scale: float = 1.0  # float16 loss scaling: see fastmeta.engine.scaled_grad
     jvp_precision: str = "fp32"  # see fastmeta.engine.meta_gradient(jvp_precision=)
     student_tangent: str = "jvp"  # see fastmeta.engine.meta_gradient(student_tangent=)
+    teacher_graph: str = "keep"  # see fastmeta.engine.meta_gradient(teacher_graph=)
     tangent_precision: Optional[str] = None  # set by engine_meta_gradient
     pilot: str = "optimizer"  # see fastmeta.engine.meta_gradient(pilot=)
     adam_jacobian: str = "exact"  # see fastmeta.engine.meta_gradient(adam_jacobian=)
@@ -421,6 +422,7 @@ class StepContext:
             keep_pilot=keep_pilot, compute_teacher_grads=compute_teacher_grads,
             grad_sync=self.grad_sync, jvp_precision=self.jvp_precision, loss_scale=self.loss_scale,
             student_tangent=self.student_tangent if method == "exact" else "jvp",
+            teacher_graph=self.teacher_graph if method in ("exact", "finite_diff") else "keep",
         )
         api.check_plan(self.student, self.student_optimizer, options)
         # finite differences perturb the student's parameters in place and restore them to within a

@@ -21,12 +21,21 @@ from ..functional import math_attention, preserved_buffers, trainable_parameters
 from . import autograd, exact, finite_diff
 from .optimizer import ADAM_JACOBIANS, PILOTS, check_student_optimizer, optimizer_update
 from .precision import JVP_PRECISIONS, at_least_fp32, check_loss_scale, tangent_precision, teacher_backward
-from .trajectory import Problem, Timer, pilot_trajectory, quiz_gradient, reverse_sweep, teacher_forward
+from .trajectory import (
+    Problem,
+    Timer,
+    pilot_trajectory,
+    quiz_gradient,
+    recomputed_teacher_logits,
+    reverse_sweep,
+    teacher_forward,
+)
 
 HYPERGRAD_METHODS = ("exact", "finite_diff", "autograd", "first_order")
 FD_MODES = ("lgtm", "logits")
 QUIZ_POINTS = ("pilot", "current")
 STUDENT_TANGENTS = ("jvp", "double_vjp")
+TEACHER_GRAPHS = ("keep", "recompute")
 
 
 @dataclass
@@ -98,6 +107,7 @@ class Options:
     jvp_precision: str = "fp32"
     loss_scale: float = 1.0
     student_tangent: str = "jvp"
+    teacher_graph: str = "keep"
 
 
 # --------------------------------------------------------------------------- checks
@@ -149,6 +159,9 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
     if options.student_tangent != "jvp" and options.hypergrad != "exact":
         raise ValueError(f"student_tangent={options.student_tangent!r} applies to hypergrad='exact' "
                          f"(got hypergrad={options.hypergrad!r})")
+    if options.teacher_graph != "keep" and options.hypergrad == "autograd":
+        raise ValueError(f"teacher_graph={options.teacher_graph!r} applies to hypergrad 'exact' and 'finite_diff' "
+                         "(hypergrad='autograd' differentiates through the teacher's graph in its double backward)")
     params = trainable_parameters(student)
     if not params:
         raise ValueError("student has no parameter with requires_grad=True: there is no pilot step to differentiate")
@@ -169,6 +182,7 @@ def check_arguments(**kwargs) -> Options:
     check_choice("jvp_precision", kwargs["jvp_precision"], JVP_PRECISIONS)
     check_choice("quiz_point", kwargs["quiz_point"], QUIZ_POINTS)
     check_choice("student_tangent", kwargs["student_tangent"], STUDENT_TANGENTS)
+    check_choice("teacher_graph", kwargs["teacher_graph"], TEACHER_GRAPHS)
     check_pilot_options(kwargs["pilot"], kwargs["adam_jacobian"])
     check_count(kwargs["inner_steps"], "inner_steps")
     kwargs["loss_scale"] = check_loss_scale(kwargs["loss_scale"])
@@ -230,8 +244,9 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
     outer = math_attention() if method == "autograd" else contextlib.nullcontext()
     teacher_grads: dict = {}
     influences = None
-    with preserved_buffers(teacher, student), outer, contextlib.ExitStack() as stack:
-        teacher_forward(problem, need_teacher)
+    recompute = options.teacher_graph == "recompute"
+    with preserved_buffers(teacher, student), outer:
+        teacher_forward(problem, need_teacher, recompute=recompute)
         if method == "autograd":
             teacher_grads, lq, v, trajectory, influences = autograd.autograd_meta_gradient(
                 problem, options.inner_steps, options.quiz_point, options.compute_influence, need_teacher, context
@@ -240,14 +255,16 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
             trajectory = pilot_trajectory(problem, options.inner_steps, options.grad_sync)
             point = trajectory.theta if options.quiz_point == "pilot" else None
             lq, v = quiz_gradient(problem, point, options.grad_sync)
-            stack.enter_context(context)  # the student tangent in fp32 under a low-precision autocast
             if options.kd_weight != 0.0 or options.compute_influence:
                 if method == "exact":
                     step = exact.tangent_step(problem)
                 else:
                     step = finite_diff.tangent_step(problem, fd_eps=options.fd_eps, fd_mode=options.fd_mode)
-                cotangent, influences = reverse_sweep(problem, trajectory, v, step, options.compute_influence)
+                with context:  # the student tangent in fp32 under a low-precision autocast
+                    cotangent, influences = reverse_sweep(problem, trajectory, v, step, options.compute_influence)
                 if need_teacher:
+                    if recompute:  # under the caller's autocast, as the first forward ran
+                        problem.teacher_aligned = recomputed_teacher_logits(problem)
                     with timer.phase("teacher_backward"):
                         scaled = (-update.lr_ref * options.kd_weight) * at_least_fp32(cotangent)
                         teacher_grads = teacher_backward(problem.teacher_aligned, teacher_params, scaled,
@@ -304,6 +321,7 @@ def meta_gradient(
     adam_jacobian: str = "exact",
     quiz_point: str = "pilot",
     student_tangent: str = "jvp",
+    teacher_graph: str = "keep",
 ) -> MetaGradient:
     """Compute the teacher's meta-gradient ``∇θT CE(yq, S(xq; θS'(θT)))`` (:mod:`fastmeta.engine` for the math).
 
@@ -347,6 +365,15 @@ def meta_gradient(
                             bs 32, seq 128: tangent alone 0.8 s against 1.3-1.6 s, ~850 MiB more kept;
                             bench/results/meta_step_cpu.*).  The pilot forward then runs under math
                             attention.  Under a bf16/fp16 autocast it needs ``jvp_precision="autocast"``.
+    teacher_graph           ``"keep"`` (default): the teacher forward's graph (its saved activations)
+                            stays alive from the first forward to the teacher backward, i.e. through the
+                            pilot, the quiz pass and the tangent.  ``"recompute"``: the first teacher
+                            forward keeps no graph, and the teacher backward is preceded by the same
+                            forward again (generator state replayed: the same dropout masks; checked
+                            to reproduce the logits), as activation checkpointing does for one
+                            segment: one more teacher forward, the teacher's activations never alive
+                            together with the student's.  Same result; ``hypergrad`` "exact" or
+                            "finite_diff".
     loss_scale              float16 loss scaling: every backward runs on ``S·loss`` (the teacher's on
                             ``S·c``) and its gradients are divided by ``S`` (:func:`scaled_grad`);
                             None = 1.  A power of two changes nothing but fp16 underflow.
@@ -361,7 +388,7 @@ def meta_gradient(
         inner_steps=inner_steps, pilot=pilot, adam_jacobian=adam_jacobian, quiz_point=quiz_point,
         compute_influence=compute_influence, shift_labels=shift_labels, compute_teacher_grads=compute_teacher_grads,
         keep_pilot=keep_pilot, fd_eps=fd_eps, fd_mode=fd_mode, grad_sync=grad_sync, jvp_precision=jvp_precision,
-        loss_scale=loss_scale, student_tangent=student_tangent,
+        loss_scale=loss_scale, student_tangent=student_tangent, teacher_graph=teacher_graph,
     )
     check_plan(student, student_optimizer, options)
     split_x = split_batch(batch, name="batch")

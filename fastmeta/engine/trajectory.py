@@ -32,7 +32,7 @@ import torch
 
 from .. import batching, losses
 from ..batching import align_logits_labels, check_finite, check_logits_pair, cross_entropy, model_logits, row_mask
-from ..functional import capture_rng_state, functional_logits
+from ..functional import capture_rng_state, functional_logits, replay_rng
 from .optimizer import OptimizerUpdate
 from .precision import _unscaled, grads_or_zeros, scaled_grad
 
@@ -78,6 +78,7 @@ class Problem:
     loss_scale: float
     x_attention: Callable = contextlib.nullcontext  # context of the student's forwards on x
     keep_tangent_graph: bool = False  # pilot backward with create_graph: the tangent by double VJP (exact.py)
+    teacher_rng: Any = None  # teacher_graph="recompute": the generators' state before the teacher forward
     # set by teacher_forward
     teacher_raw: Any = None
     teacher_aligned: Any = None
@@ -116,15 +117,46 @@ class Problem:
         )
 
 
-def teacher_forward(problem: Problem, need_graph: bool) -> None:
-    """Teacher logits on ``x`` (graph kept only when a teacher backward will follow)."""
-    with problem.timer.phase("teacher_forward"), torch.set_grad_enabled(need_graph):
+def teacher_forward(problem: Problem, need_graph: bool, recompute: bool = False) -> None:
+    """Teacher logits on ``x`` (graph kept only when a teacher backward follows and is not ``recompute``d).
+
+    ``recompute``: no graph now; the generators' state is recorded so that
+    :func:`recomputed_teacher_logits` can replay the same forward (same dropout masks)
+    right before the teacher backward.
+    """
+    if need_graph and recompute:
+        problem.teacher_rng = capture_rng_state(problem.device)
+    with problem.timer.phase("teacher_forward"), torch.set_grad_enabled(need_graph and not recompute):
         raw = model_logits(problem.teacher, problem.split_x, name="teacher")
     aligned, labels = align_logits_labels(raw, problem.split_x.labels, shift_labels=problem.shift_labels, name="teacher")
     check_finite(aligned.detach(), "teacher logits on batch")
     problem.teacher_raw, problem.teacher_aligned, problem.labels = raw, aligned, labels
     problem.mask = row_mask(labels)
     problem.zt = aligned.detach()
+
+
+def recomputed_teacher_logits(problem: Problem) -> torch.Tensor:
+    """The teacher's aligned logits on ``x`` again, with a graph: the forward of :func:`teacher_forward`
+    replayed (same parameters, inputs and generator state, hence the same dropout masks).
+
+    Checked against the logits of the first forward (those the cotangent was computed
+    from): a teacher whose forward does not reproduce (a random draw outside torch's
+    generators, a forward with side effects) is a ``RuntimeError``, not a wrong gradient.
+    """
+    with problem.timer.phase("teacher_recompute"), replay_rng(problem.teacher_rng), torch.enable_grad():
+        raw = model_logits(problem.teacher, problem.split_x, name="teacher")
+    aligned, _ = align_logits_labels(raw, problem.split_x.labels, shift_labels=problem.shift_labels, name="teacher")
+    first = problem.zt
+    error = float((aligned.detach() - first).abs().max()) if first.numel() else 0.0
+    # a reproducible forward agrees bitwise; the tolerance only forgives a few ulp of a nondeterministic kernel
+    tolerance = max(1e-3, 8 * torch.finfo(first.dtype).eps) * (1.0 + float(first.abs().max()))
+    if not error <= tolerance:
+        raise RuntimeError(
+            f"teacher_graph='recompute': the teacher's forward on batch did not reproduce its logits "
+            f"(max difference {error:.3g}); its forward draws randomness outside torch's generators or has "
+            "side effects. Use teacher_graph='keep'"
+        )
+    return aligned
 
 
 @dataclass
