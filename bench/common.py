@@ -267,6 +267,12 @@ def load_average() -> list[float] | None:
         return None
 
 
+# environment variables that change the C allocator's behaviour, hence CPU step times and peak RSS: recorded
+# (and shown in the command) whenever set
+ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                 "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "MALLOC_CONF")
+
+
 def environment_info(device: str, *, shared_machine: bool | None = None) -> dict[str, Any]:
     """Facts about this run that every result file records.
 
@@ -278,10 +284,13 @@ def environment_info(device: str, *, shared_machine: bool | None = None) -> dict
 
     cores = os.cpu_count() or 1
     load = load_average()
+    allocator = {k: os.environ[k] for k in ALLOCATOR_ENV if os.environ.get(k)}
     info: dict[str, Any] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m"]
-                            + [_main_module_name()] + sys.argv[1:]),
+        "command": " ".join([f"{k}={shlex.quote(v)}" for k, v in allocator.items()]
+                            + [shlex.quote(a) for a in [os.path.basename(sys.executable), "-m"]
+                               + [_main_module_name()] + sys.argv[1:]]),
+        "allocator_env": allocator,
         "argv": list(sys.argv),
         "device": device,
         "device_name": (torch.cuda.get_device_name(0) if device == "cuda" else cpu_model()),

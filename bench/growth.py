@@ -6,6 +6,10 @@ The grid: batch size 4 / 16 / 32 x sequence length 128 / 256, and per cell the s
 - ``metadistil/exact``      fastmeta's exact meta-gradient;
 - ``metadistil/autograd``   fastmeta's double backward (the reference);
 - ``metadistil/finite_diff`` fastmeta's in-place central differences;
+- ``metadistil/exact+double_vjp``  exact with ``student_tangent="double_vjp"`` (the tangent through the
+  pilot's kept graph);
+- ``metadistil/exact+teacher_recompute``  exact with ``teacher_graph="recompute"`` (no teacher graph
+  through the student's passes, one more teacher forward);
 - ``peer/higher``, ``peer/torchopt``  the MetaDistil step written with higher / TorchOpt
   (``bench/peers.py``; a peer that is not installed is reported, never faked).
 
@@ -39,31 +43,41 @@ from typing import Any
 
 from bench import common
 
-METHODS = ("kd", "metadistil/exact", "metadistil/autograd", "metadistil/finite_diff", "peer/higher",
-           "peer/torchopt")
+METHODS = ("kd", "metadistil/exact", "metadistil/autograd", "metadistil/finite_diff", "metadistil/exact+double_vjp",
+           "metadistil/exact+teacher_recompute", "peer/higher", "peer/torchopt")
 
 
-def parse_method(name: str) -> tuple[str, str | None, str | None]:
-    """"kd" -> ("kd", None, None); "metadistil/exact" -> (..., "exact", None); "peer/higher" ->
-    ("metadistil", "autograd", "higher")."""
+def parse_method(name: str) -> tuple[str, str | None, str | None, str | None]:
+    """"kd" -> ("kd", None, None, None); "metadistil/exact" -> (..., "exact", None, None); "peer/higher" ->
+    ("metadistil", "autograd", "higher", None); "metadistil/exact+double_vjp" -> (..., "exact", None,
+    "double_vjp"): a ``bench.meta_step`` variant (``+teacher_recompute``: ``teacher_graph="recompute"``)."""
     if name == "kd":
-        return ("kd", None, None)
+        return ("kd", None, None, None)
     head, _, tail = name.partition("/")
     if head == "peer" and tail:
         from bench.peers import PEERS
 
         if tail not in PEERS:
             raise SystemExit(f"unknown peer {tail!r}; choose from {PEERS}")
-        return ("metadistil", "autograd", tail)
+        return ("metadistil", "autograd", tail, None)
+    tail, _, variant = tail.partition("+")
+    if variant:
+        from bench.meta_step import variant_fields
+        from fastmeta.engine import STUDENT_TANGENTS, TEACHER_GRAPHS
+
+        fields = variant_fields(variant)
+        known = fields["student_tangent"] in STUDENT_TANGENTS or fields["teacher_graph"] in TEACHER_GRAPHS
+        if not known or tail != "exact":
+            raise SystemExit(f"unknown method {name!r}: a variant is exact+double_vjp or exact+teacher_recompute")
     if head in ("metadistil", "lgtm", "ikd", "reptile") and tail:
-        return (head, tail, None)
+        return (head, tail, None, variant or None)
     raise SystemExit(f"unknown method {name!r}; e.g. {', '.join(METHODS)}")
 
 
-def method_name(alg: str, hg: str | None, peer: str | None) -> str:
+def method_name(alg: str, hg: str | None, peer: str | None, variant: str | None = None) -> str:
     if peer:
         return f"peer/{peer}"
-    return alg if hg is None else f"{alg}/{hg}"
+    return (alg if hg is None else f"{alg}/{hg}") + (f"+{variant}" if variant else "")
 
 
 def cells(args) -> list[tuple[int, int]]:
@@ -89,14 +103,14 @@ def run_grid(args, log, deadline: float | None = None, on_progress=None) -> list
     methods = [parse_method(m) for m in args.methods]
     rows: list[dict[str, Any]] = []
     for bs, seq in cells(args):
-        for alg, hg, peer in methods:
-            name = method_name(alg, hg, peer)
+        for alg, hg, peer, variant in methods:
+            name = method_name(alg, hg, peer, variant)
             row: dict[str, Any] = {"method": name, "algorithm": alg, "hypergrad": hg, "peer": peer,
-                                   "batch_size": bs, "seq_len": seq}
+                                   "variant": variant, "batch_size": bs, "seq_len": seq}
             if deadline is not None and time.time() >= deadline:
                 rows.append(dict(row, skipped="time"))
                 continue
-            spec = dict(base, batch_size=bs, seq_len=seq, algorithm=alg, hypergrad=hg, peer=peer)
+            spec = dict(base, batch_size=bs, seq_len=seq, algorithm=alg, hypergrad=hg, peer=peer, variant=variant)
             t0 = time.perf_counter()
             try:
                 res = runner(spec)

@@ -10,16 +10,20 @@ from bench import growth
 
 
 def test_methods_cells_and_defaults():
-    assert growth.parse_method("kd") == ("kd", None, None)
-    assert growth.parse_method("metadistil/finite_diff") == ("metadistil", "finite_diff", None)
-    assert growth.parse_method("peer/torchopt") == ("metadistil", "autograd", "torchopt")
-    for bad in ("peer/jax", "magic", "metadistil"):
+    assert growth.parse_method("kd") == ("kd", None, None, None)
+    assert growth.parse_method("metadistil/finite_diff") == ("metadistil", "finite_diff", None, None)
+    assert growth.parse_method("peer/torchopt") == ("metadistil", "autograd", "torchopt", None)
+    assert growth.parse_method("metadistil/exact+double_vjp") == ("metadistil", "exact", None, "double_vjp")
+    assert growth.parse_method("metadistil/exact+teacher_recompute") == ("metadistil", "exact", None,
+                                                                         "teacher_recompute")
+    for bad in ("peer/jax", "magic", "metadistil", "metadistil/exact+teacher_drop", "metadistil/exact+jvp2",
+                "metadistil/autograd+double_vjp"):
         with pytest.raises(SystemExit):
             growth.parse_method(bad)
     args = growth.parse_args([])
     assert (args.model, args.batch_sizes, args.seq_lens, args.warmup, args.repeats, args.isolation, args.threads) == \
         ("minilm", [4, 16, 32], [128, 256], 1, 1, "subprocess", 1)
-    assert args.methods == list(growth.METHODS) and len(args.methods) == 6
+    assert args.methods == list(growth.METHODS) and len(args.methods) == 8
     # smallest batch x seq first, so a deadline keeps every method at the small sizes
     assert growth.cells(args) == [(4, 128), (4, 256), (16, 128), (32, 128), (16, 256), (32, 256)]
     cuda = growth.parse_args(["--device", "cuda"])
@@ -29,9 +33,11 @@ def test_methods_cells_and_defaults():
 def test_growth_smoke(tmp_path):
     report = growth.main(["--model", "tiny", "--batch-sizes", "2", "4", "--seq-lens", "8", "--warmup", "0",
                           "--repeats", "1", "--isolation", "inprocess", "--methods", "kd", "metadistil/exact",
-                          "peer/higher", "--out-dir", str(tmp_path)])
+                          "metadistil/exact+teacher_recompute", "peer/higher", "--out-dir", str(tmp_path)])
     data = json.loads((tmp_path / "growth_cpu.json").read_text())
-    assert data["benchmark"] == "growth" and len(data["rows"]) == 6
+    assert data["benchmark"] == "growth" and len(data["rows"]) == 8
+    recompute = [r for r in data["rows"] if r["method"] == "metadistil/exact+teacher_recompute"]
+    assert len(recompute) == 2 and all(r["variant"] == "teacher_recompute" and r["median_s"] > 0 for r in recompute)
     for r in data["rows"]:
         assert {"method", "algorithm", "hypergrad", "peer", "batch_size", "seq_len"} <= set(r)
         if r["peer"] and "skipped" in r:

@@ -65,6 +65,18 @@ def test_environment_info_fields():
     assert "shared with other jobs" in env["note"]
 
 
+def test_environment_info_records_the_allocator_environment(monkeypatch):
+    """GLIBC_TUNABLES & co. change CPU step times and peak RSS: a run under them says so in its command."""
+    for key in common.ALLOCATOR_ENV:
+        monkeypatch.delenv(key, raising=False)
+    plain = common.environment_info("cpu", shared_machine=False)
+    assert plain["allocator_env"] == {} and "=" not in plain["command"].split()[0]
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072")
+    env = common.environment_info("cpu", shared_machine=False)
+    assert env["allocator_env"] == {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}
+    assert env["command"].startswith("GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 ")
+
+
 def test_bar_chart_png(tmp_path):
     path = common.bar_chart_ratios(tmp_path / "c.png", ["a", "b"], [("t", [1.0, 2.0]), ("m", [None, 1.5])],
                                    title="t")

@@ -53,10 +53,10 @@ def test_dry_run_end_to_end(tmp_path):
     assert tests["shards"] == 2 and tests["log_counts"]["PASSED"] == 10  # two pytest processes, merged
     assert set(tests["by_file"]) == {"test_meta_step", "test_functional"}
     meta = steps["meta_step"]["summary"]
-    # 12 configurations + the 2 peers, x fp32/bf16, + the 2 double_vjp rows in fp32 (a peer missing here
-    # would be "not_installed", not "ok")
+    # 12 configurations + the 2 peers, x fp32/bf16, + the 2 double_vjp rows in fp32 + the teacher_recompute row
+    # in both (a peer missing here would be "not_installed", not "ok")
     n_peers = sum(1 for p in ("higher", "torchopt") if importlib.util.find_spec(p) is not None)
-    assert meta["counts"] == {"ok": 24 + 2 + 2 * n_peers, "failed": 0, "skipped": 0, "not_installed": 4 - 2 * n_peers}
+    assert meta["counts"] == {"ok": 24 + 2 + 2 + 2 * n_peers, "failed": 0, "skipped": 0, "not_installed": 4 - 2 * n_peers}
     assert set(meta["settings"]) == {"tiny bs2 seq8 fp32", "tiny bs2 seq8 bf16"}
     for setting in meta["settings"].values():
         assert setting["floor_s"] > 0
@@ -65,8 +65,9 @@ def test_dry_run_end_to_end(tmp_path):
         assert setting["floor_s"] > 0
     assert steps["kernels"]["summary"]["fwd_bwd"] and not steps["kernels"]["summary"]["not_measured"]
     assert {"hvp/backward", "mixed/exact"} <= set(steps["hvp"]["summary"])
-    growth = steps["growth"]["summary"]  # 4 tiny cells x 6 methods (kd, exact, autograd, finite_diff, 2 peers)
-    assert growth["counts"] == {"ok": 16 + 4 * n_peers, "failed": 0, "skipped": 0, "not_installed": 8 - 4 * n_peers}
+    # 4 tiny cells x 8 methods (kd, exact, autograd, finite_diff, exact+double_vjp, exact+teacher_recompute, 2 peers)
+    growth = steps["growth"]["summary"]
+    assert growth["counts"] == {"ok": 24 + 4 * n_peers, "failed": 0, "skipped": 0, "not_installed": 8 - 4 * n_peers}
     assert {"kd", "metadistil/exact", "metadistil/autograd", "metadistil/finite_diff"} <= set(growth["largest_cell"])
     assert growth["largest_cell"]["kd"]["batch_size"] == 4 and growth["largest_cell"]["kd"]["seq_len"] == 16
     # GPU_CHECK_OUT: the tarball, summary, full log and the main result files, at most 8 loose files
