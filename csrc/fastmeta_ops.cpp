@@ -51,10 +51,15 @@
 #include <utility>
 #include <vector>
 
+#include "list_checks.h"
 #include "pilot_math.h"
 
 namespace fastmeta {
 namespace {
+
+using lists::check_lists;
+using lists::check_optional;
+using lists::outputs_like;
 
 constexpr int64_t kChunk = 1 << 15;  // elements per work item (fixed: determinism)
 constexpr int kLanes = 8;            // interleaved accumulators per chunk
@@ -77,21 +82,6 @@ std::vector<Item> make_items(at::TensorList tensors) {
     for (int64_t b = 0; b < n; b += kChunk) items.push_back({t, b, std::min(kChunk, n - b)});
   }
   return items;
-}
-
-void check_lists(const char* op, const char* na, at::TensorList a, const char* nb, at::TensorList b,
-                 bool same_dtype = true) {
-  TORCH_CHECK(a.size() == b.size(), "fastmeta::", op, ": ", na, " and ", nb,
-              " must have the same length, got ", a.size(), " and ", b.size());
-  for (size_t i = 0; i < a.size(); ++i) {
-    TORCH_CHECK(a[i].numel() == b[i].numel(), "fastmeta::", op, ": ", na, "[", i, "] and ", nb, "[", i,
-                "] must have the same number of elements, got ", a[i].numel(), " and ", b[i].numel());
-    TORCH_CHECK(a[i].device() == b[i].device(), "fastmeta::", op, ": ", na, "[", i, "] and ", nb, "[", i,
-                "] are on different devices");
-    TORCH_CHECK(!same_dtype || a[i].scalar_type() == b[i].scalar_type(), "fastmeta::", op, ": ", na, "[", i,
-                "] and ", nb, "[", i, "] must have the same dtype, got ", a[i].scalar_type(), " and ",
-                b[i].scalar_type());
-  }
 }
 
 void check_cpu_floating(const char* op, const char* name, at::TensorList a) {
@@ -536,23 +526,10 @@ FASTMETA_PILOT_CHUNKS(at::BFloat16, FASTMETA_SIMD_CLONES)
 FASTMETA_PILOT_CHUNKS(double, )
 #undef FASTMETA_PILOT_CHUNKS
 
-// An optional list: empty = absent; otherwise aligned with params (checked).
-void check_optional(const char* op, at::TensorList params, const char* name, at::TensorList list) {
-  if (!list.empty()) check_lists(op, "params", params, name, list);
-}
-
 std::vector<at::Tensor> contiguous_list(at::TensorList a) {
   std::vector<at::Tensor> out;
   out.reserve(a.size());
   for (const auto& t : a) out.push_back(t.contiguous());
-  return out;
-}
-
-std::vector<at::Tensor> outputs_like(at::TensorList params, bool wanted) {
-  std::vector<at::Tensor> out;
-  if (!wanted) return out;
-  out.reserve(params.size());
-  for (const auto& p : params) out.push_back(at::empty_like(p, at::MemoryFormat::Contiguous));
   return out;
 }
 

@@ -269,14 +269,20 @@ def test_meta_step_commits_the_exact_meta_gradient_of_an_adam_student(adam_jacob
     assert rel_err(step, ref) <= 1e-10
 
 
-def test_double_vjp_tangent_under_bf16_autocast():
-    """The kept graph ran under the caller's autocast: with jvp_precision='fp32' that is refused (nothing
-    touched); with jvp_precision='autocast' it is the autocast tangent, close to the JVP's under autocast."""
-    teacher, student, batch, quiz, opt = _case("adamw")
+def _fp32_adamw_case():
+    """The "adamw" case in float32 with a float32 AdamW student optimizer, warmed by 3 steps."""
+    teacher, student, batch, quiz, _ = _case("adamw")
     teacher, student = teacher.float(), student.float()
     opt = torch.optim.AdamW(student.parameters(), lr=0.01, weight_decay=0.1)
     batch, quiz = (batch[0].float(), batch[1]), (quiz[0].float(), quiz[1])
     warm(student, opt, quiz, 3)
+    return teacher, student, batch, quiz, opt
+
+
+def test_double_vjp_tangent_under_bf16_autocast():
+    """The kept graph ran under the caller's autocast: with jvp_precision='fp32' that is refused (nothing
+    touched); with jvp_precision='autocast' it is the autocast tangent, close to the JVP's under autocast."""
+    teacher, student, batch, quiz, opt = _fp32_adamw_case()
     before = [p.detach().clone() for p in list(teacher.parameters()) + list(student.parameters())]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(ValueError, match="student_tangent='double_vjp'.*jvp_precision='autocast'"):
@@ -295,11 +301,7 @@ def test_double_vjp_tangent_under_bf16_autocast():
 def test_teacher_graph_recompute_under_bf16_autocast():
     """The replayed teacher forward runs under the caller's autocast, as the first one did (not under the
     tangent's fp32 context): the same meta-gradient as keeping the graph, bitwise on CPU."""
-    teacher, student, batch, quiz, opt = _case("adamw")
-    teacher, student = teacher.float(), student.float()
-    opt = torch.optim.AdamW(student.parameters(), lr=0.01, weight_decay=0.1)
-    batch, quiz = (batch[0].float(), batch[1]), (quiz[0].float(), quiz[1])
-    warm(student, opt, quiz, 3)
+    teacher, student, batch, quiz, opt = _fp32_adamw_case()
     results = {}
     for graph in ("keep", "recompute"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -324,13 +326,10 @@ def _double_opt(student, opt):
 def test_every_method_under_bf16_autocast_with_influences():
     """The caller's bf16 autocast: the trajectory's forwards stay under it, the student tangent runs in
     fp32 (``jvp_precision="fp32"``), for the reference path's influences too."""
-    teacher, student, batch, quiz, opt = _case("adamw")
-    teacher, student = teacher.float(), student.float()
-    opt = torch.optim.AdamW(student.parameters(), lr=0.01, weight_decay=0.1)
-    batch, quiz = (batch[0].float(), batch[1]), (quiz[0].float(), quiz[1])
-    # warm state: at Adam's first step the naive derivative ("autograd") cancels all of fp32's digits
-    # (the true one is eps/(|g|+eps)², ~1e-8 of each term); "exact" is written without that cancellation
-    warm(student, opt, quiz, 3)
+    # warm state (_fp32_adamw_case): at Adam's first step the naive derivative ("autograd") cancels all of
+    # fp32's digits (the true one is eps/(|g|+eps)², ~1e-8 of each term); "exact" is written without that
+    # cancellation
+    teacher, student, batch, quiz, opt = _fp32_adamw_case()
     results = {}
     for hypergrad in ("exact", "autograd", "finite_diff"):
         with torch.autocast("cpu", dtype=torch.bfloat16):

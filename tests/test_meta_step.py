@@ -276,14 +276,24 @@ def test_engine_pilot_options_refused_where_there_is_no_engine_pilot(algorithm, 
     call(teacher, student, opt_t, opt_s, algorithm, hypergrad, pilot="optimizer", adam_jacobian="exact")
 
 
-@pytest.mark.parametrize("algorithm,hypergrad", [c for c in CASES if not (c[0] in ("metadistil", "lgtm", "ikd")
-                                                                           and c[1] == "exact")])
-def test_student_tangent_refused_where_it_does_not_apply(algorithm, hypergrad):
-    """student_tangent= chooses how hypergrad='exact' takes the student tangent; elsewhere it is an error."""
+# engine options that apply to some hypergrads of the engine's algorithms only: (name, value, hypergrads, message)
+ENGINE_OPTIONS = [
+    ("student_tangent", "double_vjp", ("exact",), "student_tangent='double_vjp' applies to hypergrad='exact'"),
+    ("teacher_graph", "recompute", ("exact", "finite_diff"),
+     "teacher_graph='recompute' applies to hypergrad 'exact' and 'finite_diff'"),
+]
+
+
+@pytest.mark.parametrize("name,value,algorithm,hypergrad,message", [
+    (name, value, alg, hg, message) for name, value, allowed, message in ENGINE_OPTIONS for alg, hg in CASES
+    if not (alg in ("metadistil", "lgtm", "ikd") and hg in allowed)])
+def test_engine_options_refused_where_they_do_not_apply(name, value, algorithm, hypergrad, message):
+    """student_tangent= / teacher_graph= choose how the engine's exact (and finite-difference) step runs;
+    elsewhere they are an error, and nothing changes."""
     teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
     saved = snapshot(teacher, student, opt_t, opt_s)
-    with pytest.raises(ValueError, match="student_tangent='double_vjp' applies to hypergrad='exact'"):
-        call(teacher, student, opt_t, opt_s, algorithm, hypergrad, student_tangent="double_vjp")
+    with pytest.raises(ValueError, match=message):
+        call(teacher, student, opt_t, opt_s, algorithm, hypergrad, **{name: value})
     assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
 
 
@@ -301,17 +311,6 @@ def test_student_tangent_double_vjp_commits_the_same_step(algorithm):
     with pytest.raises(ValueError, match="student_tangent must be one of"):
         teacher, student, opt_t, opt_s = setup(algorithm, "exact")
         call(teacher, student, opt_t, opt_s, algorithm, "exact", student_tangent="forward")
-
-
-@pytest.mark.parametrize("algorithm,hypergrad", [c for c in CASES if not (c[0] in ("metadistil", "lgtm", "ikd")
-                                                                           and c[1] in ("exact", "finite_diff"))])
-def test_teacher_graph_refused_where_it_does_not_apply(algorithm, hypergrad):
-    """teacher_graph= chooses what the engine's exact/finite-difference step keeps; elsewhere it is an error."""
-    teacher, student, opt_t, opt_s = setup(algorithm, hypergrad)
-    saved = snapshot(teacher, student, opt_t, opt_s)
-    with pytest.raises(ValueError, match="teacher_graph='recompute' applies to hypergrad 'exact' and 'finite_diff'"):
-        call(teacher, student, opt_t, opt_s, algorithm, hypergrad, teacher_graph="recompute")
-    assert_same(snapshot(teacher, student, opt_t, opt_s), saved)
 
 
 @pytest.mark.parametrize("algorithm,hypergrad", [("metadistil", "exact"), ("metadistil", "finite_diff"),

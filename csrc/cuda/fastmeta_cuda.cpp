@@ -14,10 +14,15 @@
 #include <tuple>
 #include <vector>
 
+#include "list_checks.h"
 #include "multi_tensor_kernels.h"
 
 namespace fastmeta {
 namespace {
+
+using lists::check_lists;
+using lists::check_optional;
+using lists::outputs_like;
 
 fastmeta_cuda::DType dtype_code(const char* op, at::ScalarType st) {
   switch (st) {
@@ -33,20 +38,6 @@ fastmeta_cuda::DType dtype_code(const char* op, at::ScalarType st) {
 
 void check_cuda(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "fastmeta::", op, ": CUDA error: ", cudaGetErrorString(err));
-}
-
-// Validates one list against the reference list (same length, numel, device, dtype)
-void check_list(const char* op, const char* ref_name, at::TensorList ref, const char* name, at::TensorList other) {
-  TORCH_CHECK(ref.size() == other.size(), "fastmeta::", op, ": ", ref_name, " and ", name,
-              " must have the same length, got ", ref.size(), " and ", other.size());
-  for (size_t i = 0; i < ref.size(); ++i) {
-    TORCH_CHECK(other[i].device() == ref[i].device(), "fastmeta::", op, ": ", name, "[", i,
-                "] is not on the device of ", ref_name, "[", i, "]");
-    TORCH_CHECK(other[i].scalar_type() == ref[i].scalar_type(), "fastmeta::", op, ": ", name, "[", i,
-                "] must have dtype ", ref[i].scalar_type(), ", got ", other[i].scalar_type());
-    TORCH_CHECK(other[i].numel() == ref[i].numel(), "fastmeta::", op, ": ", name, "[", i, "] has ",
-                other[i].numel(), " elements, ", ref_name, "[", i, "] has ", ref[i].numel());
-  }
 }
 
 // The launchers take one dtype per call: group tensor indices by dtype (in order).
@@ -82,7 +73,7 @@ std::vector<at::Tensor> contiguous(at::TensorList a) {
 
 void add_scaled_cuda(at::TensorList tensors, at::TensorList vectors, double alpha) {
   check_device("add_scaled_", "tensors", tensors);
-  check_list("add_scaled_", "tensors", tensors, "vectors", vectors);
+  check_lists("add_scaled_", "tensors", tensors, "vectors", vectors);
   if (tensors.empty()) return;
   for (size_t i = 0; i < tensors.size(); ++i)
     TORCH_CHECK(tensors[i].is_contiguous(), "fastmeta::add_scaled_: tensors[", i, "] must be contiguous");
@@ -110,7 +101,7 @@ at::Tensor reduce_cuda(const char* op, at::TensorList xs, at::TensorList ys, boo
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "fastmeta::", op,
               ": dtype must be float32 or float64, got ", dtype);
   check_device(op, "xs", xs);
-  if (!is_norm) check_list(op, "xs", xs, "ys", ys);
+  if (!is_norm) check_lists(op, "xs", xs, "ys", ys);
   TORCH_CHECK(!xs.empty(), "fastmeta::", op, ": xs must not be empty on CUDA (the Python layer returns 0)");
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const auto options = at::TensorOptions().dtype(dtype).device(xs[0].device());
@@ -157,7 +148,7 @@ at::Tensor norm_cuda(at::TensorList xs, at::ScalarType dtype) {
 std::vector<at::Tensor> central_difference_cuda(at::TensorList g_plus, at::TensorList g_minus, double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "fastmeta::central_difference: eps must be finite and > 0, got ", eps);
   check_device("central_difference", "g_plus", g_plus);
-  check_list("central_difference", "g_plus", g_plus, "g_minus", g_minus);
+  check_lists("central_difference", "g_plus", g_plus, "g_minus", g_minus);
   std::vector<at::Tensor> out;
   for (const auto& g : g_plus) out.push_back(at::empty_like(g, at::MemoryFormat::Contiguous));
   if (g_plus.empty()) return out;
@@ -186,7 +177,7 @@ std::vector<at::Tensor> central_difference_cuda(at::TensorList g_plus, at::Tenso
 void central_difference_inplace_cuda(at::TensorList g_plus, at::TensorList g_minus, double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps > 0, "fastmeta::central_difference_: eps must be finite and > 0, got ", eps);
   check_device("central_difference_", "g_plus", g_plus);
-  check_list("central_difference_", "g_plus", g_plus, "g_minus", g_minus);
+  check_lists("central_difference_", "g_plus", g_plus, "g_minus", g_minus);
   if (g_plus.empty()) return;
   for (size_t i = 0; i < g_plus.size(); ++i)
     TORCH_CHECK(g_plus[i].is_contiguous(), "fastmeta::central_difference_: g_plus[", i, "] must be contiguous");
@@ -217,9 +208,9 @@ std::vector<at::Tensor> adam_preconditioner_cuda(at::TensorList vectors, at::Ten
   TORCH_CHECK(bias_correction2 > 0, "fastmeta::adam_preconditioner: bias_correction2 must be > 0, got ",
               bias_correction2);
   check_device("adam_preconditioner", "vectors", vectors);
-  check_list("adam_preconditioner", "vectors", vectors, "exp_avg_sqs", exp_avg_sqs);
+  check_lists("adam_preconditioner", "vectors", vectors, "exp_avg_sqs", exp_avg_sqs);
   const bool with_grads = !grads.empty();
-  if (with_grads) check_list("adam_preconditioner", "vectors", vectors, "grads", grads);
+  if (with_grads) check_lists("adam_preconditioner", "vectors", vectors, "grads", grads);
   std::vector<at::Tensor> out;
   for (const auto& v : vectors) out.push_back(at::empty_like(v, at::MemoryFormat::Contiguous));
   if (vectors.empty()) return out;
@@ -251,19 +242,6 @@ std::vector<at::Tensor> adam_preconditioner_cuda(at::TensorList vectors, at::Ten
 // ------------------------------------------------------------------------- //
 // adam_pilot / sgd_pilot (the math: csrc/pilot_math.h)
 // ------------------------------------------------------------------------- //
-// An optional list: empty = absent; otherwise aligned with params (checked).
-void check_optional(const char* op, at::TensorList params, const char* name, at::TensorList list) {
-  if (!list.empty()) check_list(op, "params", params, name, list);
-}
-
-std::vector<at::Tensor> outputs_like(at::TensorList params, bool wanted) {
-  std::vector<at::Tensor> out;
-  if (!wanted) return out;
-  out.reserve(params.size());
-  for (const auto& p : params) out.push_back(at::empty_like(p, at::MemoryFormat::Contiguous));
-  return out;
-}
-
 // The data pointers of list[i] for i in group (an empty vector for an absent list).
 template <typename P>
 std::vector<P> pointers(const std::vector<at::Tensor>& list, const std::vector<size_t>& group) {
@@ -318,7 +296,7 @@ AdamPilotResult adam_pilot_cuda(at::TensorList params, at::TensorList grads, at:
                                 bool compute_adj_params, bool compute_adj_state) {
   const char* op = "adam_pilot";
   check_device(op, "params", params);
-  check_list(op, "params", params, "grads", grads);
+  check_lists(op, "params", params, "grads", grads);
   check_optional(op, params, "exp_avgs", exp_avgs);
   check_optional(op, params, "exp_avg_sqs", exp_avg_sqs);
   check_optional(op, params, "max_exp_avg_sqs", max_exp_avg_sqs);
@@ -375,7 +353,7 @@ SgdPilotResult sgd_pilot_cuda(at::TensorList params, at::TensorList grads, at::T
                               bool compute_adj_state) {
   const char* op = "sgd_pilot";
   check_device(op, "params", params);
-  check_list(op, "params", params, "grads", grads);
+  check_lists(op, "params", params, "grads", grads);
   check_optional(op, params, "momentum_buffers", momentum_buffers);
   check_optional(op, params, "vectors", vectors);
   check_optional(op, params, "adj_momentum_buffers", adj_momentum_buffers);

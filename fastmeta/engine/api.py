@@ -165,6 +165,14 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
     params = trainable_parameters(student)
     if not params:
         raise ValueError("student has no parameter with requires_grad=True: there is no pilot step to differentiate")
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules()):
+        raise ValueError(
+            "student has gradient checkpointing enabled (e.g. student.gradient_checkpointing_enable()): the engine "
+            "runs the student at the pilot point θS' with torch.func.functional_call, and a checkpointed "
+            "segment's backward recomputes with the module's own parameters θS, not θS': a silently wrong "
+            "quiz gradient (and torch.func.jvp cannot run through torch.utils.checkpoint). Disable it on the "
+            "student (student.gradient_checkpointing_disable()); the teacher may keep it"
+        )
     check_student_optimizer(params, student_optimizer, inner_lr=options.inner_lr, pilot=options.pilot)
 
 
