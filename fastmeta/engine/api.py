@@ -173,7 +173,28 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
             "quiz gradient (and torch.func.jvp cannot run through torch.utils.checkpoint). Disable it on the "
             "student (student.gradient_checkpointing_disable()); the teacher may keep it"
         )
+    forward_mode = options.hypergrad == "exact" and (options.student_tangent == "jvp" or options.inner_steps > 1)
+    if forward_mode and _has_input_require_grads_hook(student):
+        raise ValueError(
+            "student has HuggingFace's input-require-grads hook (enable_input_require_grads(): installed by PEFT "
+            "and by gradient_checkpointing_enable(), and left in place by gradient_checkpointing_disable()); it "
+            "calls requires_grad_() inside the forward, which the exact step's forward-mode torch.func.jvp cannot "
+            "run. Call student.disable_input_require_grads(), or use student_tangent='double_vjp' (inner_steps=1)"
+        )
     check_student_optimizer(params, student_optimizer, inner_lr=options.inner_lr, pilot=options.pilot)
+
+
+def _has_input_require_grads_hook(model: torch.nn.Module) -> bool:
+    """Whether a HuggingFace ``enable_input_require_grads()`` forward hook is still registered in ``model``
+    (transformers 5 keeps the handles in ``_require_grads_hooks``, 4.x one in ``_require_grads_hook``)."""
+    for module in model.modules():
+        handles = list(getattr(module, "_require_grads_hooks", None) or ())
+        handles.append(getattr(module, "_require_grads_hook", None))
+        for handle in handles:
+            hooks = handle.hooks_dict_ref() if callable(getattr(handle, "hooks_dict_ref", None)) else None
+            if hooks is not None and getattr(handle, "id", None) in hooks:
+                return True
+    return False
 
 
 def check_arguments(**kwargs) -> Options:
