@@ -674,6 +674,12 @@ def test_bad_input_raises_clear_errors_and_changes_nothing(device):
         fastmeta.meta_grad(teacher, student, batch, quiz, temperature=0.0, **kw)
     with pytest.raises(ValueError, match="inner_lr"):
         fastmeta.meta_grad(teacher, student, batch, quiz, inner_lr=-1.0)
+    for name, value, error in (("inner_lr", "0.1", TypeError), ("inner_lr", True, TypeError),
+                               ("inner_lr", float("inf"), ValueError), ("fd_eps", "1e-3", TypeError),
+                               ("fd_eps", float("nan"), ValueError), ("loss_scale", "2", TypeError)):
+        # numbers are numbers (a string is not converted), as in meta_step: one check_number for all
+        with pytest.raises(error, match=name):
+            meta_gradient(teacher, student, batch, quiz, **{**kw, name: value})
     with pytest.raises(ValueError, match="hypergrad"):
         fastmeta.meta_grad(teacher, student, batch, quiz, hypergrad="magic", **kw)
     with pytest.raises(ValueError, match="first-order term is identically zero"):

@@ -8,14 +8,13 @@ and :func:`run` through ``StepContext.engine_meta_gradient``: nothing is checked
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
-from .._validation import check_choice
+from .._validation import check_choice, check_number
 from ..batching import check_kd_kind, check_kd_weight, check_same_device, check_temperature, split_batch
 from ..functional import math_attention, preserved_buffers, trainable_parameters
 from . import autograd, exact, finite_diff
@@ -126,20 +125,6 @@ def check_pilot_options(pilot, adam_jacobian) -> None:
     check_choice("adam_jacobian", adam_jacobian, ADAM_JACOBIANS)
 
 
-def _check_inner_lr(inner_lr) -> Optional[float]:
-    if inner_lr is None:
-        return None
-    if isinstance(inner_lr, bool):
-        raise TypeError("inner_lr must be a number or None, got bool")
-    try:
-        value = float(inner_lr)
-    except (TypeError, ValueError):
-        raise TypeError(f"inner_lr must be a number or None, got {type(inner_lr).__name__}") from None
-    if not (value > 0.0) or not math.isfinite(value):
-        raise ValueError(f"inner_lr must be finite and > 0, got {inner_lr}")
-    return value
-
-
 def check_plan(student: torch.nn.Module, student_optimizer, options: Options) -> None:
     """What no single argument says: the combinations, the student and its optimizer."""
     if options.grad_sync is not None and (
@@ -218,12 +203,9 @@ def check_arguments(**kwargs) -> Options:
     kwargs["temperature"] = check_temperature(kwargs["temperature"])
     kwargs["kd_weight"] = check_kd_weight(kwargs["kd_weight"])
     check_kd_kind(kwargs["kd_loss"])
-    kwargs["inner_lr"] = _check_inner_lr(kwargs["inner_lr"])
-    fd_eps = kwargs["fd_eps"]
-    if fd_eps is not None:
-        if not (float(fd_eps) > 0.0 and math.isfinite(float(fd_eps))):
-            raise ValueError(f"fd_eps must be finite and > 0, got {fd_eps}")
-        kwargs["fd_eps"] = float(fd_eps)
+    for name in ("inner_lr", "fd_eps"):  # None: the optimizer's lr / LGTM's default step
+        if kwargs[name] is not None:
+            kwargs[name] = check_number(name, kwargs[name], low=0.0, low_open=True)
     for flag in ("compute_influence", "shift_labels", "compute_teacher_grads", "keep_pilot"):
         kwargs[flag] = bool(kwargs[flag])
     return Options(**kwargs)

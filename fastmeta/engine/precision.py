@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from .._validation import check_number
+
 __all__ = ["JVP_PRECISIONS", "low_precision_autocast", "scaled_grad", "check_loss_scale"]
 
 JVP_PRECISIONS = ("fp32", "autocast")
@@ -84,16 +86,8 @@ def _unscaled(grads, scale: float):
 
 
 def check_loss_scale(loss_scale) -> float:
-    """``loss_scale`` as a float (None: 1.0); ``ValueError`` unless finite and > 0."""
-    if loss_scale is None:
-        return 1.0
-    try:
-        value = float(loss_scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"loss_scale must be a number or None, got {type(loss_scale).__name__}") from None
-    if not (value > 0.0) or not math.isfinite(value):
-        raise ValueError(f"loss_scale must be finite and > 0, got {loss_scale}")
-    return value
+    """``loss_scale`` as a float (None: 1.0): a finite number > 0 (``TypeError``/``ValueError`` naming it)."""
+    return 1.0 if loss_scale is None else check_number("loss_scale", loss_scale, low=0.0, low_open=True)
 
 
 def grads_or_zeros(grads, tensors):
