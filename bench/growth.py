@@ -65,8 +65,9 @@ def parse_method(name: str) -> tuple[str, str | None, str | None, str | None]:
         from bench.meta_step import variant_fields
         from fastmeta.engine import STUDENT_TANGENTS, TEACHER_GRAPHS
 
-        fields = variant_fields(variant)
-        known = fields["student_tangent"] in STUDENT_TANGENTS or fields["teacher_graph"] in TEACHER_GRAPHS
+        fields = variant_fields(variant)  # a variant is a non-default value (the default is the plain row)
+        known = (fields["student_tangent"] in set(STUDENT_TANGENTS) - {"jvp"}
+                 or fields["teacher_graph"] in set(TEACHER_GRAPHS) - {"keep"})
         if not known or tail != "exact":
             raise SystemExit(f"unknown method {name!r}: a variant is exact+double_vjp or exact+teacher_recompute")
     if head in ("metadistil", "lgtm", "ikd", "reptile") and tail:

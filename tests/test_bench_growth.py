@@ -16,7 +16,7 @@ def test_methods_cells_and_defaults():
     assert growth.parse_method("metadistil/exact+double_vjp") == ("metadistil", "exact", None, "double_vjp")
     assert growth.parse_method("metadistil/exact+teacher_recompute") == ("metadistil", "exact", None,
                                                                          "teacher_recompute")
-    for bad in ("peer/jax", "magic", "metadistil", "metadistil/exact+teacher_drop", "metadistil/exact+jvp2",
+    for bad in ("peer/jax", "magic", "metadistil", "metadistil/exact+teacher_drop", "metadistil/exact+jvp2", "metadistil/exact+jvp", "metadistil/exact+teacher_keep",
                 "metadistil/autograd+double_vjp"):
         with pytest.raises(SystemExit):
             growth.parse_method(bad)

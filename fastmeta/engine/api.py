@@ -150,7 +150,7 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
     params = trainable_parameters(student)
     if not params:
         raise ValueError("student has no parameter with requires_grad=True: there is no pilot step to differentiate")
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in student.modules()):
+    if any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in student.modules()):
         raise ValueError(
             "student has gradient checkpointing enabled (e.g. student.gradient_checkpointing_enable()): the engine "
             "runs the student at the pilot point θS' with torch.func.functional_call, and a checkpointed "
@@ -158,7 +158,9 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
             "quiz gradient (and torch.func.jvp cannot run through torch.utils.checkpoint). Disable it on the "
             "student (student.gradient_checkpointing_disable()); the teacher may keep it"
         )
-    forward_mode = options.hypergrad == "exact" and (options.student_tangent == "jvp" or options.inner_steps > 1)
+    takes_tangent = options.kd_weight != 0.0 or options.compute_influence
+    forward_mode = options.hypergrad == "exact" and takes_tangent and (options.student_tangent == "jvp"
+                                                                     or options.inner_steps > 1)
     if forward_mode and _has_input_require_grads_hook(student):
         raise ValueError(
             "student has HuggingFace's input-require-grads hook (enable_input_require_grads(): installed by PEFT "
@@ -384,7 +386,8 @@ def meta_gradient(
                             to reproduce the logits), as activation checkpointing does for one
                             segment: one more teacher forward, the teacher's activations never alive
                             together with the student's.  Same result; ``hypergrad`` "exact" or
-                            "finite_diff".
+                            "finite_diff"; no effect where no teacher backward runs
+                            (``compute_teacher_grads=False``, ``kd_weight=0``).
     loss_scale              float16 loss scaling: every backward runs on ``S·loss`` (the teacher's on
                             ``S·c``) and its gradients are divided by ``S`` (:func:`scaled_grad`);
                             None = 1.  A power of two changes nothing but fp16 underflow.
