@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, meta_step
 
 METHODS = ("kd", "metadistil/exact", "metadistil/autograd", "metadistil/finite_diff", "metadistil/exact+double_vjp",
            "metadistil/exact+teacher_recompute", "peer/higher", "peer/torchopt")
@@ -62,10 +62,9 @@ def parse_method(name: str) -> tuple[str, str | None, str | None, str | None]:
         return ("metadistil", "autograd", tail, None)
     tail, _, variant = tail.partition("+")
     if variant:
-        from bench.meta_step import variant_fields
         from fastmeta.engine import STUDENT_TANGENTS, TEACHER_GRAPHS
 
-        fields = variant_fields(variant)  # a variant is a non-default value (the default is the plain row)
+        fields = meta_step.variant_fields(variant)  # a variant is a non-default value (the default is the plain row)
         known = (fields["student_tangent"] in set(STUDENT_TANGENTS) - {"jvp"}
                  or fields["teacher_graph"] in set(TEACHER_GRAPHS) - {"keep"})
         if not known or tail != "exact":
@@ -75,12 +74,6 @@ def parse_method(name: str) -> tuple[str, str | None, str | None, str | None]:
     raise SystemExit(f"unknown method {name!r}; e.g. {', '.join(METHODS)}")
 
 
-def method_name(alg: str, hg: str | None, peer: str | None, variant: str | None = None) -> str:
-    if peer:
-        return f"peer/{peer}"
-    return (alg if hg is None else f"{alg}/{hg}") + (f"+{variant}" if variant else "")
-
-
 def cells(args) -> list[tuple[int, int]]:
     """(batch size, seq len), smallest batch x seq first."""
     grid = [(b, s) for s in args.seq_lens for b in args.batch_sizes]
@@ -88,8 +81,6 @@ def cells(args) -> list[tuple[int, int]]:
 
 
 def _runner(args):
-    from bench import meta_step
-
     ns = argparse.Namespace(isolation=args.isolation, worker_timeout=args.worker_timeout, threads=args.threads)
     return meta_step._runner(ns)
 
@@ -105,7 +96,7 @@ def run_grid(args, log, deadline: float | None = None, on_progress=None) -> list
     rows: list[dict[str, Any]] = []
     for bs, seq in cells(args):
         for alg, hg, peer, variant in methods:
-            name = method_name(alg, hg, peer, variant)
+            name = meta_step._conf_name(alg, hg, peer, variant)  # the method names parse_method reads
             row: dict[str, Any] = {"method": name, "algorithm": alg, "hypergrad": hg, "peer": peer,
                                    "variant": variant, "batch_size": bs, "seq_len": seq}
             if deadline is not None and time.time() >= deadline:
@@ -116,9 +107,7 @@ def run_grid(args, log, deadline: float | None = None, on_progress=None) -> list
             try:
                 res = runner(spec)
             except Exception as exc:  # noqa: BLE001 - OOM, a failing peer: recorded, the grid goes on
-                from bench.meta_step import _error_text
-
-                row["error"] = _error_text(exc)
+                row["error"] = meta_step._error_text(exc)
                 log(f"[bs{bs} seq{seq}] {name}: FAILED\n{row['error']}")
             else:
                 if "skipped" in res:
@@ -356,7 +345,7 @@ def main(argv=None) -> dict[str, Any]:
         return {}
     common.require_device(args.device)
     common.quiet_transformers()
-    from bench import meta_step, peers
+    from bench import peers
 
     shared = {"auto": None, "yes": True, "no": False}[args.shared_machine]
     env = common.environment_info(args.device, shared_machine=shared)

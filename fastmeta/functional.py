@@ -72,17 +72,18 @@ def parameter_dict(module: torch.nn.Module, *, include_frozen: bool = True) -> d
 
 
 @contextlib.contextmanager
-def preserved_buffers(*modules: torch.nn.Module) -> Iterator[None]:
+def preserved_buffers(*modules: torch.nn.Module) -> Iterator[list]:
     """Snapshot every floating/integer buffer (running stats, step counters) and restore it on exit.
 
-    Costs one copy of the buffers (small: BatchNorm statistics, position ids).
+    Yields the snapshot, ``[(buffer, its value on entry)]``.  Costs one copy of the
+    buffers (small: BatchNorm statistics, position ids).
     """
     saved = []
     for module in modules:
         for buffer in module.buffers():
             saved.append((buffer, buffer.detach().clone()))
     try:
-        yield
+        yield saved
     finally:
         with torch.no_grad():
             for buffer, copy in saved:

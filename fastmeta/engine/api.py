@@ -108,6 +108,11 @@ class Options:
     student_tangent: str = "jvp"
     teacher_graph: str = "keep"
 
+    @property
+    def takes_tangent(self) -> bool:
+        """Whether the reverse sweep takes a student tangent (it feeds the KD term and the influences)."""
+        return self.kd_weight != 0.0 or self.compute_influence
+
 
 # --------------------------------------------------------------------------- checks
 def check_count(value, name: str) -> int:
@@ -158,9 +163,8 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
             "quiz gradient (and torch.func.jvp cannot run through torch.utils.checkpoint). Disable it on the "
             "student (student.gradient_checkpointing_disable()); the teacher may keep it"
         )
-    takes_tangent = options.kd_weight != 0.0 or options.compute_influence
-    forward_mode = options.hypergrad == "exact" and takes_tangent and (options.student_tangent == "jvp"
-                                                                     or options.inner_steps > 1)
+    forward_mode = options.hypergrad == "exact" and options.takes_tangent and (options.student_tangent == "jvp"
+                                                                             or options.inner_steps > 1)
     if forward_mode and _has_input_require_grads_hook(student):
         raise ValueError(
             "student has HuggingFace's input-require-grads hook (enable_input_require_grads(): installed by PEFT "
@@ -240,7 +244,7 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
                               adam_jacobian=options.adam_jacobian)
     method = options.hypergrad
     context, precision = tangent_precision(device, options.jvp_precision)
-    keep_graph = method == "exact" and (options.kd_weight != 0.0 or options.compute_influence) and \
+    keep_graph = method == "exact" and options.takes_tangent and \
         _double_vjp_tangent(options.student_tangent, precision)
     # with dropout active, the student's forwards on x must draw their masks as the JVP's math-attention
     # forward does: run them under math attention too (and always when the pilot's graph is differentiated
@@ -258,7 +262,8 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
     teacher_grads: dict = {}
     influences = None
     recompute = options.teacher_graph == "recompute"
-    with preserved_buffers(teacher, student), outer:
+    with preserved_buffers(teacher) as teacher_buffers, preserved_buffers(student), outer:
+        problem.teacher_buffers = teacher_buffers  # the values the replay of a recomputed forward starts from
         teacher_forward(problem, need_teacher, recompute=recompute)
         if method == "autograd":
             teacher_grads, lq, v, trajectory, influences = autograd.autograd_meta_gradient(
@@ -268,7 +273,7 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
             trajectory = pilot_trajectory(problem, options.inner_steps, options.grad_sync)
             point = trajectory.theta if options.quiz_point == "pilot" else None
             lq, v = quiz_gradient(problem, point, options.grad_sync)
-            if options.kd_weight != 0.0 or options.compute_influence:
+            if options.takes_tangent:
                 if method == "exact":
                     step = exact.tangent_step(problem)
                 else:

@@ -79,7 +79,7 @@ class Problem:
     x_attention: Callable = contextlib.nullcontext  # context of the student's forwards on x
     keep_tangent_graph: bool = False  # pilot backward with create_graph: the tangent by double VJP (exact.py)
     teacher_rng: Any = None  # teacher_graph="recompute": the generators' state before the teacher forward
-    teacher_buffers: Any = None  # teacher_graph="recompute": [(buffer, its value before the teacher forward)]
+    teacher_buffers: Any = None  # [(buffer, its value before the teacher forward)] (preserved_buffers' snapshot)
     # set by teacher_forward
     teacher_raw: Any = None
     teacher_aligned: Any = None
@@ -123,16 +123,16 @@ def teacher_forward(problem: Problem, need_graph: bool, recompute: bool = False)
 
     ``recompute``: the forward runs exactly as its replay will (grad mode on, so that every
     kernel choice is the same), and its graph is dropped as soon as the logits are out;
-    the generators' state and the teacher's buffers are recorded so that
-    :func:`recomputed_teacher_logits` replays the same forward (same dropout masks, same
-    buffer values) right before the teacher backward.
+    the generators' state is recorded so that :func:`recomputed_teacher_logits` replays the
+    same forward (same dropout masks; buffer values from ``problem.teacher_buffers``) right
+    before the teacher backward.
     """
-    if need_graph and recompute:
+    recompute = recompute and need_graph
+    if recompute:
         problem.teacher_rng = capture_rng_state(problem.device)
-        problem.teacher_buffers = [(b, b.detach().clone()) for b in problem.teacher.buffers()]
     with problem.timer.phase("teacher_forward"), torch.set_grad_enabled(need_graph):
         raw = model_logits(problem.teacher, problem.split_x, name="teacher")
-    if need_graph and recompute:
+    if recompute:
         raw = raw.detach()  # the graph (the teacher's activations) is freed here
     aligned, labels = align_logits_labels(raw, problem.split_x.labels, shift_labels=problem.shift_labels, name="teacher")
     check_finite(aligned.detach(), "teacher logits on batch")
@@ -153,7 +153,6 @@ def recomputed_teacher_logits(problem: Problem) -> torch.Tensor:
     with torch.no_grad():  # buffers as the first forward found them (e.g. spectral norm's power iteration)
         for buffer, saved in problem.teacher_buffers:
             buffer.copy_(saved)
-    problem.teacher_buffers = None
     with problem.timer.phase("teacher_recompute"), replay_rng(problem.teacher_rng), torch.enable_grad():
         raw = model_logits(problem.teacher, problem.split_x, name="teacher")
     aligned, _ = align_logits_labels(raw, problem.split_x.labels, shift_labels=problem.shift_labels, name="teacher")
