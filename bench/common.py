@@ -21,6 +21,7 @@ Other benchmark modules (bench/kernels.py, bench/hvp.py) may use these freely.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -186,6 +187,53 @@ def reset_cuda_peak() -> None:
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+
+
+@contextlib.contextmanager
+def phase_peaks(device: str, record: dict[str, int]):
+    """Peak memory inside each of ``fastmeta``'s timed phases while the block runs.
+
+    At every phase boundary (``StepContext.phase`` of ``meta_step``, ``Timer.phase`` of the engine,
+    named ``meta_gradient.<phase>``) the peak since the last boundary is read and reset, and
+    attributed to the innermost open phase (``(between phases)`` outside any); ``record[phase]``
+    keeps the largest, in bytes: ``torch.cuda.max_memory_allocated`` on CUDA (exact), the process's
+    peak RSS (VmHWM) on CPU (glibc keeps freed pages: pin ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold``
+    low for RSS to follow live tensors).  ``max(record.values())`` is the block's peak.
+    """
+    from fastmeta.algorithms._common import StepContext
+    from fastmeta.engine.trajectory import Timer
+
+    read, reset = (cuda_peak_bytes, reset_cuda_peak) if device == "cuda" else (peak_rss_bytes, reset_peak_rss)
+    originals = {cls: cls.phase for cls in (StepContext, Timer)}
+    stack: list[str] = []
+
+    def boundary():
+        name = stack[-1] if stack else "(between phases)"
+        record[name] = max(record.get(name, 0), read())
+        reset()
+
+    def wrap(original, prefix):
+        @contextlib.contextmanager
+        def phase(self, name):
+            boundary()
+            stack.append(prefix + name)
+            try:
+                with original(self, name):
+                    yield
+            finally:
+                boundary()
+                stack.pop()
+        return phase
+
+    StepContext.phase = wrap(originals[StepContext], "")
+    Timer.phase = wrap(originals[Timer], "meta_gradient.")
+    reset()
+    try:
+        yield record
+    finally:
+        boundary()
+        for cls, original in originals.items():
+            cls.phase = original
 
 
 def fmt_bytes(n: float | None) -> str:

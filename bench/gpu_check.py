@@ -83,6 +83,7 @@ TEST_FILES = (
     "tests/test_ops_pilot.py",
     "tests/test_kd_loss.py",
     "tests/test_kd_second_order.py",
+    "tests/test_bench_smoke.py",  # the benchmarks' CUDA plumbing (per-phase peaks)
 )
 # Relative running times of the CUDA cases (the CPU runs' seconds on an idle machine; the Triton
 # files weighted up for kernel compilation on first use), to balance the shards.
@@ -90,7 +91,7 @@ TEST_WEIGHTS = {
     "tests/test_meta_step.py": 6.0, "tests/test_algorithms.py": 11.0, "tests/test_engine.py": 8.0,
     "tests/test_mixed_precision.py": 6.0, "tests/test_functional.py": 3.0, "tests/test_hessian.py": 10.0,
     "tests/test_ops.py": 5.0, "tests/test_ops_pilot.py": 2.0, "tests/test_kd_loss.py": 20.0,
-    "tests/test_kd_second_order.py": 15.0,
+    "tests/test_kd_second_order.py": 15.0, "tests/test_bench_smoke.py": 1.0,
 }
 META_STEP_PRIORITY = ("kd", "metadistil/exact", "metadistil/autograd", "peer/higher", "peer/torchopt")
 LOOSE_FILES = ("gpu_check_results.tar.gz", "gpu_check_{s}.json", "gpu_check.log", "gpu_check_{s}.md",
@@ -498,6 +499,8 @@ def _summ_tests(ctx: Context, text: str) -> dict[str, Any]:
 
 
 def _summ_meta_step(ctx: Context, text: str) -> dict[str, Any]:
+    from bench.meta_step import _row_name
+
     data = _load_json(ctx.results_dir / f"meta_step_{ctx.suffix}.json")
     if data is None:
         return {}
@@ -506,7 +509,7 @@ def _summ_meta_step(ctx: Context, text: str) -> dict[str, Any]:
     for s in data["settings"]:
         rows = {}
         for r in s["steps"]:
-            name = f"peer/{r['peer']}" if r.get("peer") else r["algorithm"] + (f"/{r['hypergrad']}" if r["hypergrad"] else "")
+            name = _row_name(r)  # variants keep their own names: "metadistil/exact+double_vjp"
             if "skipped" in r:
                 if r["skipped"] == "time":
                     counts["skipped"] += 1
@@ -523,7 +526,9 @@ def _summ_meta_step(ctx: Context, text: str) -> dict[str, Any]:
                           "x_autograd": r.get("time_vs_autograd"), "x_floor": r.get("time_vs_floor"),
                           "peak_bytes": r["memory"]["peak_bytes"], "peak_x_kd": r.get("peak_vs_kd"),
                           "step_memory_bytes": r["memory"].get("step_memory_bytes")}
+        bound = (s.get("memory_floor") or {}).get("bound_vs_kd")
         out["settings"][s["label"]] = {"floor_s": s["floor"].get("floor_s"), "steps": rows,
+                                       "peak_bound_x_kd": bound,
                                        "goals": data.get("goals", {}).get(s["label"], {})}
     out["counts"] = counts
     return out
@@ -816,7 +821,9 @@ def key_figures(report: dict[str, Any]) -> list[str]:
             if "median_s" in ex:
                 parts.append(f"metadistil/exact {_fmt_s(ex['median_s'])} s = {_fmt_x(ex.get('x_kd'))} KD, "
                              f"{_fmt_x(ex.get('x_autograd'))} autograd, {_fmt_x(ex.get('x_floor'))} floor, "
-                             f"peak {_fmt_x(ex.get('peak_x_kd'))} KD")
+                             f"peak {_fmt_x(ex.get('peak_x_kd'))} KD"
+                             + (f" (no MetaDistil step below {_fmt_x(s['peak_bound_x_kd'])})"
+                                if s.get("peak_bound_x_kd") else ""))
             if "median_s" in au:
                 parts.append(f"autograd {_fmt_s(au['median_s'])} s, peak {_fmt_x(au.get('peak_x_kd'))} KD")
             for peer in ("higher", "torchopt"):

@@ -64,11 +64,15 @@ def parse_method(name: str) -> tuple[str, str | None, str | None, str | None]:
     if variant:
         from fastmeta.engine import STUDENT_TANGENTS, TEACHER_GRAPHS
 
-        fields = meta_step.variant_fields(variant)  # a variant is a non-default value (the default is the plain row)
-        known = (fields["student_tangent"] in set(STUDENT_TANGENTS) - {"jvp"}
-                 or fields["teacher_graph"] in set(TEACHER_GRAPHS) - {"keep"})
+        # a variant is a non-default value (the default is the plain row), or two joined by "+"
+        parts = variant.split("+")
+        fields = meta_step.variant_fields(variant)
+        known = (len(set(parts)) == len(parts) == sum(v is not None for v in fields.values())
+                 and fields["student_tangent"] in {None, *STUDENT_TANGENTS} - {"jvp"}
+                 and fields["teacher_graph"] in {None, *TEACHER_GRAPHS} - {"keep"})
         if not known or tail != "exact":
-            raise SystemExit(f"unknown method {name!r}: a variant is exact+double_vjp or exact+teacher_recompute")
+            raise SystemExit(f"unknown method {name!r}: a variant is exact+double_vjp, exact+teacher_recompute "
+                             "or exact+double_vjp+teacher_recompute")
     if head in ("metadistil", "lgtm", "ikd", "reptile") and tail:
         return (head, tail, None, variant or None)
     raise SystemExit(f"unknown method {name!r}; e.g. {', '.join(METHODS)}")

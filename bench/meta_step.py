@@ -31,6 +31,9 @@ hypergrad=...)``) this measures, in ONE run:
   "recompute"}`` (no teacher graph alive through the student's passes, one more teacher
   forward: less memory, more time); fastmeta's default rows have ``"teacher_graph": null``
   (``"keep"``);
+- both together (``--combined-variants``, the default): the exact MetaDistil row with each
+  student tangent and each teacher graph above at once, e.g. ``{"student_tangent": "double_vjp",
+  "teacher_graph": "recompute"}`` (the kept pilot graph no longer lives beside the teacher's);
 - peers (``--peers higher torchopt``, the default): the same MetaDistil step
   written the way a user of ``higher`` and of TorchOpt writes it
   (``bench/peers.py``: same models, batch, optimizers, KD loss), as rows
@@ -313,6 +316,10 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
         for key in timed_phases[0]:
             vals = [r[key] for r in timed_phases if key in r]
             phases[key] = common.median(vals)
+    if spec.get("phase_memory") and peer is None:  # one more step, untimed: where the peak is
+        with common.phase_peaks(device, {}) as peaks:
+            step()
+        row["phase_peak_bytes"] = peaks
     finite = all(bool(torch.isfinite(p).all()) for m in (teacher, student) for p in m.parameters())
     return dict(row, times_s=times, median_s=common.median(times), wall_s=wall, phase_medians_s=phases,
                 memory=mem, parameters_finite_after=finite, torch_threads=torch.get_num_threads())
@@ -403,13 +410,51 @@ def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
         results[name] = {"times_s": times, "median_s": common.median(times), "count": 1, "kind": "optimizer update"}
     clear()
     mem = _memory_end(device, mem)
+    memory_items = teacher_memory_items(teacher, teacher_opt)  # the teacher optimizer's state exists now
     floor = sum(r["median_s"] * r["count"] for r in results.values())
     passes_s = sum(r["median_s"] * r["count"] for r in results.values() if r["kind"] == "pass")
     return {
         "kind": "floor", "passes": results, "floor_s": floor, "floor_passes_only_s": passes_s,
         "definition": FLOOR_DEFINITION.format(optimizer=spec["optimizer"]),
-        "memory": mem,
+        "memory": mem, "memory_items": memory_items,
     }
+
+
+def teacher_memory_items(teacher, teacher_opt) -> dict[str, int]:
+    """Bytes a MetaDistil step keeps on the teacher's device beyond a KD step's: its optimizer's state (the
+    tensors of ``teacher_opt.state`` on the parameters' device; CPU step counters excluded), its gradient
+    (one tensor like each trainable parameter) and its trainable parameters (``meta_step``'s undo
+    snapshot copies them and the state)."""
+    import torch
+
+    trainable = [p for p in teacher.parameters() if p.requires_grad]
+    params = sum(p.numel() * p.element_size() for p in trainable)
+    state = sum(t.numel() * t.element_size() for p in trainable for t in teacher_opt.state.get(p, {}).values()
+                if isinstance(t, torch.Tensor) and t.device == p.device)
+    return {"teacher_optimizer_state_bytes": int(state), "teacher_grad_bytes": int(params),
+            "teacher_param_bytes": int(params)}
+
+
+def memory_floor(setting_result: dict[str, Any]) -> dict[str, Any] | None:
+    """The least peak any MetaDistil step can reach next to plain KD's, from this setting's KD peak and the
+    floor worker's byte counts (:func:`teacher_memory_items`).
+
+    A MetaDistil step ends with a real student step, which is a KD step (teacher forward, student
+    forward+backward, student update), while the teacher optimizer's state -- which no KD step has --
+    is alive: its peak is at least KD's peak + that state (``bound``).  ``meta_step`` also keeps,
+    through that student step, the teacher's ``.grad`` and (``atomic=True``, the default) the undo
+    snapshot of the teacher's parameters and optimizer state (``with_meta_step_extras``).  Exact on
+    CUDA (``max_memory_allocated``); on CPU the peaks are RSS, so the figures are approximate."""
+    kd = next((r for r in setting_result["steps"] if _ok(r) and r["algorithm"] == "kd"), None)
+    items = setting_result["floor"].get("memory_items")
+    if kd is None or not items:
+        return None
+    kd_peak = kd["memory"]["peak_bytes"]
+    state, grad, params = (items["teacher_optimizer_state_bytes"], items["teacher_grad_bytes"],
+                           items["teacher_param_bytes"])
+    extras = state + grad + params + state
+    return dict(items, peak_kind=kd["memory"].get("peak_kind", ""), kd_peak_bytes=kd_peak, bound_bytes=kd_peak + state, bound_vs_kd=(kd_peak + state) / kd_peak,
+                with_meta_step_extras_bytes=kd_peak + extras, with_meta_step_extras_vs_kd=(kd_peak + extras) / kd_peak)
 
 
 def worker_main(spec_path: str) -> None:
@@ -460,16 +505,21 @@ TEACHER_GRAPH_PREFIX = "teacher_"  # a variant "teacher_recompute" is the option
 
 def variant_fields(variant: str | None) -> dict[str, str | None]:
     """A row's variant as its meta_step options (None: the default): ``"double_vjp"`` ->
-    ``student_tangent="double_vjp"``; ``"teacher_recompute"`` -> ``teacher_graph="recompute"``."""
-    if variant is not None and variant.startswith(TEACHER_GRAPH_PREFIX):
-        return {"student_tangent": None, "teacher_graph": variant[len(TEACHER_GRAPH_PREFIX):]}
-    return {"student_tangent": variant, "teacher_graph": None}
+    ``student_tangent="double_vjp"``; ``"teacher_recompute"`` -> ``teacher_graph="recompute"``; both
+    joined by ``+`` (``"double_vjp+teacher_recompute"``) -> both options."""
+    fields: dict[str, str | None] = {"student_tangent": None, "teacher_graph": None}
+    for part in variant.split("+") if variant else ():
+        if part.startswith(TEACHER_GRAPH_PREFIX):
+            fields["teacher_graph"] = part[len(TEACHER_GRAPH_PREFIX):]
+        else:
+            fields["student_tangent"] = part
+    return fields
 
 
 def _variant(r: dict[str, Any]) -> str | None:
-    if r.get("teacher_graph"):
-        return TEACHER_GRAPH_PREFIX + r["teacher_graph"]
-    return r.get("student_tangent")
+    parts = ([r["student_tangent"]] if r.get("student_tangent") else []) + \
+        ([TEACHER_GRAPH_PREFIX + r["teacher_graph"]] if r.get("teacher_graph") else [])
+    return "+".join(parts) or None
 
 
 def keys(args) -> list[tuple[str, str | None, str | None, str | None]]:
@@ -491,6 +541,10 @@ def keys(args) -> list[tuple[str, str | None, str | None, str | None]]:
         if graph not in graphs:
             raise SystemExit(f"unknown teacher graph {graph!r}; choose from {graphs}")
         out += [(a, h, None, TEACHER_GRAPH_PREFIX + graph) for a, h in own if h == "exact" and a in TEACHER_GRAPH_ROWS]
+    if getattr(args, "combined_variants", False):  # each tangent with each graph, in one row
+        out += [(a, h, None, f"{tangent}+{TEACHER_GRAPH_PREFIX}{graph}")
+                for tangent in args.student_tangents or () for graph in args.teacher_graphs or ()
+                for a, h in own if h == "exact" and a in TEACHER_GRAPH_ROWS]
     for name in getattr(args, "peers", None) or ():
         from bench.peers import PEERS
 
@@ -512,13 +566,14 @@ def _row_name(r: dict[str, Any]) -> str:
 
 def _label(r: dict[str, Any]) -> str:
     """How a row is printed: ``metadistil / exact``, ``metadistil / exact (double_vjp)``,
-    ``metadistil / exact (teacher recomputed)``; a peer: ``MetaDistil with higher (peer)``."""
+    ``metadistil / exact (teacher recomputed)``, ``metadistil / exact (double_vjp, teacher recomputed)``;
+    a peer: ``MetaDistil with higher (peer)``."""
     if r.get("peer"):
         return f"MetaDistil with {r['peer']} (peer)"
+    words = [r["student_tangent"]] if r.get("student_tangent") else []
     if r.get("teacher_graph"):
-        extra = f" (teacher {r['teacher_graph']}d)" if r["teacher_graph"] == "recompute" else f" ({r['teacher_graph']})"
-    else:
-        extra = f" ({r['student_tangent']})" if r.get("student_tangent") else ""
+        words.append(f"teacher {r['teacher_graph']}d" if r["teacher_graph"] == "recompute" else r["teacher_graph"])
+    extra = f" ({', '.join(words)})" if words else ""
     return r["algorithm"] + (f" / {r['hypergrad']}" if r["hypergrad"] else "") + extra
 
 
@@ -593,7 +648,8 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
                 optimizer=args.optimizer, teacher_lr=args.teacher_lr, student_lr=args.student_lr,
                 inner_lr=args.inner_lr, temperature=args.temperature, kd_weight=args.kd_weight,
                 warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                cache_models=args.isolation == "inprocess")
+                cache_models=args.isolation == "inprocess",
+                phase_memory=args.device == "cuda" if args.phase_memory is None else args.phase_memory)
     confs = keys(args)
     states = [{"setting": s, "label": f"{s['model']} bs{s['batch_size']} seq{s['seq_len']} {s['dtype']}",
                "floor": [], "rows": {}} for s in settings]
@@ -666,7 +722,9 @@ def _finish(states, confs) -> list[dict[str, Any]]:
         rows = [copy.deepcopy(merge_rounds(st["rows"][c])) for c in confs if c in st["rows"]]
         floor = copy.deepcopy(merge_rounds(st["floor"])) if st["floor"] else {"kind": "floor", "skipped": "not run"}
         _add_ratios(rows, floor)
-        out.append({"setting": st["setting"], "label": st["label"], "floor": floor, "steps": rows})
+        result = {"setting": st["setting"], "label": st["label"], "floor": floor, "steps": rows}
+        result["memory_floor"] = memory_floor(result)
+        out.append(result)
     return out
 
 
@@ -748,6 +806,9 @@ def goals(setting_result: dict[str, Any]) -> dict[str, Any]:
     if exact and exact.get("peak_vs_kd") is not None:
         out["peak_memory_vs_kd"] = {"value": exact["peak_vs_kd"], "goal": "<= 1.5",
                                     "met": exact["peak_vs_kd"] <= 1.5}
+        bound = memory_floor(setting_result)
+        if bound is not None:  # the least any MetaDistil step can reach (memory_floor)
+            out["peak_memory_vs_kd"]["bound"] = bound["bound_vs_kd"]
     for r in setting_result["steps"]:
         if not (exact and r.get("peer") and _ok(r)):
             continue
@@ -815,13 +876,42 @@ def render_markdown(report: dict[str, Any]) -> str:
         else:
             why = f"skipped ({f['skipped']})" if "skipped" in f else "failed: " + f.get("error", "?").strip().splitlines()[-1][:120]
             lines += [f"Floor: {why}.", ""]
+        mf = memory_floor(s)
+        if mf is not None:
+            lines += [_memory_floor_words(mf), ""]
+        peaks = [r for r in s["steps"] if _ok(r) and r.get("phase_peak_bytes") and r["algorithm"] in ("kd", "metadistil")]
+        if peaks:
+            lines += ["Where the peak is (one more, untimed step per row; the 3 phases with the highest peak, "
+                      "absolute):", ""]
+            lines += [f"- {_label(r)}: " + ", ".join(
+                f"{name} {common.fmt_bytes(b)}" for name, b in sorted(r["phase_peak_bytes"].items(),
+                                                                         key=lambda kv: -kv[1])[:3])
+                      for r in peaks]
+            lines.append("")
         g = goals(s)
         if g:
             lines.append("MetaDistil with fastmeta exact against the issue's goals (stated for GPU): "
                          + "; ".join(f"{k} = {v['value']:.2f} (goal {v['goal']}: "
-                                     f"{'met' if v['met'] else 'missed'})" for k, v in g.items()))
+                                     f"{'met' if v['met'] else 'missed'}"
+                                     + (f"; no MetaDistil step can go below {v['bound']:.2f}" if "bound" in v else "")
+                                     + ")" for k, v in g.items()))
             lines.append("")
     return "\n".join(lines)
+
+
+def _memory_floor_words(mf: dict[str, Any]) -> str:
+    b = common.fmt_bytes
+    exact = mf["peak_kind"].startswith("torch.cuda")
+    return (
+        f"Memory floor (peaks {'by max_memory_allocated: exact' if exact else 'as RSS: approximate'}): "
+        f"plain KD peaks at {b(mf['kd_peak_bytes'])}. A MetaDistil step ends with a real student step, "
+        f"which is a KD step, while the teacher optimizer's state ({b(mf['teacher_optimizer_state_bytes'])}, "
+        f"which a KD step does not have) is alive, so no MetaDistil step can peak below "
+        f"{b(mf['bound_bytes'])} = {mf['bound_vs_kd']:.2f}x KD's peak. meta_step also keeps the teacher's "
+        f".grad ({b(mf['teacher_grad_bytes'])}) and, with atomic=True (the default), the undo snapshot of "
+        f"the teacher's parameters and optimizer state "
+        f"({b(mf['teacher_param_bytes'] + mf['teacher_optimizer_state_bytes'])}) through that student step: "
+        f"{b(mf['with_meta_step_extras_bytes'])} = {mf['with_meta_step_extras_vs_kd']:.2f}x KD's peak.")
 
 
 def _timing_words(options: dict[str, Any]) -> str:
@@ -889,6 +979,10 @@ def parse_args(argv=None):
     p.add_argument("--teacher-graphs", nargs="*", default=["recompute"],
                    help="the exact row of metadistil again with each of these teacher_graph values "
                         "(default: recompute; none: --teacher-graphs with no value)")
+    p.add_argument("--combined-variants", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the exact metadistil row with each student tangent AND each teacher graph above "
+                        "together (e.g. double_vjp with the teacher recomputed: the tangent's speed, the "
+                        "recompute's memory); default on")
     p.add_argument("--rounds", type=int, default=None,
                    help="run every configuration this many times, interleaved, each in a fresh worker (default 2 "
                         "on CPU, 1 on CUDA); medians pool the rounds' timed steps")
@@ -910,6 +1004,10 @@ def parse_args(argv=None):
                    help="intra-op threads per worker (default on CPU 1: on the shared 2-core machine two "
                         "OpenMP threads stalled at barriers, 2-3x slower and far noisier; on CUDA torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phase-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the timed steps, one more (untimed) step of each fastmeta row records the peak "
+                        "memory inside each of its phases (row field phase_peak_bytes; default: on CUDA only, "
+                        "where max_memory_allocated makes it exact)")
     p.add_argument("--isolation", choices=["subprocess", "inprocess"], default=None,
                    help="subprocess: one fresh process per configuration (clean CPU peaks; the CPU default); "
                         "inprocess: one process, models built once (the CUDA default: the peak of "

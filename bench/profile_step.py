@@ -277,49 +277,6 @@ def _phases_as_ranges():
             cls.phase = original
 
 
-@contextlib.contextmanager
-def _phase_memory(record: dict):
-    """Peak RSS per phase: at every phase boundary the peak since the last boundary (VmHWM, then reset) is
-    attributed to the innermost open phase (``(between phases)`` outside any); ``record[phase]`` keeps the
-    largest peak seen in it, as MiB above the RSS before the step."""
-    from bench import common
-    from fastmeta.algorithms._common import StepContext
-    from fastmeta.engine.trajectory import Timer
-
-    originals = {cls: cls.phase for cls in (StepContext, Timer)}
-    stack: list = []
-    base = {"rss": common.current_rss_bytes()}
-
-    def boundary():
-        peak = common.peak_rss_bytes()
-        name = stack[-1] if stack else "(between phases)"
-        record[name] = max(record.get(name, 0.0), (peak - base["rss"]) / 2**20)
-        common.reset_peak_rss()
-
-    def wrap(original, prefix):
-        @contextlib.contextmanager
-        def phase(self, name):
-            boundary()
-            stack.append(prefix + name)
-            try:
-                with original(self, name):
-                    yield
-            finally:
-                boundary()
-                stack.pop()
-        return phase
-
-    StepContext.phase = wrap(originals[StepContext], "")
-    Timer.phase = wrap(originals[Timer], "meta_gradient.")
-    common.reset_peak_rss()
-    try:
-        yield base
-    finally:
-        boundary()
-        for cls, original in originals.items():
-            cls.phase = original
-
-
 def profile_steps(models, args) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -405,9 +362,12 @@ def main(argv=None) -> dict:
         for phase, value, fname, ref, gap in rows:
             print(f"  {phase:45s} {value:8.4f}  {fname:32s} {ref:8.4f} {gap:8.4f}")
     if args.memory:
-        record: dict = {}
-        with _phase_memory(record):
+        from bench import common
+
+        base = common.current_rss_bytes()
+        with common.phase_peaks("cpu", {}) as peaks:
             run_steps(models, args, args.steps)
+        record = {name: (peak - base) / 2**20 for name, peak in peaks.items()}
         report["phase_peak_mib"] = record
         print(f"== peak RSS per phase over {args.steps} steps (MiB above the RSS before them)")
         for k, v in sorted(record.items(), key=lambda kv: -kv[1]):

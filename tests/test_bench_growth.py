@@ -16,8 +16,12 @@ def test_methods_cells_and_defaults():
     assert growth.parse_method("metadistil/exact+double_vjp") == ("metadistil", "exact", None, "double_vjp")
     assert growth.parse_method("metadistil/exact+teacher_recompute") == ("metadistil", "exact", None,
                                                                          "teacher_recompute")
-    for bad in ("peer/jax", "magic", "metadistil", "metadistil/exact+teacher_drop", "metadistil/exact+jvp2", "metadistil/exact+jvp", "metadistil/exact+teacher_keep",
-                "metadistil/autograd+double_vjp"):
+    assert growth.parse_method("metadistil/exact+double_vjp+teacher_recompute") == (
+        "metadistil", "exact", None, "double_vjp+teacher_recompute")
+    for bad in ("peer/jax", "magic", "metadistil", "metadistil/exact+teacher_drop", "metadistil/exact+jvp2",
+                "metadistil/exact+jvp", "metadistil/exact+teacher_keep", "metadistil/autograd+double_vjp",
+                "metadistil/exact+double_vjp+double_vjp", "metadistil/exact+teacher_recompute+teacher_recompute",
+                "metadistil/exact+double_vjp+jvp", "metadistil/exact+double_vjp+teacher_keep"):
         with pytest.raises(SystemExit):
             growth.parse_method(bad)
     args = growth.parse_args([])

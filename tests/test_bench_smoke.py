@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench import common, meta_step
+from conftest import DEVICES
 
 
 # --------------------------------------------------------------------------- common
@@ -77,6 +78,65 @@ def test_environment_info_records_the_allocator_environment(monkeypatch):
     assert env["command"].startswith("GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 ")
 
 
+class _FakeMeter:
+    """A process memory meter for common.phase_peaks on CPU: glibc may serve a big block from pages it
+    kept, so the real RSS cannot be relied on in a test; this one counts exactly what it is told."""
+
+    def __init__(self):
+        self.current = self.peak = 1000
+
+    def alloc(self, n):
+        self.current += n
+        self.peak = max(self.peak, self.current)
+
+    def read(self):
+        return self.peak
+
+    def reset(self):
+        self.peak = self.current
+        return True
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_phase_peaks_attributes_each_peak_to_its_phase(device, monkeypatch):
+    """A 256 MiB tensor alive only inside one phase: that phase's peak holds it, the phases around it
+    do not; nested phases (meta_step's around the engine's) get their own."""
+    from fastmeta.engine.trajectory import Timer
+
+    size = 256 * 2**20
+    if device == "cpu":
+        meter = _FakeMeter()
+        monkeypatch.setattr(common, "peak_rss_bytes", meter.read)
+        monkeypatch.setattr(common, "reset_peak_rss", meter.reset)
+        base = meter.current
+
+        def hold(n):
+            meter.alloc(n)
+            meter.alloc(-n)
+    else:
+        base = torch.cuda.memory_allocated()
+
+        def hold(n):
+            torch.ones(n // 4, device=device)  # freed at once
+
+    timer = Timer(torch.device(device))
+    with common.phase_peaks(device, {}) as peaks:
+        with timer.phase("small"):
+            hold(4096)
+        with timer.phase("outer"):
+            with timer.phase("big"):
+                hold(size)
+            hold(size // 2)
+        with timer.phase("after"):
+            pass
+    assert set(peaks) == {"meta_gradient.small", "meta_gradient.outer", "meta_gradient.big", "meta_gradient.after",
+                          "(between phases)"}
+    assert peaks["meta_gradient.big"] - base == size  # the tensor and nothing else
+    assert peaks["meta_gradient.outer"] - base == size // 2
+    assert peaks["meta_gradient.small"] - base == 4096
+    assert peaks["meta_gradient.after"] == peaks["(between phases)"] == base
+
+
 def test_bar_chart_png(tmp_path):
     path = common.bar_chart_ratios(tmp_path / "c.png", ["a", "b"], [("t", [1.0, 2.0]), ("m", [None, 1.5])],
                                    title="t")
@@ -123,7 +183,23 @@ def _check_meta_step_report(report, out_dir):
         assert math.isclose(r["time_vs_kd"], r["median_s"] / steps[("kd", None, None)]["median_s"])
         assert math.isclose(r["time_vs_floor"], r["median_s"] / floor["floor_s"])
         assert r["memory"]["peak_bytes"] > 0
+    # the memory floor: byte counts of the teacher's AdamW state (exp_avg + exp_avg_sq, fp32, and one fp32 step
+    # counter per parameter on the CPU), gradient and parameters, against the tiny teacher's parameter count
+    from bench.meta_step import build_models
+
+    teacher, _ = build_models("tiny", seed=0, attn="eager", dropout=0.0)
+    n, tensors = sum(p.numel() for p in teacher.parameters()), len(list(teacher.parameters()))
+    mf = setting["memory_floor"]
+    assert mf["teacher_optimizer_state_bytes"] == 8 * n + 4 * tensors
+    assert mf["teacher_grad_bytes"] == mf["teacher_param_bytes"] == 4 * n
+    kd_peak = steps[("kd", None, None)]["memory"]["peak_bytes"]
+    assert mf["kd_peak_bytes"] == kd_peak and mf["bound_bytes"] == kd_peak + 8 * n + 4 * tensors
+    assert math.isclose(mf["bound_vs_kd"], (kd_peak + 8 * n + 4 * tensors) / kd_peak)
+    assert mf["with_meta_step_extras_bytes"] == kd_peak + 2 * (8 * n + 4 * tensors) + 2 * 4 * n
+    goal = data["goals"][setting["label"]]["peak_memory_vs_kd"]
+    assert goal["bound"] == mf["bound_vs_kd"]
     md = (out_dir / "meta_step_cpu.md").read_text()
+    assert "no MetaDistil step can peak below" in md and "no MetaDistil step can go below" in md
     assert "| step | median s | x KD | x autograd | x floor |" in md and "floor (sum)" in md
     assert "teacher optimizer update x1 + student optimizer update x1" in md
     assert (out_dir / "meta_step_cpu.png").read_bytes()[:4] == b"\x89PNG"
@@ -135,11 +211,24 @@ def test_meta_step_smoke(tmp_path):
 
     meta_step.main(["--model", "tiny", "--isolation", "inprocess", "--warmup", "0", "--repeats", "1",
                     "--rounds", "2", "--algorithms", "kd", "metadistil", "--hypergrads", "exact", "autograd",
-                    "--out-dir", str(tmp_path)])
+                    "--phase-memory", "--out-dir", str(tmp_path)])
     steps = _check_meta_step_report(None, tmp_path)
+    # --phase-memory: every fastmeta row's phases (engine phases too), none for a peer (it has no phases)
+    for key, r in steps.items():
+        if "skipped" in r:
+            continue
+        assert (key[2] is None) == ("phase_peak_bytes" in r), key
+    assert {"meta_gradient.student_jvp", "meta_gradient.teacher_backward", "teacher_update",
+            "student_step.forward_backward"} <= set(steps[("metadistil", "exact", None)]["phase_peak_bytes"])
+    assert "meta_gradient.teacher_recompute" in steps[("metadistil", "exact", None, "teacher_recompute")]["phase_peak_bytes"]
+    assert "Where the peak is" in (tmp_path / "meta_step_cpu.md").read_text()
     assert set(steps) == {("kd", None, None), ("metadistil", "exact", None), ("metadistil", "autograd", None),
                           ("metadistil", "exact", None, "double_vjp"), ("metadistil", "exact", None, "teacher_recompute"),
+                          ("metadistil", "exact", None, "double_vjp+teacher_recompute"),
                           ("metadistil", "autograd", "higher"), ("metadistil", "autograd", "torchopt")}
+    both = steps[("metadistil", "exact", None, "double_vjp+teacher_recompute")]
+    assert both["student_tangent"] == "double_vjp" and both["teacher_graph"] == "recompute"
+    assert "meta_gradient.teacher_recompute" in both["phase_medians_s"]
     # two interleaved rounds of one timed step each: pooled
     exact = steps[("metadistil", "exact", None)]
     assert exact["rounds"] == 2 and len(exact["times_s"]) == 2 and len(exact["memory"]["rounds_peak_bytes"]) == 2
@@ -151,6 +240,7 @@ def test_meta_step_smoke(tmp_path):
     assert "meta_gradient.teacher_recompute" not in exact["phase_medians_s"]
     md = (tmp_path / "meta_step_cpu.md").read_text()
     assert "metadistil / exact (double_vjp)" in md and "metadistil / exact (teacher recomputed)" in md
+    assert "metadistil / exact (double_vjp, teacher recomputed)" in md
     assert "2 interleaved rounds" in md
     auto = steps[("metadistil", "autograd", None)]
     assert math.isclose(auto["time_vs_autograd"], 1.0)
@@ -205,9 +295,10 @@ def test_meta_step_priority_plan_and_cuda_defaults():
     items = meta_step.plan(args, settings)
     confs = meta_step.configurations(args.algorithms, args.hypergrads)
     # 12 own rows + the exact rows of metadistil and lgtm with student_tangent="double_vjp" + the exact row of
-    # metadistil with teacher_graph="recompute" + 2 peers
-    assert len(confs) == 12 and len(meta_step.keys(args)) == 17 and len(items) == 4 * 18 - 2 * 2  # no bf16 tangent rows
+    # metadistil with teacher_graph="recompute" + that row with both + 2 peers
+    assert len(confs) == 12 and len(meta_step.keys(args)) == 18 and len(items) == 4 * 19 - 2 * 3  # no bf16 tangent rows
     assert ("lgtm", "exact", None, "double_vjp") in meta_step.keys(args)
+    assert ("metadistil", "exact", None, "double_vjp+teacher_recompute") in meta_step.keys(args)
     assert ("metadistil", "exact", None, "teacher_recompute") in {c for _, _, c in items if c and c[3]} and \
         sum(1 for i, _, c in items if c and c[3] == "teacher_recompute") == 4  # in bf16 settings too
     first = items[:24]
@@ -221,8 +312,9 @@ def test_meta_step_priority_plan_and_cuda_defaults():
     with pytest.raises(SystemExit, match="unknown peer"):
         meta_step.keys(meta_step.parse_args(["--peers", "jax"]))
     assert meta_step.keys(meta_step.parse_args(["--peers"]))[-1][2] is None  # --peers alone: no peer rows
-    assert len(meta_step.keys(meta_step.parse_args(["--student-tangents"]))) == 15
+    assert len(meta_step.keys(meta_step.parse_args(["--student-tangents"]))) == 15  # no combined row either
     assert len(meta_step.keys(meta_step.parse_args(["--teacher-graphs"]))) == 16
+    assert len(meta_step.keys(meta_step.parse_args(["--no-combined-variants"]))) == 17
     with pytest.raises(SystemExit, match="unknown teacher graph"):
         meta_step.keys(meta_step.parse_args(["--teacher-graphs", "keep"]))
     cpu = meta_step.parse_args([])

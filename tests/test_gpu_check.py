@@ -53,16 +53,22 @@ def test_dry_run_end_to_end(tmp_path):
     assert tests["shards"] == 2 and tests["log_counts"]["PASSED"] == 10  # two pytest processes, merged
     assert set(tests["by_file"]) == {"test_meta_step", "test_functional"}
     meta = steps["meta_step"]["summary"]
-    # 12 configurations + the 2 peers, x fp32/bf16, + the 2 double_vjp rows in fp32 + the teacher_recompute row
-    # in both (a peer missing here would be "not_installed", not "ok")
+    # 12 configurations + the 2 peers, x fp32/bf16, + the 2 double_vjp rows and the double_vjp+teacher_recompute
+    # row in fp32 + the teacher_recompute row in both (a peer missing here would be "not_installed", not "ok")
     n_peers = sum(1 for p in ("higher", "torchopt") if importlib.util.find_spec(p) is not None)
-    assert meta["counts"] == {"ok": 24 + 2 + 2 + 2 * n_peers, "failed": 0, "skipped": 0, "not_installed": 4 - 2 * n_peers}
+    assert meta["counts"] == {"ok": 24 + 2 + 1 + 2 + 2 * n_peers, "failed": 0, "skipped": 0, "not_installed": 4 - 2 * n_peers}
     assert set(meta["settings"]) == {"tiny bs2 seq8 fp32", "tiny bs2 seq8 bf16"}
     for setting in meta["settings"].values():
         assert setting["floor_s"] > 0
         assert {"kd", "metadistil/exact", "metadistil/autograd", "ikd/first_order", "peer/higher",
-                "peer/torchopt"} <= set(setting["steps"])
-        assert setting["floor_s"] > 0
+                "peer/torchopt", "metadistil/exact+teacher_recompute"} <= set(setting["steps"])
+        assert setting["peak_bound_x_kd"] > 1.0
+    # the variant rows keep their own names (they used to overwrite the default row of the same method)
+    fp32 = meta["settings"]["tiny bs2 seq8 fp32"]["steps"]
+    assert {"metadistil/exact+double_vjp", "lgtm/exact+double_vjp", "metadistil/exact+double_vjp+teacher_recompute"} \
+        <= set(fp32)
+    assert len({round(fp32[k]["median_s"], 12) for k in ("metadistil/exact", "metadistil/exact+double_vjp",
+                                                          "metadistil/exact+teacher_recompute")}) == 3
     assert steps["kernels"]["summary"]["fwd_bwd"] and not steps["kernels"]["summary"]["not_measured"]
     assert {"hvp/backward", "mixed/exact"} <= set(steps["hvp"]["summary"])
     # 4 tiny cells x 8 methods (kd, exact, autograd, finite_diff, exact+double_vjp, exact+teacher_recompute, 2 peers)
@@ -86,6 +92,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert "=== meta_step (ok) ===" in log and "passed" in log
     md = (out / "gpu_check_cpu.md").read_text()
     assert "| meta_step | ok |" in md and "| growth | ok |" in md and "## Key figures" in md
+    assert "(no MetaDistil step below " in md
     assert "growth: " in md and "peers: " in md
     # stdout ends with the compact summary: the step table and where everything is
     tail = proc.stdout.strip().splitlines()
