@@ -218,6 +218,9 @@ class HigherMetaDistil:
         self.teacher_optimizer.zero_grad(set_to_none=True)
         _set_grads([p for p in self.teacher.parameters() if p.requires_grad], grads)
         self.teacher_optimizer.step()
+        # under the bench's bf16 autocast region: the real step must see the updated teacher, not autocast's
+        # cached casts of the old weights (fastmeta.functional.drop_autocast_casts; a no-op in fp32)
+        torch.clear_autocast_cache()
         losses["student_loss"] = _real_student_step(self, batch)
         return losses
 
@@ -327,6 +330,9 @@ class TorchOptMetaDistil:
         self.teacher_optimizer.zero_grad(set_to_none=True)
         _set_grads([p for p in self.teacher.parameters() if p.requires_grad], meta)
         self.teacher_optimizer.step()
+        # under the bench's bf16 autocast region: the real step must see the updated teacher, not autocast's
+        # cached casts of the old weights (fastmeta.functional.drop_autocast_casts; a no-op in fp32)
+        torch.clear_autocast_cache()
         inputs, labels = _split(batch)
         with torch.no_grad():
             zt = _logits(self.teacher(**inputs))

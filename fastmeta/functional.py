@@ -208,6 +208,19 @@ def add_scaled_(tensors: list[torch.Tensor], vectors: list[torch.Tensor], alpha:
 RESTORES = ("fast", "exact")
 
 
+def drop_autocast_casts() -> None:
+    """Forget the caller's autocast casts of parameters: call after changing parameters in place.
+
+    ``torch.autocast`` caches the low-precision copy it makes of each leaf tensor that requires
+    grad (a weight) for the rest of the autocast region, keyed by the tensor and blind to
+    in-place changes.  A parameter changed in place inside the region (an optimizer step, a
+    finite-difference perturbation, a rollback) is otherwise still seen at its OLD value by
+    every later forward in that region.  Dropping the cache makes the next forward cast
+    again; outside autocast it is a no-op.
+    """
+    torch.clear_autocast_cache()
+
+
 class Perturbation:
     """``θ ← θ + offset·v`` IN PLACE on a list of tensors, and its undo (the one perturb/restore helper).
 
@@ -226,6 +239,7 @@ class Perturbation:
         """Put the tensors at ``θ + offset·v``."""
         add_scaled_(self.tensors, self.vectors, offset - self.offset)
         self.offset = offset
+        drop_autocast_casts()
 
     def undo(self) -> None:
         if self.offset == 0.0:
@@ -237,6 +251,7 @@ class Perturbation:
         else:
             add_scaled_(self.tensors, self.vectors, -self.offset)
         self.offset = 0.0
+        drop_autocast_casts()
 
 
 def central_pair(

@@ -26,6 +26,7 @@ from fastmeta import batching
 from fastmeta._validation import check_flag, check_number  # noqa: F401  (re-exported for the algorithms)
 from fastmeta.engine import api, scaled_grad
 from fastmeta.engine.optimizer import resolve_lrs
+from fastmeta.functional import drop_autocast_casts
 
 
 def trainable(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
@@ -95,6 +96,7 @@ def _restored(saved):
             with torch.no_grad():
                 for p, value in saved:
                     p.copy_(value)
+            drop_autocast_casts()
 
 
 # Snapshot buffers kept across steps, per optimizer: {"params" | "state": [signature, copies, in_use]}.
@@ -166,6 +168,7 @@ class _Snapshot:
             for p, saved, grad in zip(self.params, self.data, self.grads):
                 p.copy_(saved)
                 p.grad = grad
+        drop_autocast_casts()
         self.optimizer.load_state_dict(self.optimizer_state)
         self.release(restored=True)
 
@@ -231,6 +234,7 @@ class Transaction:
         for name, p in stepped:
             p.grad = grads[name].detach().to(p.dtype)
         optimizer.step()
+        drop_autocast_casts()  # the rest of the caller's autocast region sees the updated parameters
         if scheduler is not None:
             self._schedulers.append(scheduler)
 

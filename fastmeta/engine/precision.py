@@ -8,10 +8,13 @@ run in the autocast dtype, except:
   ``inner_steps > 1``, the finite-difference forwards) runs with autocast off, in
   fp32 (``jvp_precision="fp32"``, default; ``"autocast"`` keeps it in bf16/fp16).
   Measured on a 2-layer BERT against float64 (``tests/test_mixed_precision.py``):
-  the exact meta-gradient is within ~3e-3 (bf16) / ~2e-4 (fp16) either way, a
-  forward-mode tangent rounding like its primal, but the finite-difference one is
-  off by ~75% when its two perturbed forwards run in bf16/fp16 (their difference
-  drowns in rounding) and within ~3e-3 in fp32;
+  the exact meta-gradient is within ~3e-3 (bf16) / ~4e-4 (fp16) either way, a
+  forward-mode tangent rounding like its primal; the finite-difference one within
+  ~2e-3 (bf16) in fp32 and ~6e-3 when its two perturbed forwards run in bf16 (fp16:
+  ~4e-4 either way).  (The ~75% error once measured for the latter was stale
+  autocast casts: the perturbation, made in place, was not seen by the region's
+  cached bf16 weights; :func:`fastmeta.functional.drop_autocast_casts` now follows
+  every in-place change);
 * the closed-form cotangent is computed in fp32 and multiplied by ``−η·w`` in fp32;
   for an fp16 teacher (or any ``loss_scale``) it is then brought to an ordinary
   loss gradient's magnitude (largest entry ≈ 1/rows, an exact power of two undone
