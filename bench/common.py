@@ -220,18 +220,18 @@ def phase_peaks(device: str, record: dict[str, int]):
             try:
                 with original(self, name):
                     yield
-            finally:
                 boundary()
+            finally:
                 stack.pop()
         return phase
 
-    StepContext.phase = wrap(originals[StepContext], "")
-    Timer.phase = wrap(originals[Timer], "meta_gradient.")
-    reset()
     try:
+        StepContext.phase = wrap(originals[StepContext], "")
+        Timer.phase = wrap(originals[Timer], "meta_gradient.")
+        reset()
         yield record
-    finally:
         boundary()
+    finally:  # the classes are put back whatever happened (a CUDA error at a sync included)
         for cls, original in originals.items():
             cls.phase = original
 

@@ -254,7 +254,7 @@ def make_steps(dry_run: bool) -> list[Step]:
              env=_extension_env, internal_deadline=False),
         Step("tests", cap_s=150 * scale, min_s=40 * scale, estimate_s=90, command=_tests_cmd, env=_tests_env,
              margin_s=20 * scale),
-        Step("meta_step", cap_s=220 * scale, min_s=30 * scale, estimate_s=130, command=_meta_step_cmd,
+        Step("meta_step", cap_s=220 * scale, min_s=30 * scale, estimate_s=145, command=_meta_step_cmd,
              margin_s=15 * scale),
         Step("kernels", cap_s=100 * scale, min_s=20 * scale, estimate_s=60, command=_kernels_cmd,
              margin_s=15 * scale),
@@ -822,7 +822,7 @@ def key_figures(report: dict[str, Any]) -> list[str]:
                 parts.append(f"metadistil/exact {_fmt_s(ex['median_s'])} s = {_fmt_x(ex.get('x_kd'))} KD, "
                              f"{_fmt_x(ex.get('x_autograd'))} autograd, {_fmt_x(ex.get('x_floor'))} floor, "
                              f"peak {_fmt_x(ex.get('peak_x_kd'))} KD"
-                             + (f" (no MetaDistil step below {_fmt_x(s['peak_bound_x_kd'])})"
+                             + (f" (floor {_fmt_x(s['peak_bound_x_kd'])}: KD + teacher optimizer state)"
                                 if s.get("peak_bound_x_kd") else ""))
             if "median_s" in au:
                 parts.append(f"autograd {_fmt_s(au['median_s'])} s, peak {_fmt_x(au.get('peak_x_kd'))} KD")

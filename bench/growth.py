@@ -73,6 +73,7 @@ def parse_method(name: str) -> tuple[str, str | None, str | None, str | None]:
         if not known or tail != "exact":
             raise SystemExit(f"unknown method {name!r}: a variant is exact+double_vjp, exact+teacher_recompute "
                              "or exact+double_vjp+teacher_recompute")
+        variant = meta_step._variant(fields)  # the canonical order: "double_vjp+teacher_recompute"
     if head in ("metadistil", "lgtm", "ikd", "reptile") and tail:
         return (head, tail, None, variant or None)
     raise SystemExit(f"unknown method {name!r}; e.g. {', '.join(METHODS)}")

@@ -16,8 +16,8 @@ def test_methods_cells_and_defaults():
     assert growth.parse_method("metadistil/exact+double_vjp") == ("metadistil", "exact", None, "double_vjp")
     assert growth.parse_method("metadistil/exact+teacher_recompute") == ("metadistil", "exact", None,
                                                                          "teacher_recompute")
-    assert growth.parse_method("metadistil/exact+double_vjp+teacher_recompute") == (
-        "metadistil", "exact", None, "double_vjp+teacher_recompute")
+    for name in ("metadistil/exact+double_vjp+teacher_recompute", "metadistil/exact+teacher_recompute+double_vjp"):
+        assert growth.parse_method(name) == ("metadistil", "exact", None, "double_vjp+teacher_recompute")
     for bad in ("peer/jax", "magic", "metadistil", "metadistil/exact+teacher_drop", "metadistil/exact+jvp2",
                 "metadistil/exact+jvp", "metadistil/exact+teacher_keep", "metadistil/autograd+double_vjp",
                 "metadistil/exact+double_vjp+double_vjp", "metadistil/exact+teacher_recompute+teacher_recompute",
