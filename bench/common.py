@@ -190,21 +190,43 @@ def reset_cuda_peak() -> None:
 
 
 @contextlib.contextmanager
-def phase_peaks(device: str, record: dict[str, int]):
-    """Peak memory inside each of ``fastmeta``'s timed phases while the block runs.
-
-    At every phase boundary (``StepContext.phase`` of ``meta_step``, ``Timer.phase`` of the engine,
-    named ``meta_gradient.<phase>``) the peak since the last boundary is read and reset, and
-    attributed to the innermost open phase (``(between phases)`` outside any); ``record[phase]``
-    keeps the largest, in bytes: ``torch.cuda.max_memory_allocated`` on CUDA (exact), the process's
-    peak RSS (VmHWM) on CPU (glibc keeps freed pages: pin ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold``
-    low for RSS to follow live tensors).  ``max(record.values())`` is the block's peak.
-    """
+def wrapped_phases(around: Callable[[str], Any]):
+    """For the block, every timed phase of ``fastmeta`` runs inside ``around(name)`` (a context manager):
+    ``meta_step``'s (``StepContext.phase``: ``teacher_update``, ``student_step.forward_backward``, ...) and
+    the engine's (``Timer.phase``, named ``meta_gradient.<phase>``).  The classes are put back whatever
+    happens (a CUDA error at a sync included)."""
     from fastmeta.algorithms._common import StepContext
     from fastmeta.engine.trajectory import Timer
 
-    read, reset = (cuda_peak_bytes, reset_cuda_peak) if device == "cuda" else (peak_rss_bytes, reset_peak_rss)
     originals = {cls: cls.phase for cls in (StepContext, Timer)}
+
+    def wrap(original, prefix):
+        @contextlib.contextmanager
+        def phase(self, name):
+            with around(prefix + name), original(self, name):
+                yield
+        return phase
+
+    try:
+        StepContext.phase = wrap(originals[StepContext], "")
+        Timer.phase = wrap(originals[Timer], "meta_gradient.")
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.phase = original
+
+
+@contextlib.contextmanager
+def phase_peaks(device: str, record: dict[str, int]):
+    """Peak memory inside each of ``fastmeta``'s timed phases (:func:`wrapped_phases`) while the block runs.
+
+    At every phase boundary the peak since the last boundary is read and reset, and attributed to
+    the innermost open phase (``(between phases)`` outside any); ``record[phase]`` keeps the
+    largest, in bytes: ``torch.cuda.max_memory_allocated`` on CUDA (exact), the process's peak RSS
+    (VmHWM) on CPU (glibc keeps freed pages: pin ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold`` low
+    for RSS to follow live tensors).  ``max(record.values())`` is the block's peak.
+    """
+    read, reset = (cuda_peak_bytes, reset_cuda_peak) if device == "cuda" else (peak_rss_bytes, reset_peak_rss)
     stack: list[str] = []
 
     def boundary():
@@ -212,28 +234,20 @@ def phase_peaks(device: str, record: dict[str, int]):
         record[name] = max(record.get(name, 0), read())
         reset()
 
-    def wrap(original, prefix):
-        @contextlib.contextmanager
-        def phase(self, name):
+    @contextlib.contextmanager
+    def around(name):
+        boundary()
+        stack.append(name)
+        try:
+            yield
             boundary()
-            stack.append(prefix + name)
-            try:
-                with original(self, name):
-                    yield
-                boundary()
-            finally:
-                stack.pop()
-        return phase
+        finally:
+            stack.pop()
 
-    try:
-        StepContext.phase = wrap(originals[StepContext], "")
-        Timer.phase = wrap(originals[Timer], "meta_gradient.")
+    with wrapped_phases(around):
         reset()
         yield record
         boundary()
-    finally:  # the classes are put back whatever happened (a CUDA error at a sync included)
-        for cls, original in originals.items():
-            cls.phase = original
 
 
 def fmt_bytes(n: float | None) -> str:

@@ -251,32 +251,6 @@ def gap_table(phases: dict[str, float], floor: dict[str, float]) -> list[tuple[s
     return rows
 
 
-@contextlib.contextmanager
-def _phases_as_ranges():
-    """Mark every timed phase (the step's and the engine's) as a ``record_function`` range ``fastmeta.<phase>``."""
-    import torch
-
-    from fastmeta.algorithms._common import StepContext
-    from fastmeta.engine.trajectory import Timer
-
-    originals = {cls: cls.phase for cls in (StepContext, Timer)}
-
-    def wrap(original, prefix):
-        @contextlib.contextmanager
-        def phase(self, name):
-            with torch.profiler.record_function(f"fastmeta.{prefix}{name}"), original(self, name):
-                yield
-        return phase
-
-    StepContext.phase = wrap(originals[StepContext], "")
-    Timer.phase = wrap(originals[Timer], "meta_gradient.")
-    try:
-        yield
-    finally:
-        for cls, original in originals.items():
-            cls.phase = original
-
-
 def profile_steps(models, args) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -284,7 +258,10 @@ def profile_steps(models, args) -> str:
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
-    with _phases_as_ranges(), profile(activities=activities, record_shapes=args.record_shapes) as prof:
+    from bench import common
+
+    ranges = common.wrapped_phases(lambda name: torch.profiler.record_function(f"fastmeta.{name}"))
+    with ranges, profile(activities=activities, record_shapes=args.record_shapes) as prof:
         run_steps(models, args, args.steps)
     if args.trace:
         prof.export_chrome_trace(args.trace)

@@ -1,0 +1,30 @@
+"""``python -m bench.profile_step`` at tiny sizes: every part of its report is produced."""
+from __future__ import annotations
+
+import json
+
+from bench import profile_step
+
+
+def test_profile_step_smoke(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    report = profile_step.main(["--model", "tiny", "--steps", "2", "--warmup", "0", "--floor-repeats", "1",
+                                "--memory", "--profile", "--row-limit", "5", "--json", str(out)])
+    # the step's phases, the engine's inside meta_gradient
+    phases = report["phases"]
+    assert {"meta_gradient", "meta_gradient.student_jvp", "teacher_update", "student_update", "total"} <= set(phases)
+    assert phases["meta_gradient.student_jvp"] < phases["meta_gradient"] < phases["total"]
+    # the floor's passes, each alone, and the step against their sum
+    assert set(profile_step.FLOOR_PASSES) <= set(report["floor_medians"])
+    assert report["floor_s"] == sum(report["floor_medians"][k] * c for k, c in profile_step.FLOOR_PASSES.items())
+    assert any(row[0] == "meta_gradient.student_jvp" for row in report["gaps"])
+    # --memory: a peak for every phase that ran (the engine's named meta_gradient.<phase>)
+    assert {"meta_gradient.student_jvp", "teacher_update", "(between phases)"} <= set(report["phase_peak_mib"])
+    # --profile: the phases as record_function ranges, the step's classes put back afterwards
+    assert "fastmeta.meta_gradient.student_jvp" in report["profile"] and "fastmeta.teacher_update" in report["profile"]
+    from fastmeta.algorithms._common import StepContext
+    from fastmeta.engine.trajectory import Timer
+
+    assert StepContext.phase.__qualname__ == "StepContext.phase" and Timer.phase.__qualname__ == "Timer.phase"
+    assert json.loads(out.read_text())["floor_s"] == report["floor_s"]
+    assert "step vs floor" in capsys.readouterr().out
