@@ -217,16 +217,17 @@ def wrapped_phases(around: Callable[[str], Any]):
 
 
 @contextlib.contextmanager
-def phase_peaks(device: str, record: dict[str, int]):
+def phase_peaks(device: str):
     """Peak memory inside each of ``fastmeta``'s timed phases (:func:`wrapped_phases`) while the block runs.
 
     At every phase boundary the peak since the last boundary is read and reset, and attributed to
-    the innermost open phase (``(between phases)`` outside any); ``record[phase]`` keeps the
-    largest, in bytes: ``torch.cuda.max_memory_allocated`` on CUDA (exact), the process's peak RSS
+    the innermost open phase (``(between phases)`` outside any); the yielded ``{phase: bytes}`` keeps
+    the largest, in bytes: ``torch.cuda.max_memory_allocated`` on CUDA (exact), the process's peak RSS
     (VmHWM) on CPU (glibc keeps freed pages: pin ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold`` low
     for RSS to follow live tensors).  ``max(record.values())`` is the block's peak.
     """
     read, reset = (cuda_peak_bytes, reset_cuda_peak) if device == "cuda" else (peak_rss_bytes, reset_peak_rss)
+    record: dict[str, int] = {}
     stack: list[str] = []
 
     def boundary():

@@ -318,7 +318,7 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
             phases[key] = common.median(vals)
     if spec.get("phase_memory") and peer is None:  # one more step, untimed: where the peak is
         try:
-            with common.phase_peaks(device, {}) as peaks:
+            with common.phase_peaks(device) as peaks:
                 step()
             row["phase_peak_bytes"] = peaks
         except Exception as exc:  # noqa: BLE001  (the timed steps stand; say why this part is missing)
@@ -451,7 +451,8 @@ def memory_floor(setting_result: dict[str, Any]) -> dict[str, Any] | None:
     this one, not for every library.  ``meta_step`` also keeps,
     through that student step, the teacher's ``.grad`` and (``atomic=True``, the default) the undo
     snapshot of the teacher's parameters and optimizer state (``with_meta_step_extras``).  Exact on
-    CUDA (``max_memory_allocated``); on CPU the peaks are RSS, so the figures are approximate."""
+    CUDA (``max_memory_allocated``); on CPU the peaks are RSS, so the figures are approximate.
+    Computed once per setting (``_finish``: the setting's ``"memory_floor"``), read from there."""
     kd = next((r for r in setting_result["steps"] if _ok(r) and r["algorithm"] == "kd"), None)
     items = setting_result["floor"].get("memory_items")
     if kd is None or not items:
@@ -460,7 +461,8 @@ def memory_floor(setting_result: dict[str, Any]) -> dict[str, Any] | None:
     state, grad, params = (items["teacher_optimizer_state_bytes"], items["teacher_grad_bytes"],
                            items["teacher_param_bytes"])
     extras = state + grad + params + state
-    return dict(items, peak_kind=kd["memory"].get("peak_kind", ""), kd_peak_bytes=kd_peak, bound_bytes=kd_peak + state, bound_vs_kd=(kd_peak + state) / kd_peak,
+    return dict(items, peak_kind=kd["memory"].get("peak_kind", ""), kd_peak_bytes=kd_peak,
+                bound_bytes=kd_peak + state, bound_vs_kd=(kd_peak + state) / kd_peak,
                 with_meta_step_extras_bytes=kd_peak + extras, with_meta_step_extras_vs_kd=(kd_peak + extras) / kd_peak)
 
 
@@ -533,7 +535,8 @@ def keys(args) -> list[tuple[str, str | None, str | None, str | None]]:
     """Every row of a setting, as (algorithm, hypergrad, peer, variant): fastmeta's configurations
     (peer None, variant None: the default options), the exact rows of metadistil/lgtm again with each
     ``--student-tangents`` value, the exact metadistil row with each ``--teacher-graphs`` value and (with
-    ``--combined-variants``) with each pair of the two, then the peers' MetaDistil steps (hypergrad "autograd": they backprop through the pilot)."""
+    ``--combined-variants``) with each pair of the two, then the peers' MetaDistil steps (hypergrad
+    "autograd": they backprop through the pilot)."""
     from fastmeta.engine import STUDENT_TANGENTS, TEACHER_GRAPHS
 
     own = configurations(args.algorithms, args.hypergrads)
@@ -815,8 +818,8 @@ def goals(setting_result: dict[str, Any]) -> dict[str, Any]:
     if exact and exact.get("peak_vs_kd") is not None:
         out["peak_memory_vs_kd"] = {"value": exact["peak_vs_kd"], "goal": "<= 1.5",
                                     "met": exact["peak_vs_kd"] <= 1.5}
-        bound = memory_floor(setting_result)
-        if bound is not None:  # the least any MetaDistil step can reach (memory_floor)
+        bound = setting_result.get("memory_floor")  # None in result files older than the memory floor
+        if bound is not None:  # the least meta_step's MetaDistil step can reach
             out["peak_memory_vs_kd"]["bound"] = bound["bound_vs_kd"]
     for r in setting_result["steps"]:
         if not (exact and r.get("peer") and _ok(r)):
@@ -885,7 +888,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         else:
             why = f"skipped ({f['skipped']})" if "skipped" in f else "failed: " + f.get("error", "?").strip().splitlines()[-1][:120]
             lines += [f"Floor: {why}.", ""]
-        mf = memory_floor(s)
+        mf = s.get("memory_floor")
         if mf is not None:
             lines += [_memory_floor_words(mf), ""]
         peaks = [r for r in s["steps"] if _ok(r) and r.get("phase_peak_bytes") and r["algorithm"] in ("kd", "metadistil")]

@@ -120,9 +120,15 @@ def math_sdpa():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _set_grads(params, grads) -> None:
-    for p, g in zip(params, grads):
+def _teacher_update(peer, grads) -> None:
+    """The teacher's optimizer step with the meta-gradient, as a user writes it."""
+    peer.teacher_optimizer.zero_grad(set_to_none=True)
+    for p, g in zip([p for p in peer.teacher.parameters() if p.requires_grad], grads):
         p.grad = g
+    peer.teacher_optimizer.step()
+    # under the bench's bf16 autocast region: the real step must see the updated teacher, not autocast's
+    # cached casts of the old weights (fastmeta.functional.drop_autocast_casts; a no-op in fp32)
+    torch.clear_autocast_cache()
 
 
 # --------------------------------------------------------------------------- higher
@@ -215,12 +221,7 @@ class HigherMetaDistil:
 
     def step(self, batch, quiz) -> dict[str, torch.Tensor]:
         grads, losses = self.meta_gradient(batch, quiz)
-        self.teacher_optimizer.zero_grad(set_to_none=True)
-        _set_grads([p for p in self.teacher.parameters() if p.requires_grad], grads)
-        self.teacher_optimizer.step()
-        # under the bench's bf16 autocast region: the real step must see the updated teacher, not autocast's
-        # cached casts of the old weights (fastmeta.functional.drop_autocast_casts; a no-op in fp32)
-        torch.clear_autocast_cache()
+        _teacher_update(self, grads)
         losses["student_loss"] = _real_student_step(self, batch)
         return losses
 
@@ -327,12 +328,7 @@ class TorchOptMetaDistil:
         import torchopt
 
         meta, losses = self.meta_gradient(batch, quiz)
-        self.teacher_optimizer.zero_grad(set_to_none=True)
-        _set_grads([p for p in self.teacher.parameters() if p.requires_grad], meta)
-        self.teacher_optimizer.step()
-        # under the bench's bf16 autocast region: the real step must see the updated teacher, not autocast's
-        # cached casts of the old weights (fastmeta.functional.drop_autocast_casts; a no-op in fp32)
-        torch.clear_autocast_cache()
+        _teacher_update(self, meta)
         inputs, labels = _split(batch)
         with torch.no_grad():
             zt = _logits(self.teacher(**inputs))

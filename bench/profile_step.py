@@ -342,7 +342,7 @@ def main(argv=None) -> dict:
         from bench import common
 
         base = common.current_rss_bytes()
-        with common.phase_peaks("cpu", {}) as peaks:
+        with common.phase_peaks("cpu") as peaks:
             run_steps(models, args, args.steps)
         record = {name: (peak - base) / 2**20 for name, peak in peaks.items()}
         report["phase_peak_mib"] = record

@@ -120,7 +120,7 @@ def test_phase_peaks_attributes_each_peak_to_its_phase(device, monkeypatch):
             torch.ones(n // 4, device=device)  # freed at once
 
     timer = Timer(torch.device(device))
-    with common.phase_peaks(device, {}) as peaks:
+    with common.phase_peaks(device) as peaks:
         with timer.phase("small"):
             hold(4096)
         with timer.phase("outer"):
