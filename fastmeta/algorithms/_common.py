@@ -119,8 +119,8 @@ def _kept_copies(optimizer: torch.optim.Optimizer, kind: str, tensors: List[torc
     to :func:`_release`."""
     from fastmeta.ops import clone_all
 
-    if any(t.device.type != "cpu" for t in tensors):
-        return clone_all(tensors), None
+    if not tensors or any(t.device.type != "cpu" for t in tensors):
+        return clone_all(tensors), None  # nothing to keep, or not on the CPU
     signature = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
     kept = _KEPT.setdefault(optimizer, {})
     entry = kept.get(kind)
