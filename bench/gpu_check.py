@@ -526,9 +526,12 @@ def _summ_meta_step(ctx: Context, text: str) -> dict[str, Any]:
                           "x_autograd": r.get("time_vs_autograd"), "x_floor": r.get("time_vs_floor"),
                           "peak_bytes": r["memory"]["peak_bytes"], "peak_x_kd": r.get("peak_vs_kd"),
                           "step_memory_bytes": r["memory"].get("step_memory_bytes")}
-        bound = (s.get("memory_floor") or {}).get("bound_vs_kd")
+        mf = s.get("memory_floor") or {}
         out["settings"][s["label"]] = {"floor_s": s["floor"].get("floor_s"), "steps": rows,
-                                       "peak_bound_x_kd": bound,
+                                       "peak_bound_x_kd": mf.get("bound_vs_kd"),
+                                       "kd_plus_state_x_kd": (mf["kd_plus_state_bytes"] / mf["kd_peak_bytes"]
+                                                              if "kd_plus_state_bytes" in mf else None),
+                                       "teacher_backward_x_kd": mf.get("teacher_backward_vs_kd"),
                                        "goals": data.get("goals", {}).get(s["label"], {})}
     out["counts"] = counts
     return out
@@ -822,7 +825,9 @@ def key_figures(report: dict[str, Any]) -> list[str]:
                 parts.append(f"metadistil/exact {_fmt_s(ex['median_s'])} s = {_fmt_x(ex.get('x_kd'))} KD, "
                              f"{_fmt_x(ex.get('x_autograd'))} autograd, {_fmt_x(ex.get('x_floor'))} floor, "
                              f"peak {_fmt_x(ex.get('peak_x_kd'))} KD"
-                             + (f" (floor {_fmt_x(s['peak_bound_x_kd'])}: KD + teacher optimizer state)"
+                             + (f" (floor {_fmt_x(s['peak_bound_x_kd'])}: the larger of KD + teacher optimizer "
+                                f"state {_fmt_x(s.get('kd_plus_state_x_kd'))} and a teacher forward+backward "
+                                f"with both optimizers' states {_fmt_x(s.get('teacher_backward_x_kd'))})"
                                 if s.get("peak_bound_x_kd") else ""))
             if "median_s" in au:
                 parts.append(f"autograd {_fmt_s(au['median_s'])} s, peak {_fmt_x(au.get('peak_x_kd'))} KD")

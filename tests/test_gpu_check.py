@@ -92,7 +92,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert "=== meta_step (ok) ===" in log and "passed" in log
     md = (out / "gpu_check_cpu.md").read_text()
     assert "| meta_step | ok |" in md and "| growth | ok |" in md and "## Key figures" in md
-    assert "KD + teacher optimizer state)" in md
+    assert "the larger of KD + teacher optimizer state" in md and "with both optimizers' states" in md
     assert "growth: " in md and "peers: " in md
     # stdout ends with the compact summary: the step table and where everything is
     tail = proc.stdout.strip().splitlines()
