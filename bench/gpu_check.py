@@ -18,9 +18,13 @@ step runs with the checkout first on ``PYTHONPATH`` (``fastmeta/__init__.py`` mo
                   (necessary passes + necessary optimizer updates) and the peers' MetaDistil steps
                   (higher, TorchOpt: ``bench/peers.py``); kd, metadistil/exact, metadistil/autograd
                   and the peers of every setting first;
-5. ``kernels``    ``bench.kernels`` with short timing (torch.compile cases last);
-6. ``hvp``        ``bench.hvp --device cuda`` (BERT-base -> 6 layers, batch 32);
-7. ``growth``     ``bench.growth --device cuda`` (low priority: last): step time and step memory of
+5. ``profile``    ``bench.profile_step --device cuda --profile --memory``: MetaDistil exact at batch 4
+                  (BERT-base -> 6 layers, fp32, the setting furthest from its floor): every phase
+                  against its floor pass timed alone, the peak inside every phase, and the ops by CPU
+                  and by GPU self time under torch.profiler (``profile_step_cuda.json``);
+6. ``kernels``    ``bench.kernels`` with short timing (torch.compile cases last);
+7. ``hvp``        ``bench.hvp --device cuda`` (BERT-base -> 6 layers, batch 32);
+8. ``growth``     ``bench.growth --device cuda`` (low priority: last): step time and step memory of
                   kd, metadistil exact/autograd/finite_diff and the peers over batch 4/16/32 x seq
                   128/256 (BERT-base shape -> 6 layers, fp32), small cells first.
 
@@ -36,7 +40,7 @@ that cannot start with its minimum time left is reported ``skipped (time)``; eac
 cap, and the benchmarks and pytest get an internal deadline inside it so that they stop
 starting new work, write what they measured and exit (``partial``) instead of being killed.
 
-Results: ``bench/results/{meta_step,kernels,hvp,growth}_cuda.*`` (each benchmark's own files) and
+Results: ``bench/results/{meta_step,profile_step,kernels,hvp,growth}_cuda.*`` (each benchmark's own files) and
 ``bench/results/gpu_check_cuda.{json,md}`` (versions, GPU, every step's status and time, key
 figures).  With ``GPU_CHECK_OUT=<dir>``: ``gpu_check_results.tar.gz`` there (every result,
 log, junit XML and build log of the run) plus at most ``GPU_CHECK_OUT_MAX_FILES`` (8) files
@@ -68,7 +72,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 SCHEMA_VERSION = 1
-STEP_NAMES = ("info", "extension", "tests", "meta_step", "kernels", "hvp", "growth")
+STEP_NAMES = ("info", "extension", "tests", "meta_step", "profile", "kernels", "hvp", "growth")
 
 # The test files whose CUDA cases run here: parametrized over conftest.DEVICES, or with CUDA
 # cases of their own.  Files holding @pytest.mark.cuda tests are added when found.
@@ -84,6 +88,7 @@ TEST_FILES = (
     "tests/test_kd_loss.py",
     "tests/test_kd_second_order.py",
     "tests/test_bench_smoke.py",  # the benchmarks' CUDA plumbing (per-phase peaks)
+    "tests/test_bench_profile_step.py",  # profile_step --device cuda (the profile step's tool)
 )
 # Relative running times of the CUDA cases (the CPU runs' seconds on an idle machine; the Triton
 # files weighted up for kernel compilation on first use), to balance the shards.
@@ -92,6 +97,7 @@ TEST_WEIGHTS = {
     "tests/test_mixed_precision.py": 6.0, "tests/test_functional.py": 3.0, "tests/test_hessian.py": 10.0,
     "tests/test_ops.py": 5.0, "tests/test_ops_pilot.py": 2.0, "tests/test_kd_loss.py": 20.0,
     "tests/test_kd_second_order.py": 15.0, "tests/test_bench_smoke.py": 1.0,
+    "tests/test_bench_profile_step.py": 1.0,
 }
 META_STEP_PRIORITY = ("kd", "metadistil/exact", "metadistil/autograd", "peer/higher", "peer/torchopt")
 LOOSE_FILES = ("gpu_check_results.tar.gz", "gpu_check_{s}.json", "gpu_check.log", "gpu_check_{s}.md",
@@ -113,7 +119,7 @@ class Step:
     name: str
     cap_s: float           # at most this long (the subprocess is killed at cap + grace)
     min_s: float           # not started with less than this left in the budget
-    estimate_s: float      # expected time on one H100 (documentation; printed in the summary)
+    estimate_s: float      # expected seconds on the H200 lent so far (documentation; printed in the summary)
     command: Callable[["Context", float], list]  # (ctx, internal deadline) -> argv, or argvs run side by side
     env: Callable[["Context"], dict[str, str]] = lambda ctx: {}
     internal_deadline: bool = True  # the command stops starting new work at the deadline itself
@@ -219,6 +225,16 @@ def _meta_step_cmd(ctx: Context, deadline: float) -> list[str]:
     return cmd
 
 
+def _profile_cmd(ctx: Context, deadline: float) -> list[str]:
+    cmd = [ctx.python, "-m", "bench.profile_step", "--device", ctx.device, "--profile", "--memory",
+           "--json", str(ctx.results_dir / f"profile_step_{ctx.suffix}.json")]
+    if ctx.dry_run:
+        return cmd + ["--model", "tiny", "--batch-size", "2", "--seq-len", "8", "--steps", "1", "--warmup", "0",
+                      "--floor-repeats", "1", "--row-limit", "10"]
+    # MetaDistil exact at bs 4, BERT-base -> 6 layers, fp32: the setting furthest from its floor
+    return cmd + ["--batch-size", "4", "--steps", "5", "--warmup", "2", "--floor-repeats", "5", "--row-limit", "30"]
+
+
 def _kernels_cmd(ctx: Context, deadline: float) -> list[str]:
     cmd = [ctx.python, "-m", "bench.kernels", "--device", ctx.device, "--out-dir", str(ctx.results_dir),
            "--deadline", f"{deadline:.1f}"]
@@ -246,21 +262,25 @@ def _growth_cmd(ctx: Context, deadline: float) -> list[str]:
 
 
 def make_steps(dry_run: bool) -> list[Step]:
-    """The steps with their caps; GPU estimates are for one H100 (see README "On a GPU")."""
+    """The steps with their caps.  The estimates are the seconds each step took on the H200 of the third run
+    (2026-11-28; ``profile``: a guess, it had not run), growth the time left to it in the default budget."""
     scale = 0.5 if dry_run else 1.0
     return [
         Step("info", cap_s=60, min_s=0, estimate_s=10, command=_info_cmd, internal_deadline=False),
-        Step("extension", cap_s=200 * scale, min_s=30 * scale, estimate_s=75, command=_extension_cmd,
+        Step("extension", cap_s=200 * scale, min_s=30 * scale, estimate_s=50, command=_extension_cmd,
              env=_extension_env, internal_deadline=False),
-        Step("tests", cap_s=150 * scale, min_s=40 * scale, estimate_s=90, command=_tests_cmd, env=_tests_env,
+        Step("tests", cap_s=150 * scale, min_s=40 * scale, estimate_s=70, command=_tests_cmd, env=_tests_env,
              margin_s=20 * scale),
-        Step("meta_step", cap_s=220 * scale, min_s=30 * scale, estimate_s=145, command=_meta_step_cmd,
+        Step("meta_step", cap_s=220 * scale, min_s=30 * scale, estimate_s=200, command=_meta_step_cmd,
              margin_s=15 * scale),
-        Step("kernels", cap_s=100 * scale, min_s=20 * scale, estimate_s=60, command=_kernels_cmd,
+        # one exact step under torch.profiler, per-phase peaks, each floor pass alone: where the gap to the floor is
+        Step("profile", cap_s=90 * scale, min_s=40 * scale, estimate_s=45, command=_profile_cmd,
+             internal_deadline=False),
+        Step("kernels", cap_s=100 * scale, min_s=20 * scale, estimate_s=45, command=_kernels_cmd,
              margin_s=15 * scale),
-        Step("hvp", cap_s=80 * scale, min_s=20 * scale, estimate_s=35, command=_hvp_cmd, margin_s=10 * scale),
+        Step("hvp", cap_s=80 * scale, min_s=20 * scale, estimate_s=40, command=_hvp_cmd, margin_s=10 * scale),
         # low priority: last, and cut short by its deadline (small cells first) when the budget is short
-        Step("growth", cap_s=120 * scale, min_s=30 * scale, estimate_s=90, command=_growth_cmd,
+        Step("growth", cap_s=120 * scale, min_s=30 * scale, estimate_s=80, command=_growth_cmd,
              margin_s=15 * scale),
     ]
 
@@ -362,7 +382,7 @@ def run_step(ctx: Context, step: Step, index: int) -> dict[str, Any]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     grace = 20.0 if step.internal_deadline else 0.0
     for argv in commands:
-        ctx.log(f"{step.name}: start (cap {cap:.0f} s, estimate {step.estimate_s:.0f} s on one H100): "
+        ctx.log(f"{step.name}: start (cap {cap:.0f} s, estimate {step.estimate_s:.0f} s): "
                 + " ".join(argv[1:]))
     status, codes = "ok", []
     running = []
@@ -537,6 +557,17 @@ def _summ_meta_step(ctx: Context, text: str) -> dict[str, Any]:
     return out
 
 
+def _summ_profile(ctx: Context, text: str) -> dict[str, Any]:
+    data = _load_json(ctx.results_dir / f"profile_step_{ctx.suffix}.json")
+    if data is None:
+        return {}
+    phases = data.get("phases", {})
+    gaps = sorted(data.get("gaps", []), key=lambda row: -row[4])[:4]  # (phase, step s, floor pass, floor s, gap s)
+    return {"total_s": phases.get("total"), "floor_s": data.get("floor_s"),
+            "largest_gaps": [{"phase": g[0], "step_s": g[1], "floor_s": g[3], "gap_s": g[4]} for g in gaps],
+            "peak_mib": sorted(data.get("phase_peak_mib", {}).items(), key=lambda kv: -kv[1])[:3]}
+
+
 def _summ_growth(ctx: Context, text: str) -> dict[str, Any]:
     data = _load_json(ctx.results_dir / f"growth_{ctx.suffix}.json")
     if data is None:
@@ -601,7 +632,7 @@ def _summ_hvp(ctx: Context, text: str) -> dict[str, Any]:
 
 SUMMARISERS: dict[str, Callable[[Context, str], dict[str, Any]]] = {
     "info": _summ_info, "extension": _summ_extension, "tests": _summ_tests, "meta_step": _summ_meta_step,
-    "kernels": _summ_kernels, "hvp": _summ_hvp, "growth": _summ_growth,
+    "profile": _summ_profile, "kernels": _summ_kernels, "hvp": _summ_hvp, "growth": _summ_growth,
 }
 
 
@@ -840,6 +871,13 @@ def key_figures(report: dict[str, Any]) -> list[str]:
             lines.append("; ".join(parts))
             errs = [f"{k}: {v['error']}" for k, v in st.items() if "error" in v]
             lines += [f"    FAILED {e}" for e in errs[:5]]
+    pf = steps.get("profile", {}).get("summary") or {}
+    if pf.get("total_s"):
+        lines.append(f"profile (metadistil/exact bs4 fp32): step {_fmt_s(pf['total_s'])} s, floor "
+                     f"{_fmt_s(pf.get('floor_s'))} s; largest gaps: " + ", ".join(
+                         f"{g['phase']} {g['step_s'] * 1e3:.1f} ms vs {g['floor_s'] * 1e3:.1f} ms"
+                         for g in pf.get("largest_gaps", []))
+                     + "; peaks above the start: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in pf.get("peak_mib", [])))
     gr = steps.get("growth", {}).get("summary") or {}
     if gr.get("counts"):
         c = gr["counts"]
@@ -866,7 +904,7 @@ def key_figures(report: dict[str, Any]) -> list[str]:
 
 
 def step_table(report: dict[str, Any]) -> str:
-    rows = ["| step | status | seconds | cap s | H100 estimate s |", "|---|---|---:|---:|---:|"]
+    rows = ["| step | status | seconds | cap s | estimate s |", "|---|---|---:|---:|---:|"]
     for s in report["steps"]:
         rows.append(f"| {s['name']} | {s['status']} | {s.get('seconds', 0):.0f} | {s['cap_s']:.0f} | {s['estimate_s']:.0f} |")
     rows.append(f"| **total** | | {report['wall_s']:.0f} | {report['budget_s']:.0f} (budget) | "

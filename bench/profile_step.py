@@ -24,11 +24,15 @@ For ONE configuration (algorithm, hypergrad, batch size) this, in ONE process:
    each phase (VmHWM read and reset at every phase boundary).
 
 Defaults are bench.meta_step's CPU setting (teacher all-MiniLM-L6-v2 -> its first 2
-layers, seq 128, AdamW for both, 1 intra-op thread).  Examples::
+layers, seq 128, AdamW for both, 1 intra-op thread); ``--device cuda``: its CUDA setting
+(BERT-base shape, random weights -> 6 layers; passes timed with CUDA events, the step's phases
+synchronised by ``meta_step`` itself, ``--memory`` by ``max_memory_allocated``, ``--profile`` adds
+the ops by GPU self time).  Examples::
 
     python -m bench.profile_step --algorithm metadistil --hypergrad exact --batch-size 4
     python -m bench.profile_step --algorithm lgtm --hypergrad finite_diff --batch-size 32 --profile
     python -m bench.profile_step --model tiny --steps 2 --no-floor          # smoke test
+    python -m bench.profile_step --device cuda --batch-size 4 --profile --memory
 
 ``--json PATH`` writes everything printed as JSON.  Timings on a shared machine are
 noisy: compare figures from the same run (the gap column), repeat, take medians.
@@ -39,7 +43,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,15 +72,11 @@ def _median(values):
     return float(statistics.median(values)) if values else float("nan")
 
 
-def _time(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _time(fn: Callable[[], Any], repeats: int, warmup: int, device: str = "cpu") -> list[float]:
+    """Wall times of ``repeats`` calls (CUDA events on a GPU: ``bench.common.time_calls``)."""
+    from bench import common
+
+    return common.time_calls(fn, repeats=repeats, warmup=warmup, device=device)
 
 
 def setup(args):
@@ -88,11 +87,13 @@ def setup(args):
 
     torch.manual_seed(args.seed)
     teacher, student = meta_step.build_models(args.model, seed=args.seed, attn=args.attn, dropout=args.dropout)
+    teacher.to(args.device)
+    student.to(args.device)
     gen = torch.Generator().manual_seed(args.seed + 1)
     vocab = teacher.config.vocab_size
     seq = args.seq_len or (16 if args.model == "tiny" else 128)
-    batch = meta_step.random_batch(vocab, args.batch_size, seq, generator=gen, device="cpu")
-    quiz = meta_step.random_batch(vocab, args.batch_size, seq, generator=gen, device="cpu")
+    batch = meta_step.random_batch(vocab, args.batch_size, seq, generator=gen, device=args.device)
+    quiz = meta_step.random_batch(vocab, args.batch_size, seq, generator=gen, device=args.device)
     opt_cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[args.optimizer]
     teacher_opt = opt_cls(teacher.parameters(), lr=args.teacher_lr)
     student_opt = opt_cls(student.parameters(), lr=args.student_lr)
@@ -148,7 +149,12 @@ def floor_passes(models, args) -> dict[str, list[float]]:
     q_inputs = {k: v for k, v in quiz.items() if k != "labels"}
     labels, q_labels = batch["labels"], quiz["labels"]
     gen = torch.Generator().manual_seed(args.seed + 7)
-    cot = torch.randn(labels.shape[0], teacher.config.num_labels, generator=gen)
+    device = args.device
+
+    def randn(shape, dtype=torch.float32):  # drawn on the CPU (the same numbers on every device), then moved
+        return torch.randn(shape, generator=gen, dtype=dtype).to(device)
+
+    cot = randn((labels.shape[0], teacher.config.num_labels))
     t_params = [p for p in teacher.parameters() if p.requires_grad]
     s_params = [p for p in student.parameters() if p.requires_grad]
 
@@ -169,7 +175,7 @@ def floor_passes(models, args) -> dict[str, list[float]]:
         return run
 
     params = {n: p.detach() for n, p in student.named_parameters()}
-    tangents = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
+    tangents = {n: randn(p.shape, p.dtype) for n, p in params.items()}
 
     def student_jvp():
         def f(p):
@@ -186,7 +192,7 @@ def floor_passes(models, args) -> dict[str, list[float]]:
             torch.autograd.grad([g for g, _ in pairs], dummy, [t for _, t in pairs])
 
     def optimizer_step(model, opt):
-        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3 for p in model.parameters()]
+        grads = [randn(p.shape, p.dtype) * 1e-3 for p in model.parameters()]
 
         def run():
             for p, g in zip(model.parameters(), grads):
@@ -197,7 +203,7 @@ def floor_passes(models, args) -> dict[str, list[float]]:
     from fastmeta.engine.optimizer import optimizer_update
 
     s_named = {n: p for n, p in s_copy.named_parameters() if p.requires_grad}
-    s_grads = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3 for n, p in s_named.items()}
+    s_grads = {n: randn(p.shape, p.dtype) * 1e-3 for n, p in s_named.items()}
 
     theta = {n: p.detach() for n, p in s_named.items()}
 
@@ -224,7 +230,7 @@ def floor_passes(models, args) -> dict[str, list[float]]:
         pass
     out = {}
     for name, fn in passes.items():
-        out[name] = _time(fn, args.floor_repeats, 1)
+        out[name] = _time(fn, args.floor_repeats, 1, device)
     return out
 
 
@@ -267,6 +273,13 @@ def profile_steps(models, args) -> str:
         prof.export_chrome_trace(args.trace)
     averages = prof.key_averages(group_by_input_shape=args.record_shapes)
     ops = averages.table(sort_by="self_cpu_time_total", row_limit=args.row_limit)
+    if ProfilerActivity.CUDA in activities:  # the GPU's own time too (torch < 2.4 names it "cuda")
+        for key in ("self_device_time_total", "self_cuda_time_total"):
+            try:
+                ops += "\n\nby GPU self time:\n" + averages.table(sort_by=key, row_limit=args.row_limit)
+                break
+            except (AttributeError, KeyError, ValueError):
+                continue
     phases = [e for e in averages if e.key.startswith("fastmeta.")]
     phases.sort(key=lambda e: -e.cpu_time_total)
     lines = ["", f"phases (record_function ranges, totals over {args.steps} steps):"]
@@ -281,17 +294,20 @@ def main(argv=None) -> dict:
     p.add_argument("--hypergrad", default="exact")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--model", default="minilm", choices=["minilm", "tiny", "bert-base"])
+    p.add_argument("--model", default=None, choices=["minilm", "tiny", "bert-base"],
+                   help="default: minilm on cpu, bert-base on cuda (bench.meta_step's settings)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--steps", type=int, default=3, help="timed steps (median per phase)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--floor-repeats", type=int, default=3)
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--profile", action="store_true", help="also run the timed steps under torch.profiler")
     p.add_argument("--record-shapes", action="store_true")
-    p.add_argument("--memory", action="store_true", help="also the peak RSS reached inside each phase (Linux)")
+    p.add_argument("--memory", action="store_true",
+                   help="also the peak memory reached inside each phase (CUDA: max_memory_allocated; CPU: RSS, Linux)")
     p.add_argument("--row-limit", type=int, default=25)
     p.add_argument("--trace", default=None, help="Chrome trace path (with --profile)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default 1 on cpu; unset on cuda)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--teacher-lr", type=float, default=2e-5)
     p.add_argument("--student-lr", type=float, default=5e-5)
@@ -305,11 +321,17 @@ def main(argv=None) -> dict:
                    help="extra meta_step option, e.g. --option atomic=false --option inner_steps=2")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.model is None:
+        args.model = "bert-base" if args.device == "cuda" else "minilm"
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
 
     import torch
 
     from bench import common
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
     common.quiet_transformers()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -319,7 +341,9 @@ def main(argv=None) -> dict:
     phases = {k: _median([r[k] for r in records if k in r]) for k in keys}
     report: dict[str, Any] = {"config": vars(args), "phases": phases, "steps": records}
     name = f"{args.algorithm}/{args.hypergrad} bs{args.batch_size}"
-    print(f"== {name}: step phases, median of {args.steps} ({args.threads} thread(s))")
+    where = args.device if args.device == "cpu" else f"cuda: {torch.cuda.get_device_name()}"
+    print(f"== {name}: step phases, median of {args.steps} ({where}, {args.threads or torch.get_num_threads()} "
+          f"thread(s))")
     for k, v in phases.items():
         print(f"  {k:55s} {v:9.4f} s")
     if not args.no_floor:
@@ -339,14 +363,14 @@ def main(argv=None) -> dict:
         for phase, value, fname, ref, gap in rows:
             print(f"  {phase:45s} {value:8.4f}  {fname:32s} {ref:8.4f} {gap:8.4f}")
     if args.memory:
-        from bench import common
-
-        base = common.current_rss_bytes()
-        with common.phase_peaks("cpu") as peaks:
+        cuda = args.device == "cuda"
+        base = torch.cuda.memory_allocated() if cuda else common.current_rss_bytes()
+        with common.phase_peaks(args.device) as peaks:
             run_steps(models, args, args.steps)
         record = {name: (peak - base) / 2**20 for name, peak in peaks.items()}
         report["phase_peak_mib"] = record
-        print(f"== peak RSS per phase over {args.steps} steps (MiB above the RSS before them)")
+        what = ("max_memory_allocated", "memory allocated") if cuda else ("RSS", "RSS")
+        print(f"== peak {what[0]} per phase over {args.steps} steps (MiB above the {what[1]} before them)")
         for k, v in sorted(record.items(), key=lambda kv: -kv[1]):
             print(f"  {k:55s} {v:9.1f}")
     if args.profile:

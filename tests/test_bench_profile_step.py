@@ -28,3 +28,19 @@ def test_profile_step_smoke(tmp_path, capsys):
     assert StepContext.phase.__qualname__ == "StepContext.phase" and Timer.phase.__qualname__ == "Timer.phase"
     assert json.loads(out.read_text())["floor_s"] == report["floor_s"]
     assert "step vs floor" in capsys.readouterr().out
+
+
+def test_profile_step_device_cuda(tmp_path):
+    """``--device cuda``: bench.meta_step's CUDA setting; without a GPU a clear refusal, not a CPU run."""
+    import pytest
+    import torch
+
+    args = ["--device", "cuda", "--model", "tiny", "--steps", "1", "--warmup", "0", "--floor-repeats", "1",
+            "--memory", "--profile", "--row-limit", "5"]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: torch sees no CUDA device"):
+            profile_step.main(args)
+        return
+    report = profile_step.main(args)
+    assert report["config"]["device"] == "cuda" and report["phases"]["total"] > 0
+    assert "by GPU self time" in report["profile"] and report["phase_peak_mib"]["meta_gradient.student_jvp"] > 0

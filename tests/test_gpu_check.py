@@ -83,7 +83,8 @@ def test_dry_run_end_to_end(tmp_path):
             "meta_step_cpu.json", "meta_step_cpu.png"} <= set(loose)
     with tarfile.open(out / "gpu_check_results.tar.gz") as tar:
         names = tar.getnames()
-    for expected in ("gpu_check_cpu/results/meta_step_cpu.md", "gpu_check_cpu/results/kernels_cpu.json",
+    for expected in ("gpu_check_cpu/results/meta_step_cpu.md", "gpu_check_cpu/results/profile_step_cpu.json",
+                     "gpu_check_cpu/results/kernels_cpu.json",
                      "gpu_check_cpu/results/growth_cpu.json", "gpu_check_cpu/results/growth_cpu.png",
                      "gpu_check_cpu/results/hvp_cpu.md", "gpu_check_cpu/info.json", "gpu_check_cpu/pytest_cpu_0.xml",
                      "gpu_check_cpu/logs/2_tests.log", "gpu_check_cpu/gpu_check.log"):
@@ -94,6 +95,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert "| meta_step | ok |" in md and "| growth | ok |" in md and "## Key figures" in md
     assert "the larger of KD + teacher optimizer state" in md and "with both optimizers' states" in md
     assert "growth: " in md and "peers: " in md
+    assert "profile (metadistil/exact bs4 fp32): step " in md and "largest gaps: " in md
     # stdout ends with the compact summary: the step table and where everything is
     tail = proc.stdout.strip().splitlines()
     assert tail[-1].startswith("summary: ") and any(line.startswith("| **total** |") for line in tail[-4:])
@@ -108,7 +110,7 @@ def test_dry_run_out_of_time_skips_the_rest_and_keeps_what_ran(tmp_path):
     assert status["info"] == "ok"  # always runs (cheap, and says what the machine is)
     assert all(status[n] == "skipped (time)" for n in gpu_check.STEP_NAMES[1:]), status
     assert report["steps"][0]["summary"]["torch"]
-    assert "SKIPPED (time): extension, tests, meta_step, kernels, hvp, growth" in proc.stdout
+    assert "SKIPPED (time): extension, tests, meta_step, profile, kernels, hvp, growth" in proc.stdout
     assert (out / "gpu_check_results.tar.gz").is_file()
 
 
