@@ -60,7 +60,11 @@ memory: one copy of the first-updated model's stepped parameters and of its
 optimizer state; the last update of a step needs no snapshot).
 Schedulers are stepped last, after every check.  On success each stepped
 parameter's ``.grad`` holds the gradient its optimizer used; trainable parameters
-that got no gradient have ``.grad = None``.  ``requires_grad=False`` parameters
+that got no gradient have ``.grad = None``.  Those gradients stay alive until
+something replaces them -- through the whole next ``meta_step``, its peak included
+(one tensor like each trainable parameter of each model) -- so a loop that does not
+read them frees them with ``optimizer.zero_grad()`` after the call, as
+``fastmeta.train`` and ``MetaDistilTrainer`` do.  ``requires_grad=False`` parameters
 are never touched.  Buffers (BatchNorm running statistics) change only through
 the forwards of the step the algorithm actually trains with (the real student
 step's teacher and student forwards; kd's; ikd's course step) -- the engine's and

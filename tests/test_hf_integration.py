@@ -71,6 +71,9 @@ def test_trainer_runs_meta_step(tmp_path, algorithm):
     teacher_moved = any(not torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
     assert student_moved
     assert teacher_moved == (algorithm == "metadistil")
+    # no gradient is left behind to sit through the next step (the student's: the Trainer's own step must
+    # find none; the teacher's: nothing reads it)
+    assert all(p.grad is None for m in (teacher, student) for p in m.parameters())
     # the Trainer's optimizer is the student optimizer: exactly one Adam step per training step
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     steps = {int(s["step"]) for s in inner.state.values()}

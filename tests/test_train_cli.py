@@ -78,6 +78,8 @@ def test_mixed_precision_cpu_autocast_runs(tmp_path, assets, precision):
                    return_models=True)
     teacher, student = result.models
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in student.parameters())
+    # the loop frees the gradients meta_step leaves in .grad (nothing reads them): none sits through a step
+    assert all(p.grad is None for m in (teacher, student) for p in m.parameters())
     assert result.steps == 2
     assert result.tangent_precision == "fp32 (autocast off)"  # the exact JVP left autocast, and says so
     if precision == "fp16":

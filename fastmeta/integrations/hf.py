@@ -22,7 +22,8 @@ How it maps onto the Trainer loop (transformers 4.40 - 5.x):
   student optimizer, so its type, learning rate and schedule (``args.learning_rate``,
   ``lr_scheduler_type``, ...) are the student's as with a plain Trainer.
 * ``meta_step`` applies the student update itself; the returned loss is detached and the
-  student's ``.grad`` are set to None afterwards, so the Trainer's subsequent
+  student's ``.grad`` (and the teacher's: nothing reads them, and freed they do not sit through
+  the next step) are set to None afterwards, so the Trainer's subsequent
   ``optimizer.step()`` is a no-op (AdamW/SGD skip parameters without a gradient) and its
   ``lr_scheduler.step()`` advances the student's schedule exactly once per step.
   Consequently ``args.max_grad_norm`` clipping does not apply to the student's update,
@@ -206,9 +207,12 @@ class MetaDistilTrainer(Trainer):
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
             output = meta_step(self.teacher, student, inputs, quiz, self.teacher_optimizer, student_optimizer,
                                **self.meta_step_kwargs, **options)
-        # meta_step already stepped the student: the Trainer's optimizer.step() must find no gradient
+        # meta_step already stepped the student: the Trainer's optimizer.step() must find no gradient; the
+        # teacher's gradient is read by nothing either (freed, it does not sit through the next step's peak)
         for p in student.parameters():
             p.grad = None
+        if self.teacher_optimizer is not None:
+            self.teacher_optimizer.zero_grad(set_to_none=True)
         self.last_step_output = output
         if output.quiz_loss is not None:
             self._quiz_losses.append(float(output.quiz_loss))

@@ -258,6 +258,11 @@ class _Run(_PreparedRun):
         if loss_scale is not None:
             state.consecutive_skips = 0
             loss_scale.update(found_inf=False)
+        # meta_step leaves the gradients it stepped with in .grad, and nothing here reads them: freed, they
+        # do not sit through the whole next step (one tensor per trainable parameter of each model, alive at
+        # that step's peak: the H200's per-phase peaks put it inside the meta-gradient)
+        for opt in (self.teacher_opt, self.student_opt):
+            opt.zero_grad(set_to_none=True)
         if out.tangent_precision is not None and state.tangent_precision is None:
             state.tangent_precision = out.tangent_precision
             _log(self.verbose, f"[fastmeta.train] student tangent (JVP) precision: {out.tangent_precision}")
