@@ -519,7 +519,7 @@ def _summ_tests(ctx: Context, text: str) -> dict[str, Any]:
 
 
 def _summ_meta_step(ctx: Context, text: str) -> dict[str, Any]:
-    from bench.meta_step import _row_name
+    from bench.meta_step import row_name
 
     data = _load_json(ctx.results_dir / f"meta_step_{ctx.suffix}.json")
     if data is None:
@@ -529,7 +529,7 @@ def _summ_meta_step(ctx: Context, text: str) -> dict[str, Any]:
     for s in data["settings"]:
         rows = {}
         for r in s["steps"]:
-            name = _row_name(r)  # variants keep their own names: "metadistil/exact+double_vjp"
+            name = row_name(r)  # variants keep their own names: "metadistil/exact+double_vjp"
             if "skipped" in r:
                 if r["skipped"] == "time":
                     counts["skipped"] += 1

@@ -47,38 +47,6 @@ METHODS = ("kd", "metadistil/exact", "metadistil/autograd", "metadistil/finite_d
            "metadistil/exact+teacher_recompute", "peer/higher", "peer/torchopt")
 
 
-def parse_method(name: str) -> tuple[str, str | None, str | None, str | None]:
-    """"kd" -> ("kd", None, None, None); "metadistil/exact" -> (..., "exact", None, None); "peer/higher" ->
-    ("metadistil", "autograd", "higher", None); "metadistil/exact+double_vjp" -> (..., "exact", None,
-    "double_vjp"): a ``bench.meta_step`` variant (``+teacher_recompute``: ``teacher_graph="recompute"``)."""
-    if name == "kd":
-        return ("kd", None, None, None)
-    head, _, tail = name.partition("/")
-    if head == "peer" and tail:
-        from bench.peers import PEERS
-
-        if tail not in PEERS:
-            raise SystemExit(f"unknown peer {tail!r}; choose from {PEERS}")
-        return ("metadistil", "autograd", tail, None)
-    tail, _, variant = tail.partition("+")
-    if variant:
-        from fastmeta.engine import STUDENT_TANGENTS, TEACHER_GRAPHS
-
-        # a variant is a non-default value (the default is the plain row), or two joined by "+"
-        parts = variant.split("+")
-        fields = meta_step.variant_fields(variant)
-        known = (len(set(parts)) == len(parts) == sum(v is not None for v in fields.values())
-                 and fields["student_tangent"] in {None, *STUDENT_TANGENTS} - {"jvp"}
-                 and fields["teacher_graph"] in {None, *TEACHER_GRAPHS} - {"keep"})
-        if not known or tail != "exact":
-            raise SystemExit(f"unknown method {name!r}: a variant is exact+double_vjp, exact+teacher_recompute "
-                             "or exact+double_vjp+teacher_recompute")
-        variant = meta_step._variant(fields)  # the canonical order: "double_vjp+teacher_recompute"
-    if head in ("metadistil", "lgtm", "ikd", "reptile") and tail:
-        return (head, tail, None, variant or None)
-    raise SystemExit(f"unknown method {name!r}; e.g. {', '.join(METHODS)}")
-
-
 def cells(args) -> list[tuple[int, int]]:
     """(batch size, seq len), smallest batch x seq first."""
     grid = [(b, s) for s in args.seq_lens for b in args.batch_sizes]
@@ -97,11 +65,11 @@ def run_grid(args, log, deadline: float | None = None, on_progress=None) -> list
                 repeats=args.repeats, threads=args.threads, cache_models=args.isolation == "inprocess",
                 model=args.model, dtype=args.dtype, kind="step")
     runner = _runner(args)
-    methods = [parse_method(m) for m in args.methods]
+    methods = [meta_step.parse_conf_name(m) for m in args.methods]
     rows: list[dict[str, Any]] = []
     for bs, seq in cells(args):
         for alg, hg, peer, variant in methods:
-            name = meta_step._conf_name(alg, hg, peer, variant)  # the method names parse_method reads
+            name = meta_step.conf_name(alg, hg, peer, variant)  # the method names parse_conf_name reads
             row: dict[str, Any] = {"method": name, "algorithm": alg, "hypergrad": hg, "peer": peer,
                                    "variant": variant, "batch_size": bs, "seq_len": seq}
             if deadline is not None and time.time() >= deadline:
@@ -324,7 +292,7 @@ def parse_args(argv=None):
     if args.threads is None and not cuda:
         args.threads = 1
     for m in args.methods:
-        parse_method(m)
+        meta_step.parse_conf_name(m)
     return args
 
 
@@ -360,7 +328,7 @@ def main(argv=None) -> dict[str, Any]:
     deadline = common.resolve_deadline(args.deadline, args.time_budget_s)
     out_dir = Path(args.out_dir)
     stem = args.tag or f"growth_{args.device}"
-    used_peers = sorted({parse_method(m)[2] for m in args.methods} - {None})
+    used_peers = sorted({meta_step.parse_conf_name(m)[2] for m in args.methods} - {None})
 
     def report_for(rows) -> dict[str, Any]:
         skipped = sum(1 for r in rows if r.get("skipped") == "time")

@@ -548,7 +548,7 @@ def variant_fields(variant: str | None) -> dict[str, str | None]:
     return fields
 
 
-def _variant(r: dict[str, Any]) -> str | None:
+def row_variant(r: dict[str, Any]) -> str | None:
     parts = ([r["student_tangent"]] if r.get("student_tangent") else []) + \
         ([TEACHER_GRAPH_PREFIX + r["teacher_graph"]] if r.get("teacher_graph") else [])
     return "+".join(parts) or None
@@ -587,14 +587,48 @@ def keys(args) -> list[tuple[str, str | None, str | None, str | None]]:
     return out
 
 
-def _conf_name(alg: str, hg: str | None, peer: str | None = None, variant: str | None = None) -> str:
+def conf_name(alg: str, hg: str | None, peer: str | None = None, variant: str | None = None) -> str:
     if peer is not None:
         return f"peer/{peer}"
     return (alg if hg is None else f"{alg}/{hg}") + (f"+{variant}" if variant else "")
 
 
-def _row_name(r: dict[str, Any]) -> str:
-    return _conf_name(r["algorithm"], r["hypergrad"], r.get("peer"), _variant(r))
+def parse_conf_name(name: str) -> tuple[str, str | None, str | None, str | None]:
+    """The inverse of :func:`conf_name`, for a name a user typed (``bench.growth --methods``):
+    "kd" -> ("kd", None, None, None); "metadistil/exact" -> (..., "exact", None, None); "peer/higher" ->
+    ("metadistil", "autograd", "higher", None); "metadistil/exact+double_vjp" -> (..., "exact", None,
+    "double_vjp"): a variant (``+teacher_recompute``: ``teacher_graph="recompute"``)."""
+    if name == "kd":
+        return ("kd", None, None, None)
+    head, _, tail = name.partition("/")
+    if head == "peer" and tail:
+        from bench.peers import PEERS
+
+        if tail not in PEERS:
+            raise SystemExit(f"unknown peer {tail!r}; choose from {PEERS}")
+        return ("metadistil", "autograd", tail, None)
+    tail, _, variant = tail.partition("+")
+    if variant:
+        from fastmeta.engine import STUDENT_TANGENTS, TEACHER_GRAPHS
+
+        # a variant is a non-default value (the default is the plain row), or two joined by "+"
+        parts = variant.split("+")
+        fields = variant_fields(variant)
+        known = (len(set(parts)) == len(parts) == sum(v is not None for v in fields.values())
+                 and fields["student_tangent"] in {None, *STUDENT_TANGENTS} - {"jvp"}
+                 and fields["teacher_graph"] in {None, *TEACHER_GRAPHS} - {"keep"})
+        if not known or tail != "exact":
+            raise SystemExit(f"unknown method {name!r}: a variant is exact+double_vjp, exact+teacher_recompute "
+                             "or exact+double_vjp+teacher_recompute")
+        variant = row_variant(fields)  # the canonical order: "double_vjp+teacher_recompute"
+    if head in ("metadistil", "lgtm", "ikd", "reptile") and tail:
+        return (head, tail, None, variant or None)
+    raise SystemExit(f"unknown method {name!r}; e.g. kd, metadistil/exact, metadistil/exact+double_vjp, "
+                     "peer/higher")
+
+
+def row_name(r: dict[str, Any]) -> str:
+    return conf_name(r["algorithm"], r["hypergrad"], r.get("peer"), row_variant(r))
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -614,7 +648,7 @@ def _priority(names: list[str] | None, confs: list[tuple]) -> set:
     """The configurations of ``--priority`` ("kd", "metadistil/exact", "peer/higher", ...); all when not given."""
     if not names:
         return set(confs)
-    by_name = {_conf_name(*c): c for c in confs}
+    by_name = {conf_name(*c): c for c in confs}
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise SystemExit(f"--priority: {unknown} not among this run's configurations {sorted(by_name)}")
@@ -717,7 +751,7 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
             st["floor"].append(floor)
         else:
             alg, hg, peer, variant = conf
-            name = _conf_name(alg, hg, peer, variant)
+            name = conf_name(alg, hg, peer, variant)
             spec.update(algorithm=alg, hypergrad=hg, peer=peer, variant=variant)
             try:
                 res = runner(spec)
@@ -828,7 +862,7 @@ def goals(setting_result: dict[str, Any]) -> dict[str, Any]:
     """The issue's goals for MetaDistil with fastmeta exact (stated for GPU), peers included:
     exact faster and leaner (step memory; peak on CUDA) than every peer that ran."""
     steps = {(r["algorithm"], r["hypergrad"]): r for r in setting_result["steps"]
-             if _ok(r) and not r.get("peer") and not _variant(r)}
+             if _ok(r) and not r.get("peer") and not row_variant(r)}
     exact = steps.get(("metadistil", "exact"))
     auto = steps.get(("metadistil", "autograd"))
     out: dict[str, Any] = {}
@@ -987,7 +1021,7 @@ def render_chart(report: dict[str, Any], path: Path) -> bool:
     for s in settings:
         ok = [r for r in s["steps"] if _ok(r)]
         prefix = f"{s['label']}: " if len(settings) > 1 else ""
-        labels += [prefix + _row_name(r) for r in ok]
+        labels += [prefix + row_name(r) for r in ok]
         times += [r["time_vs_kd"] for r in ok]
         mems += [r[mem_key] for r in ok]
     if not labels:

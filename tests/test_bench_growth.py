@@ -6,24 +6,24 @@ import math
 
 import pytest
 
-from bench import growth
+from bench import growth, meta_step
 
 
 def test_methods_cells_and_defaults():
-    assert growth.parse_method("kd") == ("kd", None, None, None)
-    assert growth.parse_method("metadistil/finite_diff") == ("metadistil", "finite_diff", None, None)
-    assert growth.parse_method("peer/torchopt") == ("metadistil", "autograd", "torchopt", None)
-    assert growth.parse_method("metadistil/exact+double_vjp") == ("metadistil", "exact", None, "double_vjp")
-    assert growth.parse_method("metadistil/exact+teacher_recompute") == ("metadistil", "exact", None,
+    assert meta_step.parse_conf_name("kd") == ("kd", None, None, None)
+    assert meta_step.parse_conf_name("metadistil/finite_diff") == ("metadistil", "finite_diff", None, None)
+    assert meta_step.parse_conf_name("peer/torchopt") == ("metadistil", "autograd", "torchopt", None)
+    assert meta_step.parse_conf_name("metadistil/exact+double_vjp") == ("metadistil", "exact", None, "double_vjp")
+    assert meta_step.parse_conf_name("metadistil/exact+teacher_recompute") == ("metadistil", "exact", None,
                                                                          "teacher_recompute")
     for name in ("metadistil/exact+double_vjp+teacher_recompute", "metadistil/exact+teacher_recompute+double_vjp"):
-        assert growth.parse_method(name) == ("metadistil", "exact", None, "double_vjp+teacher_recompute")
+        assert meta_step.parse_conf_name(name) == ("metadistil", "exact", None, "double_vjp+teacher_recompute")
     for bad in ("peer/jax", "magic", "metadistil", "metadistil/exact+teacher_drop", "metadistil/exact+jvp2",
                 "metadistil/exact+jvp", "metadistil/exact+teacher_keep", "metadistil/autograd+double_vjp",
                 "metadistil/exact+double_vjp+double_vjp", "metadistil/exact+teacher_recompute+teacher_recompute",
                 "metadistil/exact+double_vjp+jvp", "metadistil/exact+double_vjp+teacher_keep"):
         with pytest.raises(SystemExit):
-            growth.parse_method(bad)
+            meta_step.parse_conf_name(bad)
     args = growth.parse_args([])
     assert (args.model, args.batch_sizes, args.seq_lens, args.warmup, args.repeats, args.isolation, args.threads) == \
         ("minilm", [4, 16, 32], [128, 256], 1, 1, "subprocess", 1)

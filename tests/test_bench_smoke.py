@@ -171,7 +171,7 @@ def _check_meta_step_report(report, out_dir):
     assert {p["kind"] for p in floor["passes"].values()} == {"pass", "optimizer update"}
     assert math.isclose(floor["floor_s"], sum(p["median_s"] * p["count"] for p in floor["passes"].values()))
     assert floor["floor_passes_only_s"] < floor["floor_s"] and "optimizer update" in floor["definition"]
-    steps = {(r["algorithm"], r["hypergrad"], r["peer"]) + ((meta_step._variant(r),) if meta_step._variant(r) else ()): r
+    steps = {(r["algorithm"], r["hypergrad"], r["peer"]) + ((meta_step.row_variant(r),) if meta_step.row_variant(r) else ()): r
              for r in setting["steps"]}
     assert ("kd", None, None) in steps
     for r in steps.values():
