@@ -89,6 +89,8 @@ def setup(args):
     teacher, student = meta_step.build_models(args.model, seed=args.seed, attn=args.attn, dropout=args.dropout)
     teacher.to(args.device)
     student.to(args.device)
+    if args.teacher_checkpointing:  # HF activation checkpointing of the teacher's layers (the engine supports it)
+        teacher.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     gen = torch.Generator().manual_seed(args.seed + 1)
     vocab = teacher.config.vocab_size
     seq = args.seq_len or (16 if args.model == "tiny" else 128)
@@ -317,6 +319,9 @@ def main(argv=None) -> dict:
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-checkpointing", action="store_true",
+                   help="the teacher's layers under activation checkpointing (gradient_checkpointing_enable): "
+                        "its backward recomputes each layer instead of keeping the activations")
     p.add_argument("--option", action="append", metavar="KEY=JSON",
                    help="extra meta_step option, e.g. --option atomic=false --option inner_steps=2")
     p.add_argument("--json", default=None)
@@ -369,8 +374,10 @@ def main(argv=None) -> dict:
             run_steps(models, args, args.steps)
         record = {name: (peak - base) / 2**20 for name, peak in peaks.items()}
         report["phase_peak_mib"] = record
+        report["memory_before_mib"] = base / 2**20  # absolute peak = this + a phase's figure
         what = ("max_memory_allocated", "memory allocated") if cuda else ("RSS", "RSS")
-        print(f"== peak {what[0]} per phase over {args.steps} steps (MiB above the {what[1]} before them)")
+        print(f"== peak {what[0]} per phase over {args.steps} steps (MiB above the {what[1]} before them: "
+              f"{base / 2**20:.1f} MiB)")
         for k, v in sorted(record.items(), key=lambda kv: -kv[1]):
             print(f"  {k:55s} {v:9.1f}")
     if args.profile:
