@@ -151,6 +151,34 @@ def peak_rss_bytes() -> int:
     return int(kib) * 1024
 
 
+def trim_heap() -> bool:
+    """Give the C heap's free memory back to the OS (glibc ``malloc_trim(0)``); False where unavailable.
+
+    glibc keeps freed memory resident once its mmap threshold has grown, so after earlier work the
+    RSS (and a peak measured from it) includes memory nothing uses any more."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def peak_of(device: str, fn: Callable[[], Any]) -> int:
+    """The peak memory while ``fn()`` runs once, everything alive before it included: CUDA's
+    ``max_memory_allocated`` (exact), on CPU the process's peak RSS after trimming the heap and
+    resetting the peak (roughly: the RSS still holds the interpreter, libraries and fragmentation)."""
+    if device == "cuda":
+        reset_cuda_peak()
+        fn()
+        return cuda_peak_bytes()
+    trim_heap()
+    reset_peak_rss()
+    fn()
+    return peak_rss_bytes()
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's VmHWM to its current RSS (Linux >= 4.0: ``5 > clear_refs``).
 

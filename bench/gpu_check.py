@@ -18,10 +18,11 @@ step runs with the checkout first on ``PYTHONPATH`` (``fastmeta/__init__.py`` mo
                   (necessary passes + necessary optimizer updates) and the peers' MetaDistil steps
                   (higher, TorchOpt: ``bench/peers.py``); kd, metadistil/exact, metadistil/autograd
                   and the peers of every setting first;
-5. ``profile``    ``bench.profile_step --device cuda --profile --memory``: MetaDistil exact at batch 4
-                  (BERT-base -> 6 layers, fp32, the setting furthest from its floor): every phase
-                  against its floor pass timed alone, the peak inside every phase, and the ops by CPU
-                  and by GPU self time under torch.profiler (``profile_step_cuda.json``);
+5. ``profile``    ``bench.profile_step --device cuda --profile --memory``: MetaDistil exact steps at
+                  batch 4 (BERT-base -> 6 layers, fp32, the setting furthest from its floor; 2 warm-up
+                  + 5 timed steps, 5 more for the per-phase peaks, 5 under torch.profiler): every
+                  phase against its floor pass timed alone, the peak inside every phase, and the ops
+                  by CPU and by GPU self time (``profile_step_cuda.json``);
 6. ``kernels``    ``bench.kernels`` with short timing (torch.compile cases last);
 7. ``hvp``        ``bench.hvp --device cuda`` (BERT-base -> 6 layers, batch 32);
 8. ``growth``     ``bench.growth --device cuda`` (low priority: last): step time and step memory of
@@ -273,7 +274,8 @@ def make_steps(dry_run: bool) -> list[Step]:
              margin_s=20 * scale),
         Step("meta_step", cap_s=220 * scale, min_s=30 * scale, estimate_s=200, command=_meta_step_cmd,
              margin_s=15 * scale),
-        # one exact step under torch.profiler, per-phase peaks, each floor pass alone: where the gap to the floor is
+        # exact steps timed by phase, under torch.profiler and with per-phase peaks, and each floor pass alone:
+        # where the gap to the floor is
         Step("profile", cap_s=90 * scale, min_s=40 * scale, estimate_s=45, command=_profile_cmd,
              internal_deadline=False),
         Step("kernels", cap_s=100 * scale, min_s=20 * scale, estimate_s=45, command=_kernels_cmd,
@@ -563,7 +565,9 @@ def _summ_profile(ctx: Context, text: str) -> dict[str, Any]:
         return {}
     phases = data.get("phases", {})
     gaps = sorted(data.get("gaps", []), key=lambda row: -row[4])[:4]  # (phase, step s, floor pass, floor s, gap s)
-    return {"total_s": phases.get("total"), "floor_s": data.get("floor_s"),
+    cfg = data.get("config", {})
+    return {"label": f"{cfg.get('algorithm')}/{cfg.get('hypergrad')} {cfg.get('model')} bs{cfg.get('batch_size')}",
+            "total_s": phases.get("total"), "floor_s": data.get("floor_s"),
             "largest_gaps": [{"phase": g[0], "step_s": g[1], "floor_s": g[3], "gap_s": g[4]} for g in gaps],
             "peak_mib": sorted(data.get("phase_peak_mib", {}).items(), key=lambda kv: -kv[1])[:3]}
 
@@ -873,7 +877,7 @@ def key_figures(report: dict[str, Any]) -> list[str]:
             lines += [f"    FAILED {e}" for e in errs[:5]]
     pf = steps.get("profile", {}).get("summary") or {}
     if pf.get("total_s"):
-        lines.append(f"profile (metadistil/exact bs4 fp32): step {_fmt_s(pf['total_s'])} s, floor "
+        lines.append(f"profile ({pf.get('label')}): step {_fmt_s(pf['total_s'])} s, floor "
                      f"{_fmt_s(pf.get('floor_s'))} s; largest gaps: " + ", ".join(
                          f"{g['phase']} {g['step_s'] * 1e3:.1f} ms vs {g['floor_s'] * 1e3:.1f} ms"
                          for g in pf.get("largest_gaps", []))

@@ -415,7 +415,7 @@ def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
     mem = _memory_end(device, mem)
     memory_items = teacher_memory_items(teacher, teacher_opt)  # the teacher optimizer's state exists now
     tangents.clear()  # the JVP's random direction is no state of any training step
-    memory_items["teacher_backward_peak_bytes"] = _peak_of(device, teacher_fwd_bwd)
+    memory_items["teacher_backward_peak_bytes"] = common.peak_of(device, teacher_fwd_bwd)
     clear()
     floor = sum(r["median_s"] * r["count"] for r in results.values())
     passes_s = sum(r["median_s"] * r["count"] for r in results.values() if r["kind"] == "pass")
@@ -424,18 +424,6 @@ def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
         "definition": FLOOR_DEFINITION.format(optimizer=spec["optimizer"]),
         "memory": mem, "memory_items": memory_items,
     }
-
-
-def _peak_of(device: str, fn) -> int:
-    """The peak memory while ``fn()`` runs once, everything alive before it included: CUDA's
-    ``max_memory_allocated`` (exact), on CPU the process's peak RSS after a reset (roughly)."""
-    if device == "cuda":
-        common.reset_cuda_peak()
-        fn()
-        return common.cuda_peak_bytes()
-    common.reset_peak_rss()
-    fn()
-    return common.peak_rss_bytes()
 
 
 def teacher_memory_items(teacher, teacher_opt) -> dict[str, int]:

@@ -44,7 +44,7 @@ import contextlib
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # phase of StepOutput.timings -> (floor pass, how many of it the phase needs)
 FLOOR_OF_PHASE = {
@@ -70,13 +70,6 @@ FLOOR_PASSES = {  # name -> count in the floor
 
 def _median(values):
     return float(statistics.median(values)) if values else float("nan")
-
-
-def _time(fn: Callable[[], Any], repeats: int, warmup: int, device: str = "cpu") -> list[float]:
-    """Wall times of ``repeats`` calls (CUDA events on a GPU: ``bench.common.time_calls``)."""
-    from bench import common
-
-    return common.time_calls(fn, repeats=repeats, warmup=warmup, device=device)
 
 
 def setup(args):
@@ -137,6 +130,7 @@ def floor_passes(models, args) -> dict[str, list[float]]:
     import torch
     from torch.func import functional_call, jvp
 
+    from bench import common
     from fastmeta.functional import math_attention
 
     teacher, student, batch, quiz, teacher_opt, student_opt = models
@@ -232,7 +226,7 @@ def floor_passes(models, args) -> dict[str, list[float]]:
         pass
     out = {}
     for name, fn in passes.items():
-        out[name] = _time(fn, args.floor_repeats, 1, device)
+        out[name] = common.time_calls(fn, repeats=args.floor_repeats, warmup=1, device=device)
     return out
 
 
@@ -344,7 +338,9 @@ def main(argv=None) -> dict:
     records = run_steps(models, args, args.warmup + args.steps)[args.warmup:]
     keys = list(dict.fromkeys(k for r in records for k in r))
     phases = {k: _median([r[k] for r in records if k in r]) for k in keys}
-    report: dict[str, Any] = {"config": vars(args), "phases": phases, "steps": records}
+    report: dict[str, Any] = {"config": vars(args), "phases": phases, "steps": records,
+                              "teacher_checkpointing_active": bool(getattr(models[0], "is_gradient_checkpointing",
+                                                                           False))}
     name = f"{args.algorithm}/{args.hypergrad} bs{args.batch_size}"
     where = args.device if args.device == "cpu" else f"cuda: {torch.cuda.get_device_name()}"
     print(f"== {name}: step phases, median of {args.steps} ({where}, {args.threads or torch.get_num_threads()} "

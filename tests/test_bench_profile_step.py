@@ -27,6 +27,7 @@ def test_profile_step_smoke(tmp_path, capsys):
 
     assert StepContext.phase.__qualname__ == "StepContext.phase" and Timer.phase.__qualname__ == "Timer.phase"
     assert json.loads(out.read_text())["floor_s"] == report["floor_s"]
+    assert report["teacher_checkpointing_active"] is False
     assert "step vs floor" in capsys.readouterr().out
 
 
@@ -44,3 +45,12 @@ def test_profile_step_device_cuda(tmp_path):
     report = profile_step.main(args)
     assert report["config"]["device"] == "cuda" and report["phases"]["total"] > 0
     assert "by GPU self time" in report["profile"] and report["phase_peak_mib"]["meta_gradient.student_jvp"] > 0
+
+
+def test_profile_step_teacher_checkpointing():
+    """``--teacher-checkpointing``: the teacher's layers run under HF activation checkpointing (its
+    backward recomputes them), and the step still runs and reports its phases and peaks."""
+    report = profile_step.main(["--model", "tiny", "--steps", "1", "--warmup", "0", "--no-floor", "--memory",
+                                "--teacher-checkpointing", "--option", 'teacher_graph="recompute"'])
+    assert report["teacher_checkpointing_active"] and report["phases"]["total"] > 0
+    assert "meta_gradient.teacher_recompute" in report["phases"] and report["memory_before_mib"] > 0

@@ -95,7 +95,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert "| meta_step | ok |" in md and "| growth | ok |" in md and "## Key figures" in md
     assert "the larger of KD + teacher optimizer state" in md and "with both optimizers' states" in md
     assert "growth: " in md and "peers: " in md
-    assert "profile (metadistil/exact bs4 fp32): step " in md and "largest gaps: " in md
+    assert "profile (metadistil/exact tiny bs2): step " in md and "largest gaps: " in md
     # stdout ends with the compact summary: the step table and where everything is
     tail = proc.stdout.strip().splitlines()
     assert tail[-1].startswith("summary: ") and any(line.startswith("| **total** |") for line in tail[-4:])

@@ -11,6 +11,7 @@ restores saved copies, so "bitwise" holds on CUDA too.  Pure argument validation
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -227,6 +228,7 @@ def test_undo_snapshot_is_freed_after_the_step_on_cuda():
     left = {}
     for atomic in (None, True, False):  # None: a warm-up round (atomic=False), not measured: CUDA's
         # lazily made workspaces (cuBLAS) would otherwise count in the first measured round only
+        gc.collect()  # nothing of the previous round may be freed in the middle of this one
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         teacher, student, opt_t, opt_s = setup("metadistil", "exact", device=torch.device("cuda"))

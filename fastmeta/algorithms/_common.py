@@ -100,17 +100,18 @@ def _restored(saved):
 
 
 # Snapshot buffers kept across steps, per optimizer, on the CPU only: {"params" | "state": [signature,
-# copies, in_use]}.  Copying into kept buffers instead of fresh ones halves the snapshot's time on the
-# CPU (no page faults: measured 43 ms instead of 81 ms for a MiniLM teacher's 22.7M parameters + AdamW
-# state), at the price of the copies staying allocated between steps.  On CUDA the caching allocator
+# copies, in_use]}.  Copying into kept buffers instead of fresh ones saves the page faults of fresh
+# memory on the CPU (the snapshot alone: 53 ms instead of ~81 ms for a MiniLM teacher's 22.7M parameters
+# + AdamW state, 2026-11-27), at the price of the copies staying allocated between steps.  On CUDA the caching allocator
 # hands a freed block back at no cost, so keeping only raises the peak: by the snapshot's size
 # wherever the step peaks outside the snapshot's life (H200, BERT-base teacher, bs32 fp32: 8.15 GiB
-# instead of 6.93 GiB, in the quiz's forward/backward), and CUDA snapshots are fresh copies, freed at
+# instead of 6.92 GiB, in the quiz's forward/backward), and CUDA snapshots are fresh copies, freed at
 # the end of the step.  On the CPU the trade was measured in one step (bench.profile_step, MiniLM
 # teacher, bs 4, 2 threads, 2026-11-28): fresh copies there took the teacher_update phase from 0.203 s
-# to 0.286 s and did not lower the peak RSS (that step peaks while the snapshot is alive anyway).  A buffer is used by one live snapshot at a time (another snapshot of the same
-# optimizer meanwhile gets fresh copies), and the state's is given up after a rollback: the optimizer
-# then holds those very tensors.
+# to 0.286 s and did not lower the peak RSS (that step peaks while the snapshot is alive anyway).
+# A buffer is used by one live snapshot at a time (another snapshot of the same optimizer meanwhile
+# gets fresh copies), and the state's is given up after a rollback: the optimizer then holds those
+# very tensors.
 _KEPT: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -133,8 +134,7 @@ def _kept_copies(optimizer: torch.optim.Optimizer, kind: str, tensors: List[torc
         kept[kind] = entry
         return entry[1], entry
     entry[2] = True
-    if tensors:
-        torch._foreach_copy_(entry[1], tensors)
+    torch._foreach_copy_(entry[1], tensors)
     return entry[1], entry
 
 
