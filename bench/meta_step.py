@@ -328,27 +328,44 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
                 memory=mem, parameters_finite_after=finite, torch_threads=torch.get_num_threads())
 
 
-def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time the passes a MetaDistil step cannot avoid, each alone."""
+# The floor's items: name -> (how many of it a MetaDistil step needs, kind).  FLOOR_DEFINITION says it in words.
+FLOOR_ITEMS = {
+    "teacher_forward_backward": (1, "pass"),
+    "teacher_forward": (1, "pass"),
+    "student_forward_backward_train": (2, "pass"),
+    "student_forward_backward_quiz": (1, "pass"),
+    "student_jvp": (1, "pass"),
+    "teacher_update": (1, "optimizer update"),
+    "student_update": (1, "optimizer update"),
+}
+
+
+def floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, *, device: str, dtype: str,
+                seed: int) -> dict[str, Any]:
+    """``{name: fn}`` for every item of :data:`FLOOR_ITEMS` on these models: the one home of the floor's
+    passes (``worker_floor`` times them here, ``bench.profile_step`` on copies of its models).
+
+    Passes write ``.grad`` as a plain training loop does (cleared first); the JVP runs under math
+    attention; an optimizer update is the optimizer's own ``step()`` with gradients set once, outside
+    the call (zeros: the same work; its state exists after the first call).  The models move when an
+    update item runs: time them on models nothing else uses."""
     import torch
     from torch.func import functional_call, jvp
 
-    device = spec["device"]
-    teacher, student, batch, quiz, teacher_opt, student_opt = _setup(spec)
+    from fastmeta.functional import math_attention
+
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     quiz_inputs = {k: v for k, v in quiz.items() if k != "labels"}
     labels, quiz_labels = batch["labels"], quiz["labels"]
-    ac = lambda: _autocast(device, spec["dtype"])  # noqa: E731
-    rep, warm = spec["repeats"], spec["warmup"]
-    gen = torch.Generator().manual_seed(spec["seed"] + 7)
+    ac = lambda: _autocast(device, dtype)  # noqa: E731
+    gen = torch.Generator().manual_seed(seed + 7)  # drawn on the CPU (the same numbers on every device)
 
     def clear():
         for m in (teacher, student):
             for p in m.parameters():
                 p.grad = None
 
-    num_labels = teacher.config.num_labels
-    cot = torch.randn(labels.shape[0], num_labels, generator=gen).to(device)
+    cot = torch.randn(labels.shape[0], teacher.config.num_labels, generator=gen).to(device)
 
     def teacher_fwd_bwd():
         clear()
@@ -369,53 +386,63 @@ def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
         return run
 
     params = {n: p.detach() for n, p in student.named_parameters()}
-    tangents = {n: torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype)
-                for n, p in params.items()}
+    tangents = {n: torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype) for n, p in params.items()}
 
     def student_jvp():
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         def f(p):
             return functional_call(student, p, args=(), kwargs=inputs).logits
-        with sdpa_kernel(SDPBackend.MATH), ac():
+        with math_attention(), ac():
             jvp(f, (params,), (tangents,))
 
-    def set_zero_grads(model):
-        for p in model.parameters():
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
+    def optimizer_update(model, opt):
+        ready = []
 
-    def optimizer_update(opt):
-        # the optimizer's own step (its state exists after the warm-up); gradients are set once,
-        # outside the timing, as the step finds them (assigned by autograd, nothing to copy)
         def run():
+            if not ready:  # gradients set once, outside the timed calls after the first (a warm-up)
+                clear()
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
+                ready.append(True)
             with torch.no_grad():
                 opt.step()
         return run
 
-    mem = _memory_start(device)
-    passes = {
-        "teacher_forward_backward": (teacher_fwd_bwd, 1),
-        "teacher_forward": (teacher_fwd, 1),
-        "student_forward_backward_train": (student_fwd_bwd(inputs, labels), 2),
-        "student_forward_backward_quiz": (student_fwd_bwd(quiz_inputs, quiz_labels), 1),
-        "student_jvp": (student_jvp, 1),
+    return {
+        "teacher_forward_backward": teacher_fwd_bwd,
+        "teacher_forward": teacher_fwd,
+        "student_forward_backward_train": student_fwd_bwd(inputs, labels),
+        "student_forward_backward_quiz": student_fwd_bwd(quiz_inputs, quiz_labels),
+        "student_jvp": student_jvp,
+        "teacher_update": optimizer_update(teacher, teacher_opt),
+        "student_update": optimizer_update(student, student_opt),
+        "_clear": clear,  # not an item: drops every .grad the items left
+        "_tangents": tangents,  # not an item: the JVP's random direction (no state of any step)
     }
+
+
+def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time the passes and updates a MetaDistil step cannot avoid, each alone (:func:`floor_items`)."""
+    device = spec["device"]
+    teacher, student, batch, quiz, teacher_opt, student_opt = _setup(spec)
+    rep, warm = spec["repeats"], spec["warmup"]
+    items = floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, device=device,
+                        dtype=spec["dtype"], seed=spec["seed"])
+    clear = items["_clear"]
+    mem = _memory_start(device)
     results: dict[str, Any] = {}
-    for name, (fn, count) in passes.items():
-        times = common.time_calls(fn, repeats=rep, warmup=warm, device=device)
-        results[name] = {"times_s": times, "median_s": common.median(times), "count": count, "kind": "pass"}
-    clear()
-    updates = {"teacher_update": (teacher, teacher_opt), "student_update": (student, student_opt)}
-    for name, (model, opt) in updates.items():
-        set_zero_grads(model)
-        times = common.time_calls(optimizer_update(opt), repeats=rep, warmup=max(warm, 1), device=device)
-        results[name] = {"times_s": times, "median_s": common.median(times), "count": 1, "kind": "optimizer update"}
+    for name, (count, kind) in FLOOR_ITEMS.items():
+        # an update's first call sets its gradients and creates the optimizer's state: at least one warm-up
+        warmup = max(warm, 1) if kind == "optimizer update" else warm
+        times = common.time_calls(items[name], repeats=rep, warmup=warmup, device=device)
+        results[name] = {"times_s": times, "median_s": common.median(times), "count": count, "kind": kind}
+        if kind == "optimizer update":
+            clear()
     clear()
     mem = _memory_end(device, mem)
     memory_items = teacher_memory_items(teacher, teacher_opt)  # the teacher optimizer's state exists now
-    tangents.clear()  # the JVP's random direction is no state of any training step
-    memory_items["teacher_backward_peak_bytes"] = common.peak_of(device, teacher_fwd_bwd)
+    items["_tangents"].clear()  # the JVP's random direction is no state of any training step
+    memory_items["teacher_backward_peak_bytes"] = common.peak_of(device, items["teacher_forward_backward"])
     clear()
     floor = sum(r["median_s"] * r["count"] for r in results.values())
     passes_s = sum(r["median_s"] * r["count"] for r in results.values() if r["kind"] == "pass")

@@ -40,32 +40,29 @@ noisy: compare figures from the same run (the gap column), repeat, take medians.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-# phase of StepOutput.timings -> (floor pass, how many of it the phase needs)
+# phase of StepOutput.timings -> (floor item of bench.meta_step.FLOOR_ITEMS, how many of it the phase needs)
 FLOOR_OF_PHASE = {
     "meta_gradient.teacher_forward": ("teacher_forward_backward", 1),  # + meta_gradient.teacher_backward
     "meta_gradient.student_forward_backward": ("student_forward_backward_train", 1),
     "meta_gradient.quiz_forward_backward": ("student_forward_backward_quiz", 1),
     "meta_gradient.student_jvp": ("student_jvp", 1),
-    "teacher_update": ("teacher_optimizer_step", 1),
+    "teacher_update": ("teacher_update", 1),
     "student_step.teacher_forward": ("teacher_forward", 1),
     "student_step.forward_backward": ("student_forward_backward_train", 1),
-    "student_update": ("student_optimizer_step", 1),
+    "student_update": ("student_update", 1),
 }
-FLOOR_PASSES = {  # name -> count in the floor
-    "teacher_forward_backward": 1,
-    "teacher_forward": 1,
-    "student_forward_backward_train": 2,
-    "student_forward_backward_quiz": 1,
-    "student_jvp": 1,
-    "teacher_optimizer_step": 1,
-    "student_optimizer_step": 1,
-}
+
+
+def floor_counts() -> dict[str, int]:
+    """name -> count in the floor (``bench.meta_step.FLOOR_ITEMS``, the one definition)."""
+    from bench.meta_step import FLOOR_ITEMS
+
+    return {name: count for name, (count, _) in FLOOR_ITEMS.items()}
 
 
 def _median(values):
@@ -124,109 +121,71 @@ def run_steps(models, args, n: int) -> list[dict]:
 
 
 def floor_passes(models, args) -> dict[str, list[float]]:
-    """Every floor pass (and the diagnostics) timed alone on ``models``; the models are left as found."""
+    """Every floor item (``bench.meta_step.floor_items``, on copies of the models and optimizers: its
+    updates move what they step) and the diagnostics timed alone; the models are left as found."""
     import copy
 
     import torch
-    from torch.func import functional_call, jvp
 
     from bench import common
+    from bench.meta_step import floor_items
     from fastmeta.functional import math_attention
 
     teacher, student, batch, quiz, teacher_opt, student_opt = models
-    # the optimizer steps must not move the models the steps use: work on copies
+    device = args.device
     t_copy, s_copy = copy.deepcopy(teacher), copy.deepcopy(student)
     opt_cls = type(teacher_opt)
     t_opt = opt_cls(t_copy.parameters(), lr=args.teacher_lr)
     s_opt = opt_cls(s_copy.parameters(), lr=args.student_lr)
     t_opt.load_state_dict(teacher_opt.state_dict())
     s_opt.load_state_dict(student_opt.state_dict())
+    items = floor_items(t_copy, s_copy, batch, quiz, t_opt, s_opt, device=device, dtype="fp32", seed=args.seed)
+    passes = {name: items[name] for name in floor_counts()}
+
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    q_inputs = {k: v for k, v in quiz.items() if k != "labels"}
-    labels, q_labels = batch["labels"], quiz["labels"]
-    gen = torch.Generator().manual_seed(args.seed + 7)
-    device = args.device
+    labels = batch["labels"]
+    s_params = [p for p in s_copy.parameters() if p.requires_grad]
+    tangents = items["_tangents"]
 
-    def randn(shape, dtype=torch.float32):  # drawn on the CPU (the same numbers on every device), then moved
-        return torch.randn(shape, generator=gen, dtype=dtype).to(device)
-
-    cot = randn((labels.shape[0], teacher.config.num_labels))
-    t_params = [p for p in teacher.parameters() if p.requires_grad]
-    s_params = [p for p in student.parameters() if p.requires_grad]
-
-    def teacher_fwd_bwd():
-        logits = teacher(**inputs).logits
-        torch.autograd.grad(logits, t_params, cot, allow_unused=True)
-
-    def teacher_fwd():
-        with torch.no_grad():
-            teacher(**inputs)
-
-    def student_fwd_bwd(kw, y, ctx=contextlib.nullcontext):
-        def run():
-            with ctx():
-                logits = student(**kw).logits
-                loss = torch.nn.functional.cross_entropy(logits, y)
-            torch.autograd.grad(loss, s_params, allow_unused=True)
-        return run
-
-    params = {n: p.detach() for n, p in student.named_parameters()}
-    tangents = {n: randn(p.shape, p.dtype) for n, p in params.items()}
-
-    def student_jvp():
-        def f(p):
-            return functional_call(student, p, args=(), kwargs=inputs).logits
-        with torch.no_grad(), math_attention():
-            jvp(f, (params,), (tangents,))
+    def student_fwd_bwd_math():
+        with math_attention():
+            logits = s_copy(**inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+        torch.autograd.grad(loss, s_params, allow_unused=True)
 
     def double_vjp():
         with math_attention():
-            logits = student(**inputs).logits
+            logits = s_copy(**inputs).logits
             dummy = torch.zeros_like(logits, requires_grad=True)
             grads = torch.autograd.grad(logits, s_params, dummy, create_graph=True, allow_unused=True)
-            pairs = [(g, tangents[n]) for g, (n, p) in zip(grads, student.named_parameters()) if g is not None]
+            pairs = [(g, tangents[n]) for g, (n, p) in zip(grads, s_copy.named_parameters()) if g is not None]
             torch.autograd.grad([g for g, _ in pairs], dummy, [t for _, t in pairs])
-
-    def optimizer_step(model, opt):
-        grads = [randn(p.shape, p.dtype) * 1e-3 for p in model.parameters()]
-
-        def run():
-            for p, g in zip(model.parameters(), grads):
-                p.grad = g
-            opt.step()
-        return run
 
     from fastmeta.engine.optimizer import optimizer_update
 
+    gen = torch.Generator().manual_seed(args.seed + 11)
     s_named = {n: p for n, p in s_copy.named_parameters() if p.requires_grad}
-    s_grads = {n: randn(p.shape, p.dtype) * 1e-3 for n, p in s_named.items()}
-
+    s_grads = {n: (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=p.dtype)
+               for n, p in s_named.items()}
     theta = {n: p.detach() for n, p in s_named.items()}
 
     def pilot_alone():
         update = optimizer_update(s_named, s_opt, inner_lr=None)
         update.pilot(theta, s_grads, update.states)
 
-    passes = {
-        "teacher_forward_backward": teacher_fwd_bwd,
-        "teacher_forward": teacher_fwd,
-        "student_forward_backward_train": student_fwd_bwd(inputs, labels),
-        "student_forward_backward_quiz": student_fwd_bwd(q_inputs, q_labels),
-        "student_jvp": student_jvp,
-        "teacher_optimizer_step": optimizer_step(t_copy, t_opt),
-        "student_optimizer_step": optimizer_step(s_copy, s_opt),
-        # diagnostics (not in the floor)
-        "diag: student_forward_backward_train, math attention": student_fwd_bwd(inputs, labels, math_attention),
-        "diag: student tangent by double VJP": double_vjp,
-    }
-    try:  # the engine's fused pilot step alone (values only), when this version has it
-        pilot_alone()
-        passes["diag: pilot step alone (engine, values)"] = pilot_alone
-    except (AttributeError, TypeError):
-        pass
+    # diagnostics (not in the floor)
+    passes["diag: student_forward_backward_train, math attention"] = student_fwd_bwd_math
+    passes["diag: student tangent by double VJP"] = double_vjp
     out = {}
     for name, fn in passes.items():
         out[name] = common.time_calls(fn, repeats=args.floor_repeats, warmup=1, device=device)
+        items["_clear"]()
+    try:  # the engine's fused pilot step alone (values only), once the student optimizer has state
+        pilot_alone()
+        out["diag: pilot step alone (engine, values)"] = common.time_calls(
+            pilot_alone, repeats=args.floor_repeats, warmup=1, device=device)
+    except (AttributeError, TypeError):
+        pass
     return out
 
 
@@ -350,11 +309,12 @@ def main(argv=None) -> dict:
     if not args.no_floor:
         floor_times = floor_passes(models, args)
         floor = {k: _median(v) for k, v in floor_times.items()}
-        floor_sum = sum(floor[k] * c for k, c in FLOOR_PASSES.items())
+        counts = floor_counts()
+        floor_sum = sum(floor[k] * c for k, c in counts.items())
         report.update(floor_passes=floor_times, floor_medians=floor, floor_s=floor_sum)
         print(f"== floor passes, each alone (median of {args.floor_repeats})")
         for k, v in floor.items():
-            count = FLOOR_PASSES.get(k)
+            count = counts.get(k)
             print(f"  {k:55s} {v:9.4f} s" + (f"  x{count}" if count else ""))
         print(f"  {'floor (sum)':55s} {floor_sum:9.4f} s")
         print(f"== step vs floor: {phases['total']:.4f} s / {floor_sum:.4f} s = {phases['total'] / floor_sum:.3f}x")

@@ -15,8 +15,12 @@ def test_profile_step_smoke(tmp_path, capsys):
     assert {"meta_gradient", "meta_gradient.student_jvp", "teacher_update", "student_update", "total"} <= set(phases)
     assert phases["meta_gradient.student_jvp"] < phases["meta_gradient"] < phases["total"]
     # the floor's passes, each alone, and the step against their sum
-    assert set(profile_step.FLOOR_PASSES) <= set(report["floor_medians"])
-    assert report["floor_s"] == sum(report["floor_medians"][k] * c for k, c in profile_step.FLOOR_PASSES.items())
+    counts = profile_step.floor_counts()  # bench.meta_step's floor items, the one definition
+    assert set(counts) == {"teacher_forward_backward", "teacher_forward", "student_forward_backward_train",
+                           "student_forward_backward_quiz", "student_jvp", "teacher_update", "student_update"}
+    assert set(counts) <= set(report["floor_medians"]) and counts["student_forward_backward_train"] == 2
+    assert report["floor_s"] == sum(report["floor_medians"][k] * c for k, c in counts.items())
+    assert "diag: student tangent by double VJP" in report["floor_medians"]
     assert any(row[0] == "meta_gradient.student_jvp" for row in report["gaps"])
     # --memory: a peak for every phase that ran (the engine's named meta_gradient.<phase>)
     assert {"meta_gradient.student_jvp", "teacher_update", "(between phases)"} <= set(report["phase_peak_mib"])
