@@ -551,8 +551,7 @@ def _summ_meta_step(ctx: Context, text: str) -> dict[str, Any]:
         mf = s.get("memory_floor") or {}
         out["settings"][s["label"]] = {"floor_s": s["floor"].get("floor_s"), "steps": rows,
                                        "peak_bound_x_kd": mf.get("bound_vs_kd"),
-                                       "kd_plus_state_x_kd": (mf["kd_plus_state_bytes"] / mf["kd_peak_bytes"]
-                                                              if "kd_plus_state_bytes" in mf else None),
+                                       "kd_plus_state_x_kd": mf.get("kd_plus_state_vs_kd"),
                                        "teacher_backward_x_kd": mf.get("teacher_backward_vs_kd"),
                                        "goals": data.get("goals", {}).get(s["label"], {})}
     out["counts"] = counts

@@ -341,9 +341,11 @@ FLOOR_ITEMS = {
 
 
 def floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, *, device: str, dtype: str,
-                seed: int) -> dict[str, Any]:
-    """``{name: fn}`` for every item of :data:`FLOOR_ITEMS` on these models: the one home of the floor's
-    passes (``worker_floor`` times them here, ``bench.profile_step`` on copies of its models).
+                seed: int) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """``(items, clear, tangents)``: ``{name: fn}`` for every item of :data:`FLOOR_ITEMS` on these models, the
+    one home of the floor's passes (``worker_floor`` times them here, ``bench.profile_step`` on copies of its
+    models); ``clear()`` drops every ``.grad`` the items leave; ``tangents`` is the JVP's random direction
+    (no state of any training step: clear it before measuring what a step holds).
 
     Passes write ``.grad`` as a plain training loop does (cleared first); the JVP runs under math
     attention; an optimizer update is the optimizer's own ``step()`` with gradients set once, outside
@@ -408,7 +410,7 @@ def floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, *, devi
                 opt.step()
         return run
 
-    return {
+    items = {
         "teacher_forward_backward": teacher_fwd_bwd,
         "teacher_forward": teacher_fwd,
         "student_forward_backward_train": student_fwd_bwd(inputs, labels),
@@ -416,9 +418,8 @@ def floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, *, devi
         "student_jvp": student_jvp,
         "teacher_update": optimizer_update(teacher, teacher_opt),
         "student_update": optimizer_update(student, student_opt),
-        "_clear": clear,  # not an item: drops every .grad the items left
-        "_tangents": tangents,  # not an item: the JVP's random direction (no state of any step)
     }
+    return items, clear, tangents
 
 
 def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
@@ -426,9 +427,8 @@ def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     teacher, student, batch, quiz, teacher_opt, student_opt = _setup(spec)
     rep, warm = spec["repeats"], spec["warmup"]
-    items = floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, device=device,
-                        dtype=spec["dtype"], seed=spec["seed"])
-    clear = items["_clear"]
+    items, clear, tangents = floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, device=device,
+                                         dtype=spec["dtype"], seed=spec["seed"])
     mem = _memory_start(device)
     results: dict[str, Any] = {}
     for name, (count, kind) in FLOOR_ITEMS.items():
@@ -436,12 +436,10 @@ def worker_floor(spec: dict[str, Any]) -> dict[str, Any]:
         warmup = max(warm, 1) if kind == "optimizer update" else warm
         times = common.time_calls(items[name], repeats=rep, warmup=warmup, device=device)
         results[name] = {"times_s": times, "median_s": common.median(times), "count": count, "kind": kind}
-        if kind == "optimizer update":
-            clear()
     clear()
     mem = _memory_end(device, mem)
     memory_items = teacher_memory_items(teacher, teacher_opt)  # the teacher optimizer's state exists now
-    items["_tangents"].clear()  # the JVP's random direction is no state of any training step
+    tangents.clear()  # the JVP's random direction is no state of any training step
     memory_items["teacher_backward_peak_bytes"] = common.peak_of(device, items["teacher_forward_backward"])
     clear()
     floor = sum(r["median_s"] * r["count"] for r in results.values())
@@ -480,9 +478,9 @@ def memory_floor(setting_result: dict[str, Any]) -> dict[str, Any] | None:
     state (``kd_plus_state_bytes``).  And the teacher's gradient needs a teacher forward+backward
     (its activations, unless the teacher checkpoints them) while both models and both optimizers'
     states are alive: the floor worker measures one such pass alone, no student gradient alive
-    (``teacher_backward_peak_bytes``; absent in result files older than it).  Another implementation's student step may allocate less than fastmeta's KD
-    step (e.g. free the previous ``.grad`` first), so the bound is for steps whose student step is
-    this one, not for every library.  ``meta_step`` also keeps,
+    (``teacher_backward_peak_bytes``; absent in result files older than it).  Another implementation's
+    student step may allocate less than fastmeta's KD step (e.g. free the previous ``.grad`` first),
+    so the first bound is for steps whose student step is this one.  ``meta_step`` also keeps,
     through that student step, the teacher's ``.grad`` and (``atomic=True``, the default) the undo
     snapshot of the teacher's parameters and optimizer state (``with_meta_step_extras``).  Exact on
     CUDA (``max_memory_allocated``); on CPU the peaks are RSS, so the figures are approximate.
@@ -497,7 +495,8 @@ def memory_floor(setting_result: dict[str, Any]) -> dict[str, Any] | None:
     extras = state + grad + params + state
     bound = max(kd_peak + state, items.get("teacher_backward_peak_bytes", 0))
     out = dict(items, peak_kind=kd["memory"].get("peak_kind", ""), kd_peak_bytes=kd_peak,
-               kd_plus_state_bytes=kd_peak + state, bound_bytes=bound, bound_vs_kd=bound / kd_peak,
+               kd_plus_state_bytes=kd_peak + state, kd_plus_state_vs_kd=(kd_peak + state) / kd_peak,
+               bound_bytes=bound, bound_vs_kd=bound / kd_peak,
                with_meta_step_extras_bytes=kd_peak + extras, with_meta_step_extras_vs_kd=(kd_peak + extras) / kd_peak)
     if "teacher_backward_peak_bytes" in items:
         out["teacher_backward_vs_kd"] = items["teacher_backward_peak_bytes"] / kd_peak
@@ -987,13 +986,14 @@ def render_markdown(report: dict[str, Any]) -> str:
 def _memory_floor_words(mf: dict[str, Any]) -> str:
     b = common.fmt_bytes
     exact = mf["peak_kind"].startswith("torch.cuda")
+    # result files older than the teacher-backward floor: their bound is KD's peak + the state alone
+    kd_plus_state = mf.get("kd_plus_state_bytes", mf["bound_bytes"])
     return (
         f"Memory floor (peaks {'by max_memory_allocated: exact' if exact else 'as RSS: approximate'}): "
         f"plain KD peaks at {b(mf['kd_peak_bytes'])}. meta_step's MetaDistil step ends with a real student "
         f"step that is KD's step, while the teacher optimizer's state "
         f"({b(mf['teacher_optimizer_state_bytes'])}, which a KD step does not have) is alive, so it cannot "
-        f"peak below {b(mf.get('kd_plus_state_bytes', mf['bound_bytes']))} = "
-        f"{mf.get('kd_plus_state_bytes', mf['bound_bytes']) / mf['kd_peak_bytes']:.2f}x KD's peak"
+        f"peak below {b(kd_plus_state)} = {kd_plus_state / mf['kd_peak_bytes']:.2f}x KD's peak"
         f"{'' if exact else ' (RSS: roughly)'}. "
         + (f"The teacher's gradient needs a teacher forward+backward with both models and both optimizers' "
            f"states alive (no student gradient): alone, measured in the floor worker, it peaks at "

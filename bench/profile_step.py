@@ -139,13 +139,13 @@ def floor_passes(models, args) -> dict[str, list[float]]:
     s_opt = opt_cls(s_copy.parameters(), lr=args.student_lr)
     t_opt.load_state_dict(teacher_opt.state_dict())
     s_opt.load_state_dict(student_opt.state_dict())
-    items = floor_items(t_copy, s_copy, batch, quiz, t_opt, s_opt, device=device, dtype="fp32", seed=args.seed)
-    passes = {name: items[name] for name in floor_counts()}
+    passes, clear, tangents = floor_items(t_copy, s_copy, batch, quiz, t_opt, s_opt, device=device, dtype="fp32",
+                                          seed=args.seed)
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
-    s_params = [p for p in s_copy.parameters() if p.requires_grad]
-    tangents = items["_tangents"]
+    s_named = {n: p for n, p in s_copy.named_parameters() if p.requires_grad}
+    s_params = list(s_named.values())
 
     def student_fwd_bwd_math():
         with math_attention():
@@ -158,13 +158,12 @@ def floor_passes(models, args) -> dict[str, list[float]]:
             logits = s_copy(**inputs).logits
             dummy = torch.zeros_like(logits, requires_grad=True)
             grads = torch.autograd.grad(logits, s_params, dummy, create_graph=True, allow_unused=True)
-            pairs = [(g, tangents[n]) for g, (n, p) in zip(grads, s_copy.named_parameters()) if g is not None]
+            pairs = [(g, tangents[n]) for g, n in zip(grads, s_named) if g is not None]
             torch.autograd.grad([g for g, _ in pairs], dummy, [t for _, t in pairs])
 
     from fastmeta.engine.optimizer import optimizer_update
 
     gen = torch.Generator().manual_seed(args.seed + 11)
-    s_named = {n: p for n, p in s_copy.named_parameters() if p.requires_grad}
     s_grads = {n: (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=p.dtype)
                for n, p in s_named.items()}
     theta = {n: p.detach() for n, p in s_named.items()}
@@ -179,9 +178,8 @@ def floor_passes(models, args) -> dict[str, list[float]]:
     out = {}
     for name, fn in passes.items():
         out[name] = common.time_calls(fn, repeats=args.floor_repeats, warmup=1, device=device)
-        items["_clear"]()
+        clear()
     try:  # the engine's fused pilot step alone (values only), once the student optimizer has state
-        pilot_alone()
         out["diag: pilot step alone (engine, values)"] = common.time_calls(
             pilot_alone, repeats=args.floor_repeats, warmup=1, device=device)
     except (AttributeError, TypeError):

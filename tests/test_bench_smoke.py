@@ -194,6 +194,7 @@ def _check_meta_step_report(report, out_dir):
     assert mf["teacher_grad_bytes"] == mf["teacher_param_bytes"] == 4 * n
     kd_peak = steps[("kd", None, None)]["memory"]["peak_bytes"]
     assert mf["kd_peak_bytes"] == kd_peak and mf["kd_plus_state_bytes"] == kd_peak + 8 * n + 4 * tensors
+    assert math.isclose(mf["kd_plus_state_vs_kd"], (kd_peak + 8 * n + 4 * tensors) / kd_peak)
     # the teacher forward+backward with both optimizers' states alive, measured alone in the floor worker
     teacher_bwd = floor["memory_items"]["teacher_backward_peak_bytes"]
     # (alive through it: the teacher's parameters, its optimizer's state and the gradient it makes)

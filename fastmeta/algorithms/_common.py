@@ -101,17 +101,17 @@ def _restored(saved):
 
 # Snapshot buffers kept across steps, per optimizer, on the CPU only: {"params" | "state": [signature,
 # copies, in_use]}.  Copying into kept buffers instead of fresh ones saves the page faults of fresh
-# memory on the CPU (the snapshot alone: 53 ms instead of ~81 ms for a MiniLM teacher's 22.7M parameters
-# + AdamW state, 2026-11-27), at the price of the copies staying allocated between steps.  On CUDA the caching allocator
-# hands a freed block back at no cost, so keeping only raises the peak: by the snapshot's size
-# wherever the step peaks outside the snapshot's life (H200, BERT-base teacher, bs32 fp32: 8.15 GiB
-# instead of 6.92 GiB, in the quiz's forward/backward), and CUDA snapshots are fresh copies, freed at
-# the end of the step.  On the CPU the trade was measured in one step (bench.profile_step, MiniLM
-# teacher, bs 4, 2 threads, 2026-11-28): fresh copies there took the teacher_update phase from 0.203 s
-# to 0.286 s and did not lower the peak RSS (that step peaks while the snapshot is alive anyway).
-# A buffer is used by one live snapshot at a time (another snapshot of the same optimizer meanwhile
-# gets fresh copies), and the state's is given up after a rollback: the optimizer then holds those
-# very tensors.
+# memory on the CPU (the snapshot alone: 53 ms instead of ~81 ms for a MiniLM teacher's 22.7M
+# parameters + AdamW state, 2026-11-27), at the price of the copies staying allocated between steps.
+# On CUDA the caching allocator hands a freed block back at no cost, so keeping only raises the peak:
+# by the snapshot's size wherever the step peaks outside the snapshot's life (H200, BERT-base teacher,
+# bs32 fp32: 8.15 GiB instead of 6.92 GiB, in the quiz's forward/backward), and CUDA snapshots are
+# fresh copies, freed at the end of the step.  On the CPU the trade was measured in one step
+# (bench.profile_step, MiniLM teacher, bs 4, 2 threads, 2026-11-28): fresh copies there took the
+# teacher_update phase from 0.203 s to 0.286 s and did not lower the peak RSS (that step peaks while
+# the snapshot is alive anyway).  A buffer is used by one live snapshot at a time (another snapshot of
+# the same optimizer meanwhile gets fresh copies), and the state's is given up after a rollback: the
+# optimizer then holds those very tensors.
 _KEPT: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -150,11 +150,11 @@ class _Snapshot:
     """What one optimizer step may overwrite: stepped params, their ``.grad``, the optimizer state.
 
     The parameters and the state's tensors are copied into buffers kept per optimizer across steps
-    on the CPU, fresh ones on CUDA (:func:`_kept_copies`; :func:`fastmeta.ops.clone_all`'s layout: one buffer per device and dtype,
-    huge pages on Linux); the rest of ``state_dict()`` (step counts that are not tensors, param
-    groups) is deep-copied.  Parameters and state get separate buffers: after a rollback the
-    optimizer keeps the state copies (their buffer is then no longer kept).  :meth:`release` (or
-    :meth:`restore`) ends the snapshot.
+    on the CPU, fresh ones on CUDA (:func:`_kept_copies`; :func:`fastmeta.ops.clone_all`'s layout: one
+    buffer per device and dtype, huge pages on Linux); the rest of ``state_dict()`` (step counts that
+    are not tensors, param groups) is deep-copied.  Parameters and state get separate buffers: after a
+    rollback the optimizer keeps the state copies (their buffer is then no longer kept).
+    :meth:`release` (or :meth:`restore`) ends the snapshot.
     """
 
     def __init__(self, params: List[torch.nn.Parameter], optimizer: torch.optim.Optimizer):
