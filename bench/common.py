@@ -107,6 +107,43 @@ def time_calls(
     return times
 
 
+def free_grads(*optimizers) -> None:
+    """``zero_grad(set_to_none=True)`` on every optimizer given (None skipped): what a training loop does
+    after each step (``fastmeta.train`` does it), so that no ``.grad`` of the last step is alive through the
+    next one.  Every benchmark loop (fastmeta's rows, the peers', KD's) calls it after each step, inside the
+    timed call, so their peaks are comparable and none carries the previous step's gradients."""
+    for optimizer in optimizers:
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+
+
+def copy_bandwidth(device: str, timed: Callable[[Callable[[], Any]], float], n: int | None = None) -> float:
+    """Measured copy bandwidth of ``device`` in bytes/s (read + write): ``dst.copy_(src)`` of ``n`` fp32
+    elements (default 1 GiB on CUDA, 64 MiB on the CPU), ``timed(fn)`` the median seconds of a call."""
+    import torch
+
+    n = n or (2**28 if device == "cuda" else 2**24)
+    src = torch.ones(n, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * n * 4 / timed(lambda: dst.copy_(src))
+
+
+def copy_optimizer(optimizer, params, **flags):
+    """A new optimizer of ``optimizer``'s class and hyper-parameters over ``params`` (copies of the parameters
+    it steps, same order) with a COPY of its state (``load_state_dict`` alone would share the state's
+    tensors: stepping the copy would step the original's moments and step counts); ``flags`` override
+    constructor arguments (e.g. ``foreach``, ``fused``)."""
+    import copy
+    import inspect
+
+    accepted = inspect.signature(type(optimizer)).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in flags
+                and k not in ("foreach", "fused")}
+    new = type(optimizer)(params, **defaults, **flags)
+    new.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return new
+
+
 class Stopwatch:
     """Accumulates wall time of the ``with`` blocks it times (CUDA-synchronised on GPU)."""
 

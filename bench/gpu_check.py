@@ -22,7 +22,9 @@ step runs with the checkout first on ``PYTHONPATH`` (``fastmeta/__init__.py`` mo
                   batch 4 (BERT-base -> 6 layers, fp32, the setting furthest from its floor; 2 warm-up
                   + 5 timed steps, 5 more for the per-phase peaks, 5 under torch.profiler): every
                   phase against its floor pass timed alone, the peak inside every phase, and the ops
-                  by CPU and by GPU self time (``profile_step_cuda.json``);
+                  by CPU and by GPU self time, and the two update phases taken apart
+                  (``bench.updates``: optimizer steps, pilot op vs its twin, undo snapshot,
+                  ``Transaction.apply``, each alone with its bandwidth) (``profile_step_cuda.json``);
 6. ``kernels``    ``bench.kernels`` with short timing (torch.compile cases last);
 7. ``hvp``        ``bench.hvp --device cuda`` (BERT-base -> 6 layers, batch 32);
 8. ``growth``     ``bench.growth --device cuda`` (low priority: last): step time and step memory of
@@ -90,6 +92,7 @@ TEST_FILES = (
     "tests/test_kd_second_order.py",
     "tests/test_bench_smoke.py",  # the benchmarks' CUDA plumbing (per-phase peaks)
     "tests/test_bench_profile_step.py",  # profile_step --device cuda (the profile step's tool)
+    "tests/test_bench_updates.py",  # bench.updates on CUDA: fused op = twin, rows on copies
 )
 # Relative running times of the CUDA cases (the CPU runs' seconds on an idle machine; the Triton
 # files weighted up for kernel compilation on first use), to balance the shards.
@@ -98,7 +101,7 @@ TEST_WEIGHTS = {
     "tests/test_mixed_precision.py": 6.0, "tests/test_functional.py": 3.0, "tests/test_hessian.py": 10.0,
     "tests/test_ops.py": 5.0, "tests/test_ops_pilot.py": 2.0, "tests/test_kd_loss.py": 20.0,
     "tests/test_kd_second_order.py": 15.0, "tests/test_bench_smoke.py": 1.0,
-    "tests/test_bench_profile_step.py": 1.0,
+    "tests/test_bench_profile_step.py": 1.0, "tests/test_bench_updates.py": 0.5,
 }
 META_STEP_PRIORITY = ("kd", "metadistil/exact", "metadistil/autograd", "peer/higher", "peer/torchopt")
 LOOSE_FILES = ("gpu_check_results.tar.gz", "gpu_check_{s}.json", "gpu_check.log", "gpu_check_{s}.md",
@@ -264,7 +267,8 @@ def _growth_cmd(ctx: Context, deadline: float) -> list[str]:
 
 def make_steps(dry_run: bool) -> list[Step]:
     """The steps with their caps.  The estimates are the seconds each step took on the H200 of the third run
-    (2026-11-28; ``profile``: a guess, it had not run), growth the time left to it in the default budget."""
+    (2026-11-28; ``profile``: a guess, it had not run, plus ~10 s for bench.updates' rows), growth the time
+    left to it in the default budget."""
     scale = 0.5 if dry_run else 1.0
     return [
         Step("info", cap_s=60, min_s=0, estimate_s=10, command=_info_cmd, internal_deadline=False),
@@ -276,13 +280,13 @@ def make_steps(dry_run: bool) -> list[Step]:
              margin_s=15 * scale),
         # exact steps timed by phase, under torch.profiler and with per-phase peaks, and each floor pass alone:
         # where the gap to the floor is
-        Step("profile", cap_s=90 * scale, min_s=40 * scale, estimate_s=45, command=_profile_cmd,
+        Step("profile", cap_s=90 * scale, min_s=40 * scale, estimate_s=55, command=_profile_cmd,
              internal_deadline=False),
         Step("kernels", cap_s=100 * scale, min_s=20 * scale, estimate_s=45, command=_kernels_cmd,
              margin_s=15 * scale),
         Step("hvp", cap_s=80 * scale, min_s=20 * scale, estimate_s=40, command=_hvp_cmd, margin_s=10 * scale),
         # low priority: last, and cut short by its deadline (small cells first) when the budget is short
-        Step("growth", cap_s=120 * scale, min_s=30 * scale, estimate_s=80, command=_growth_cmd,
+        Step("growth", cap_s=120 * scale, min_s=30 * scale, estimate_s=70, command=_growth_cmd,
              margin_s=15 * scale),
     ]
 
@@ -568,7 +572,15 @@ def _summ_profile(ctx: Context, text: str) -> dict[str, Any]:
     return {"label": f"{cfg.get('algorithm')}/{cfg.get('hypergrad')} {cfg.get('model')} bs{cfg.get('batch_size')}",
             "total_s": phases.get("total"), "floor_s": data.get("floor_s"),
             "largest_gaps": [{"phase": g[0], "step_s": g[1], "floor_s": g[3], "gap_s": g[4]} for g in gaps],
-            "peak_mib": sorted(data.get("phase_peak_mib", {}).items(), key=lambda kv: -kv[1])[:3]}
+            "peak_mib": sorted(data.get("phase_peak_mib", {}).items(), key=lambda kv: -kv[1])[:3],
+            # the update phases taken apart (bench.updates): row -> [ms, x its side's optimizer step, % copy bw]
+            "updates": {r["row"]: [round(r["median_s"] * 1e3, 3), _round(r.get("x_optimizer_step")),
+                                   _round(r.get("pct_copy_bw"), 1)]
+                        for r in (data.get("updates") or {}).get("rows", []) if "median_s" in r}}
+
+
+def _round(value, digits: int = 2):
+    return None if value is None else round(value, digits)
 
 
 def _summ_growth(ctx: Context, text: str) -> dict[str, Any]:
@@ -881,6 +893,9 @@ def key_figures(report: dict[str, Any]) -> list[str]:
                          f"{g['phase']} {g['step_s'] * 1e3:.1f} ms vs {g['floor_s'] * 1e3:.1f} ms"
                          for g in pf.get("largest_gaps", []))
                      + "; peaks above the start: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in pf.get("peak_mib", [])))
+        for row, (ms, x, pct) in (pf.get("updates") or {}).items():
+            lines.append(f"  {row}: {ms:.2f} ms, {_fmt_x(x)} its optimizer step, "
+                         f"{'-' if pct is None else f'{pct:.0f}%'} of copy bandwidth")
     gr = steps.get("growth", {}).get("summary") or {}
     if gr.get("counts"):
         c = gr["counts"]

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 from bench.common import (
     RESULTS_DIR,
+    copy_bandwidth,
     environment_info,
     resolve_deadline,
     markdown_table,
@@ -148,20 +149,6 @@ def _timer(device: str, warmup: int, repeats: int) -> Callable[[Callable], float
     return lambda fn: median(time_calls(fn, repeats=repeats, warmup=warmup, device=device))
 
 
-def copy_bandwidth(device: str, timed: Callable[[Callable], float]) -> float | None:
-    """Measured device copy bandwidth in bytes/s (read + write)."""
-    if device != "cuda":
-        return None
-    import torch
-
-    n = 2**28  # 1 GiB of fp32
-    src = torch.empty(n, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n * 4 / seconds
-
-
 def bench_case(impl_name, fn, rows, vocab, dtype, device, timed) -> list[dict[str, Any]]:
     import torch
 
@@ -257,7 +244,7 @@ def main(argv=None) -> int:
     dtypes = args.dtypes.split(",")
     sizes = SIZES[args.sizes]
     env = environment_info(device)
-    copy_bw = copy_bandwidth(device, timed)
+    copy_bw = copy_bandwidth(device, timed) if device == "cuda" else None
     out_dir = Path(args.out_dir)
     json_path, md_path = out_dir / f"kernels_{device}.json", out_dir / f"kernels_{device}.md"
     rows: list[dict] = []

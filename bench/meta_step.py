@@ -304,6 +304,7 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
     def step():
         with _autocast(device, spec["dtype"]):
             run_step()
+        common.free_grads(teacher_opt, student_opt)  # as a training loop does after each step
 
     mem = _memory_start(device)
     t_wall = time.perf_counter()
@@ -324,8 +325,12 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001  (the timed steps stand; say why this part is missing)
             row["phase_peak_error"] = f"{type(exc).__name__}: {exc}"[:300]
     finite = all(bool(torch.isfinite(p).all()) for m in (teacher, student) for p in m.parameters())
+    # what the loop left alive between steps (0: every .grad freed, common.free_grads)
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for m in (teacher, student) for p in m.parameters()
+                     if p.grad is not None)
     return dict(row, times_s=times, median_s=common.median(times), wall_s=wall, phase_medians_s=phases,
-                memory=mem, parameters_finite_after=finite, torch_threads=torch.get_num_threads())
+                memory=mem, parameters_finite_after=finite, grad_bytes_between_steps=grad_bytes,
+                torch_threads=torch.get_num_threads())
 
 
 # The floor's items: name -> (how many of it a MetaDistil step needs, kind).  FLOOR_DEFINITION says it in words.
@@ -716,6 +721,8 @@ def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
         out["phase_medians_s"] = {k: common.median([r["phase_medians_s"][k] for r in results
                                                     if k in r.get("phase_medians_s", {})]) for k in phases}
         out["parameters_finite_after"] = all(r.get("parameters_finite_after", True) for r in results)
+        if any("grad_bytes_between_steps" in r for r in results):
+            out["grad_bytes_between_steps"] = max(r.get("grad_bytes_between_steps", 0) for r in results)
     largest = max(results, key=lambda r: r["memory"]["peak_bytes"])
     if "phase_peak_bytes" in largest:  # where the peak is: of the round whose peak is reported
         out["phase_peak_bytes"] = largest["phase_peak_bytes"]
@@ -1142,6 +1149,11 @@ def _peer_info(name: str) -> dict[str, Any]:
 
 
 def _memory_note(args) -> str:
+    return _memory_source(args) + (" Every row's loop frees .grad after each step (zero_grad(set_to_none=True) "
+                                   "on both optimizers, the peers' rows too), as a training loop does.")
+
+
+def _memory_source(args) -> str:
     if args.device == "cuda":
         return ("GPU memory: torch.cuda.max_memory_allocated, reset right before the warm-up and timed "
                 "steps of each configuration (models, inputs and optimizer state included, everything of "

@@ -15,7 +15,10 @@ For ONE configuration (algorithm, hypergrad, batch size) this, in ONE process:
    student's optimizer updates (one each) -- and diagnostics that are not in the floor
    (the student forward+backward under math attention, the double-VJP tangent,
    the fused pilot op alone);
-3. prints, per phase, the step's median, the floor pass it corresponds to, and the gap;
+3. prints, per phase, the step's median, the floor pass it corresponds to, and the gap, and
+   takes the two update phases apart (``bench.updates``: the optimizer steps, the pilot op and its
+   twin, the undo snapshot, ``Transaction.apply``; each alone, with its bytes and bandwidth;
+   ``--no-updates`` skips it);
 4. with ``--profile``: the timed steps again under ``torch.profiler`` (CPU activity;
    CUDA too on a GPU), the top ``--row-limit`` ops by self time and the phases
    (``record_function`` ranges named ``fastmeta.<phase>``) by total time;
@@ -107,12 +110,14 @@ def step_kwargs(args) -> dict:
 def run_steps(models, args, n: int) -> list[dict]:
     """``n`` meta_steps; their ``timings`` dicts (with ``(untimed)``)."""
     import fastmeta
+    from bench import common
 
     teacher, student, batch, quiz, teacher_opt, student_opt = models
     kwargs = step_kwargs(args)
     records = []
     for _ in range(n):
         out = fastmeta.meta_step(teacher, student, batch, quiz, teacher_opt, student_opt, **kwargs)
+        common.free_grads(teacher_opt, student_opt)  # as a training loop does after each step
         t = {k: float(v) for k, v in out.timings.items() if isinstance(v, (int, float))}
         top = sum(v for k, v in t.items() if not k.startswith("meta_gradient.") and k != "total")
         t["(untimed)"] = t.get("total", 0.0) - top
@@ -134,11 +139,8 @@ def floor_passes(models, args) -> dict[str, list[float]]:
     teacher, student, batch, quiz, teacher_opt, student_opt = models
     device = args.device
     t_copy, s_copy = copy.deepcopy(teacher), copy.deepcopy(student)
-    opt_cls = type(teacher_opt)
-    t_opt = opt_cls(t_copy.parameters(), lr=args.teacher_lr)
-    s_opt = opt_cls(s_copy.parameters(), lr=args.student_lr)
-    t_opt.load_state_dict(teacher_opt.state_dict())
-    s_opt.load_state_dict(student_opt.state_dict())
+    t_opt = common.copy_optimizer(teacher_opt, list(t_copy.parameters()))
+    s_opt = common.copy_optimizer(student_opt, list(s_copy.parameters()))
     passes, clear, tangents = floor_items(t_copy, s_copy, batch, quiz, t_opt, s_opt, device=device, dtype="fp32",
                                           seed=args.seed)
 
@@ -254,6 +256,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--floor-repeats", type=int, default=3)
     p.add_argument("--no-floor", action="store_true")
+    p.add_argument("--no-updates", action="store_true",
+                   help="skip the optimizer updates taken apart (bench.updates; run by default with the floor)")
     p.add_argument("--profile", action="store_true", help="also run the timed steps under torch.profiler")
     p.add_argument("--record-shapes", action="store_true")
     p.add_argument("--memory", action="store_true",
@@ -321,6 +325,14 @@ def main(argv=None) -> dict:
         print(f"  {'phase':45s} {'step s':>8s}  {'floor pass':32s} {'floor s':>8s} {'gap s':>8s}")
         for phase, value, fname, ref, gap in rows:
             print(f"  {phase:45s} {value:8.4f}  {fname:32s} {ref:8.4f} {gap:8.4f}")
+    if not args.no_floor and not args.no_updates:  # the two update phases taken apart (bench.updates)
+        from bench import updates
+
+        result = updates.measure(*models[:2], *models[4:], device=args.device, rounds=args.floor_repeats,
+                                 seed=args.seed)
+        report["updates"] = result
+        print("== the optimizer updates taken apart (bench.updates, on copies of the models)")
+        print(updates.format_rows(result))
     if args.memory:
         cuda = args.device == "cuda"
         base = torch.cuda.memory_allocated() if cuda else common.current_rss_bytes()

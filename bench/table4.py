@@ -315,6 +315,7 @@ def worker_method(spec: dict[str, Any]) -> dict[str, Any]:
             q = {k: v.to(device) for k, v in q.items()}
             with _autocast(device, spec["dtype"]):
                 loss = train_step(b, q)
+            common.free_grads(teacher_opt, student_opt)  # as a training loop does after each step
         step_times.append(watch.total - before)
         losses.append(float(loss))
         capped = cap is not None and watch.total >= cap and step < len(batches)

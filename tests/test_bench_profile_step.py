@@ -32,7 +32,42 @@ def test_profile_step_smoke(tmp_path, capsys):
     assert StepContext.phase.__qualname__ == "StepContext.phase" and Timer.phase.__qualname__ == "Timer.phase"
     assert json.loads(out.read_text())["floor_s"] == report["floor_s"]
     assert report["teacher_checkpointing_active"] is False
-    assert "step vs floor" in capsys.readouterr().out
+    # the update phases taken apart (bench.updates), every row timed or saying why not
+    from bench import updates
+
+    assert [r["row"] for r in report["updates"]["rows"]] == list(updates.ROWS)
+    assert all(r.get("median_s", 0) > 0 or "skipped" in r for r in report["updates"]["rows"])
+    out_text = capsys.readouterr().out
+    assert "step vs floor" in out_text and "the optimizer updates taken apart" in out_text
+
+
+def test_floor_passes_leave_the_models_and_optimizers_as_found():
+    """The floor's updates step COPIES: the models, and both optimizers' moments and step counts, are untouched
+    (load_state_dict alone shares the state's tensors: the copies' steps used to advance the originals')."""
+    import argparse
+
+    import torch
+
+    args = argparse.Namespace(model="tiny", seed=0, attn="eager", dropout=None, device="cpu",
+                              teacher_checkpointing=False, batch_size=2, seq_len=8, optimizer="adamw",
+                              teacher_lr=1e-3, student_lr=1e-3, floor_repeats=1)
+    models = profile_step.setup(args)
+    teacher, student, _, _, teacher_opt, student_opt = models
+    for model, opt in ((teacher, teacher_opt), (student, student_opt)):  # state present, as after a step
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def snapshot():
+        return [t.clone() for m in (teacher, student) for t in m.parameters()] + [
+            v.clone() for opt in (teacher_opt, student_opt) for st in opt.state.values() for v in st.values()]
+
+    before = snapshot()
+    times = profile_step.floor_passes(models, args)
+    assert times["teacher_update"] and times["student_update"]
+    after = snapshot()
+    assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 def test_profile_step_device_cuda(tmp_path):

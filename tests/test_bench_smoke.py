@@ -180,6 +180,8 @@ def _check_meta_step_report(report, out_dir):
             assert r["peer"] and r["skipped"].startswith("not installed")
             continue
         assert r["median_s"] > 0 and r["parameters_finite_after"]
+        # every loop, the peers' included, frees .grad after each step (common.free_grads), as a training loop does
+        assert r["grad_bytes_between_steps"] == 0, r
         assert math.isclose(r["time_vs_kd"], r["median_s"] / steps[("kd", None, None)]["median_s"])
         assert math.isclose(r["time_vs_floor"], r["median_s"] / floor["floor_s"])
         assert r["memory"]["peak_bytes"] > 0

@@ -96,6 +96,12 @@ def test_dry_run_end_to_end(tmp_path):
     assert "the larger of KD + teacher optimizer state" in md and "with both optimizers' states" in md
     assert "growth: " in md and "peers: " in md
     assert "profile (metadistil/exact tiny bs2): step " in md and "largest gaps: " in md
+    # the update phases taken apart (bench.updates, inside the profile step): every row that ran, in the summary
+    from bench import updates
+
+    taken_apart = steps["profile"]["summary"]["updates"]
+    assert set(taken_apart) <= set(updates.ROWS) and len(taken_apart) >= len(updates.ROWS) - 1  # fused may be refused
+    assert "teacher: Transaction.apply, atomic (teacher_update phase): " in md
     # stdout ends with the compact summary: the step table and where everything is
     tail = proc.stdout.strip().splitlines()
     assert tail[-1].startswith("summary: ") and any(line.startswith("| **total** |") for line in tail[-4:])

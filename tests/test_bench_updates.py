@@ -1,0 +1,101 @@
+"""bench.updates: the update phases of a MetaDistil step taken apart (rows do what they are named)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench import updates
+from bench.meta_step import build_models
+from conftest import DEVICES
+
+CONFIGURED = "student: AdamW step, as configured (floor's student_update)"
+
+
+def _models(device):
+    teacher, student = build_models("tiny", seed=0, attn="eager", dropout=None)
+    teacher.to(device)
+    student.to(device)
+    t_opt = torch.optim.AdamW(teacher.parameters(), lr=2e-5)
+    s_opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.1)
+    for model, opt in ((teacher, t_opt), (student, s_opt)):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return teacher, student, t_opt, s_opt
+
+
+def _optimizer_tensors(opt):
+    return [v.clone() for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_run_on_copies_and_fused_and_twin_agree(device):
+    teacher, student, t_opt, s_opt = _models(device)
+    params_before = [p.detach().clone() for m in (teacher, student) for p in m.parameters()]
+    states_before = _optimizer_tensors(t_opt) + _optimizer_tensors(s_opt)
+    rows = updates.update_rows(teacher, student, t_opt, s_opt, device=device)
+    assert list(rows) == list(updates.ROWS)
+    # the fused op and its twin give the engine the same pilot point and the same adjoint
+    fused, twin = rows["pilot: θ' (engine pilot, fused op)"](), rows["pilot: θ' (twin)"]()
+    adj_fused, adj_twin = rows["pilot: adjoint a (engine adjoint, fused op)"](), rows["pilot: adjoint a (twin)"]()
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert set(fused) == set(twin) == set(adj_fused) == set(adj_twin) == set(names)
+    for n in names:
+        torch.testing.assert_close(fused[n], twin[n], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(adj_fused[n], adj_twin[n], rtol=1e-5, atol=1e-9)
+        assert not torch.equal(fused[n], student.get_parameter(n)), n  # a real step, not the input
+    for name, fn in rows.items():  # every row runs here (fused AdamW may be refused: then it says why)
+        if callable(fn):
+            fn()
+        else:
+            assert name == "student: AdamW step, fused" and fn, (name, fn)
+    # ... on copies: the models, their .grad and both optimizers' states are as they were
+    params_after = [p.detach() for m in (teacher, student) for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(params_before, params_after)), "a row moved an original model"
+    assert all(p.grad is None for m in (teacher, student) for p in m.parameters())
+    states_after = _optimizer_tensors(t_opt) + _optimizer_tensors(s_opt)
+    assert all(torch.equal(a, b) for a, b in zip(states_before, states_after)), "a row stepped an original optimizer"
+
+
+def test_pilot_row_is_the_point_of_a_real_adamw_step():
+    """The engine pilot row's θ' equals the parameters after one torch.optim.AdamW step with the same gradients
+    (the configured-step row steps the very tensors the pilot row reads)."""
+    teacher, student, t_opt, s_opt = _models("cpu")
+    rows = updates.update_rows(teacher, student, t_opt, s_opt, device="cpu", seed=3)
+    theta_new = rows["pilot: θ' (engine pilot, fused op)"]()
+    step = rows[CONFIGURED]
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    step()
+    assert len(step.params) == len(names)
+    for n, p in zip(names, step.params):
+        torch.testing.assert_close(theta_new[n], p.detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_report_rows_bytes_and_ratios():
+    times = {name: [0.002, 0.001, 0.003] for name in updates.ROWS}
+    times["student: AdamW step, fused"] = "RuntimeError: not here"
+    rows = updates.report_rows(times, teacher_bytes=1000, student_bytes=400, copy_bytes_per_s=1e6)
+    by = {r["row"]: r for r in rows}
+    assert by["teacher: Transaction.apply, atomic (teacher_update phase)"]["bytes_min"] == 13 * 1000
+    assert by["pilot: adjoint a (engine adjoint, fused op)"]["bytes_min"] == 6 * 400
+    assert by["pilot: θ' (twin)"]["bytes_min"] == 5 * 400
+    assert by["student: AdamW step, fused"]["skipped"].startswith("RuntimeError")
+    r = by["teacher: undo snapshot alone (copy + release)"]
+    assert r["median_s"] == 0.002 and math.isclose(r["gb_per_s"], 6000 / 0.002 / 1e9)
+    assert math.isclose(r["pct_copy_bw"], 100 * 6000 / 0.002 / 1e6) and math.isclose(r["x_optimizer_step"], 1.0)
+
+
+def test_main_writes_every_row(tmp_path):
+    out = tmp_path / "u.json"
+    report = updates.main(["--model", "tiny", "--rounds", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["row"] for r in data["rows"]] == list(updates.ROWS)
+    n_teacher = sum(p.numel() for p in build_models("tiny", seed=0, attn="eager", dropout=None)[0].parameters())
+    assert data["teacher_param_bytes"] == 4 * n_teacher and report["student_param_bytes"] < 4 * n_teacher
+    assert data["copy_bandwidth_bytes_per_s"] > 0
+    for r in data["rows"]:
+        assert r.get("median_s", 0) > 0 or "skipped" in r, r
