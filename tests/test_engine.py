@@ -338,6 +338,58 @@ def test_teacher_graph_recompute_keeps_no_teacher_graph_through_the_student_pass
     assert results["keep"] == ["teacher", "student (teacher graph alive)", "student (teacher graph alive)"]
 
 
+@pytest.mark.parametrize("how", ["meta_step", "meta_gradient", "meta_gradient keep_pilot"])
+def test_student_sized_tensors_are_freed_before_the_tangent_pass(how, device, monkeypatch):
+    """The pilot point θS' is freed after the quiz pass, the quiz gradient v and the pilot gradient g once the
+    reverse sweep's adjoint used them: none is alive in the tangent's forward (where the exact step peaks at
+    small batches), unless the caller keeps it (meta_gradient returns g; keep_pilot returns θS' and v)."""
+    import weakref
+
+    from fastmeta.engine import api
+
+    teacher, student, batch, quiz, _ = family("bert-eager", device=device)
+    refs: dict = {}
+    real_trajectory, real_quiz = api.pilot_trajectory, api.quiz_gradient
+
+    def trajectory(problem, *args, **kwargs):
+        out = real_trajectory(problem, *args, **kwargs)
+        refs["g"] = [weakref.ref(t) for t in out.first_grads.values()]
+        refs["pilot point"] = [weakref.ref(t) for t in out.theta.values()]
+        return out
+
+    def quiz_gradient(problem, point, *args, **kwargs):
+        lq, v = real_quiz(problem, point, *args, **kwargs)
+        refs["v"] = [weakref.ref(t) for t in v.values()]
+        return lq, v
+
+    monkeypatch.setattr(api, "pilot_trajectory", trajectory)
+    monkeypatch.setattr(api, "quiz_gradient", quiz_gradient)
+    alive = []  # at every student forward: how many tensors of each kind are alive
+    hook = student.register_forward_hook(
+        lambda module, args, output: alive.append({k: sum(r() is not None for r in rs) for k, rs in refs.items()}))
+    try:
+        if how == "meta_step":
+            opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (teacher, student)]
+            fastmeta.meta_step(teacher, student, batch, quiz, *opts, algorithm="metadistil", hypergrad="exact")
+        else:
+            meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, kd_weight=0.7,
+                          keep_pilot=how.endswith("keep_pilot"))
+    finally:
+        hook.remove()
+    n = len(refs["g"])
+    assert n == len([p for p in student.parameters() if p.requires_grad]) > 0
+    assert alive[0] == {}  # the pilot's forward: nothing yet
+    assert alive[1] == {"g": n, "pilot point": n}  # the quiz pass at θS', with g kept for the adjoint
+    tangent = alive[2]  # the tangent's forward (torch.func.jvp)
+    if how == "meta_step":  # MetaDistil recomputes the real step's gradient: nothing student-sized is kept
+        assert tangent == {"g": 0, "pilot point": 0, "v": 0}
+        assert alive[3] == tangent  # the real student step
+    elif how == "meta_gradient":  # meta_gradient returns g (student_grads)
+        assert tangent == {"g": n, "pilot point": 0, "v": 0}
+    else:  # and keep_pilot returns θS' and v
+        assert tangent == {"g": n, "pilot point": n, "v": n}
+
+
 class _DriftingTeacher(nn.Module):
     """A teacher whose forward does not reproduce: an offset that grows with every call."""
 

@@ -87,6 +87,7 @@ def run(ctx: StepContext):
         compute_influence=ctx.settings["compute_influence"],
         hypergrad="exact" if first_order else None,
         quiz_point="current" if first_order else "pilot",
+        keep_student_grads=True,  # IKD's real student step is the pilot's gradient (the teacher steps after it)
     )
     student_grads = dict(result.student_grads)
     check_finite_grads(student_grads, "student gradient")

@@ -50,7 +50,8 @@ class MetaGradient:
     teacher_logits  the teacher's raw logits on ``batch`` (model output shape).
     student_logits  the student's raw logits on ``batch`` at ``θS``.
     student_grads   ``{name: ∇θS LS}`` at ``θS`` (trainable student parameters): the gradient of the
-                    pilot step, i.e. the real step's gradient when the teacher does not change.
+                    pilot step, i.e. the real step's gradient when the teacher does not change (None
+                    when an algorithm asked the engine not to keep it: ``Options.keep_student_grads``).
     pilot_params    ``θS'`` (``{name: Tensor}``, trainable parameters) when ``keep_pilot=True``.
     quiz_grads      ``v = ∇LQ`` (at ``θS'``, or θS for ``quiz_point="current"``) when ``keep_pilot=True``.
     inner_lr        the reference learning rate η (``inner_lr``, else the largest param-group lr).
@@ -71,7 +72,7 @@ class MetaGradient:
     quiz_loss: torch.Tensor
     teacher_logits: torch.Tensor
     student_logits: torch.Tensor
-    student_grads: dict
+    student_grads: dict | None
     pilot_params: dict | None = None
     quiz_grads: dict | None = None
     inner_lr: float = 0.0
@@ -100,6 +101,10 @@ class Options:
     shift_labels: bool = False
     compute_teacher_grads: bool = True
     keep_pilot: bool = False
+    # False: the pilot gradient ∇θS LS is freed as soon as the reverse sweep has used it (before the tangent
+    # pass; MetaGradient.student_grads is then None): what an algorithm that recomputes the real step's
+    # gradient asks for.  Not a public argument: meta_gradient always returns it.
+    keep_student_grads: bool = True
     fd_eps: Optional[float] = None
     fd_mode: str = "lgtm"
     grad_sync: Optional[Callable] = None
@@ -262,6 +267,7 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
     teacher_grads: dict = {}
     influences = None
     recompute = options.teacher_graph == "recompute"
+    pilot_params = quiz_grads = None
     with preserved_buffers(teacher) as teacher_buffers, preserved_buffers(student), outer:
         problem.teacher_buffers = teacher_buffers  # the values the replay of a recomputed forward starts from
         teacher_forward(problem, need_teacher, recompute=recompute)
@@ -269,16 +275,26 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
             teacher_grads, lq, v, trajectory, influences = autograd.autograd_meta_gradient(
                 problem, options.inner_steps, options.quiz_point, options.compute_influence, need_teacher, context
             )
+            if options.keep_pilot:
+                pilot_params, quiz_grads = dict(trajectory.theta), v
         else:
             trajectory = pilot_trajectory(problem, options.inner_steps, options.grad_sync)
             point = trajectory.theta if options.quiz_point == "pilot" else None
             lq, v = quiz_gradient(problem, point, options.grad_sync)
+            # what is no longer needed is freed before the tangent pass (where the exact step peaks at small
+            # batches): θS' after the quiz pass, v and ∇θS LS once the reverse sweep has used them
+            if options.keep_pilot:
+                pilot_params, quiz_grads = dict(trajectory.theta), dict(v)
+            trajectory.theta = point = None
+            if not options.keep_student_grads:
+                trajectory.first_grads = None
             if options.takes_tangent:
                 if method == "exact":
                     step = exact.tangent_step(problem)
                 else:
                     step = finite_diff.tangent_step(problem, fd_eps=options.fd_eps, fd_mode=options.fd_mode)
                 with context:  # the student tangent in fp32 under a low-precision autocast
+                    # (reverse_sweep consumes v and the trajectory's snapshots: each freed after its last use)
                     cotangent, influences = reverse_sweep(problem, trajectory, v, step, options.compute_influence)
                 if need_teacher:
                     if recompute:  # under the caller's autocast, as the first forward ran
@@ -300,8 +316,8 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
         teacher_logits=problem.teacher_raw.detach(),
         student_logits=trajectory.first_raw,
         student_grads=trajectory.first_grads,
-        pilot_params=dict(trajectory.theta) if options.keep_pilot else None,
-        quiz_grads=v if options.keep_pilot else None,
+        pilot_params=pilot_params,
+        quiz_grads=quiz_grads,
         inner_lr=update.lr_ref,
         hypergrad=method,
         timings=timer.timings,

@@ -187,7 +187,7 @@ class Trajectory:
     theta: dict  # θ_k (detached)
     first_raw: torch.Tensor  # the student's raw logits on x at θS
     first_loss: torch.Tensor  # LS at θS
-    first_grads: dict  # ∇θS LS (after grad_sync)
+    first_grads: Optional[dict]  # ∇θS LS (after grad_sync); None once dropped (Options.keep_student_grads)
     extras: dict = field(default_factory=dict)
 
 
@@ -291,16 +291,27 @@ TangentStep = Callable[..., tuple]
 
 def reverse_sweep(problem: Problem, trajectory: Trajectory, v: dict, tangent_step: TangentStep,
                   compute_influence: bool):
-    """The reverse pass above: ``(Σ_j c_j, influences of step 0 or None)``."""
+    """The reverse pass above: ``(Σ_j c_j, influences of step 0 or None)``.
+
+    Consumes ``v`` (the dict is emptied) and ``trajectory.snapshots`` (each entry set to None once its
+    step is done), so that every student-sized tensor is freed after its last use, not at the end of
+    the meta-gradient: ``v`` and each ``g_j``/``state_j`` after their step's adjoint, ``θ_j`` after its
+    tangent (a caller that needs ``v`` or ``g_0`` afterwards keeps its own reference: ``keep_pilot``,
+    ``trajectory.first_grads``).
+    """
     update, names, lr_ref = problem.update, problem.names, problem.lr_ref
-    adj_theta = v
+    adj_theta: Optional[dict] = dict(v)
+    v.clear()
     adj_state: Optional[dict] = None  # the adjoints of the state handed on (None: the last step)
     cotangent = influences = None
     for j in reversed(range(len(trajectory.snapshots))):
         snap = trajectory.snapshots[j]
+        trajectory.snapshots[j] = None
         with problem.timer.phase("pilot_update"), torch.no_grad():  # fused: one op call per param group
             direct, direction, adj_state = update.adjoint(snap.theta, snap.grads, snap.states, adj_theta, adj_state,
                                                           full=j > 0)
+        adj_theta = None
+        snap.grads = snap.states = None  # their last use (the tangent step reads θ_j, the RNG state and zs_j)
         c, hv, influence = tangent_step(j, snap, direction, j > 0, compute_influence and j == 0)
         cotangent = c if cotangent is None else cotangent + c
         if influence is not None:
