@@ -316,6 +316,47 @@ def phase_peaks(device: str):
         boundary()
 
 
+def minor_faults() -> int:
+    """Minor page faults of THIS process so far (``getrusage``): each is a fresh page the kernel handed over."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
+@contextlib.contextmanager
+def phase_page_faults():
+    """Fresh pages touched inside each of ``fastmeta``'s timed phases (CPU, this process) while the block runs.
+
+    The minor page faults between two phase boundaries go to the innermost open phase (``(between
+    phases)`` outside any), summed over the block; the yielded ``{phase: faults}`` times the page size
+    (``resource.getpagesize()``) is the memory each phase grew into.  On a CPU this is a cost the
+    floor's passes, timed alone with a warm heap, do not pay: glibc returns large freed tensors to the
+    OS, and the next step faults them in again.
+    """
+    record: dict[str, int] = {}
+    stack: list[str] = []
+    last = [minor_faults()]
+
+    def boundary():
+        now = minor_faults()
+        name = stack[-1] if stack else "(between phases)"
+        record[name] = record.get(name, 0) + now - last[0]
+        last[0] = now
+
+    @contextlib.contextmanager
+    def around(name):
+        boundary()
+        stack.append(name)
+        try:
+            yield
+            boundary()
+        finally:
+            stack.pop()
+
+    with wrapped_phases(around):
+        last[0] = minor_faults()
+        yield record
+        boundary()
+
+
 def fmt_bytes(n: float | None) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "—"

@@ -24,7 +24,9 @@ For ONE configuration (algorithm, hypergrad, batch size) this, in ONE process:
    (``record_function`` ranges named ``fastmeta.<phase>``) by total time;
    ``--trace PATH`` also writes a Chrome trace;
 5. with ``--memory``: the timed steps again, with the peak resident set size reached inside
-   each phase (VmHWM read and reset at every phase boundary).
+   each phase (VmHWM read and reset at every phase boundary) and, on CPU, the fresh pages each
+   phase touched (minor page faults: memory the step grows into every time, a cost the floor's
+   passes do not pay).
 
 Defaults are bench.meta_step's CPU setting (teacher all-MiniLM-L6-v2 -> its first 2
 layers, seq 128, AdamW for both, 1 intra-op thread); ``--device cuda``: its CUDA setting
@@ -43,7 +45,9 @@ noisy: compare figures from the same run (the gap column), repeat, take medians.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import resource
 import statistics
 from pathlib import Path
 from typing import Any
@@ -336,16 +340,24 @@ def main(argv=None) -> dict:
     if args.memory:
         cuda = args.device == "cuda"
         base = torch.cuda.memory_allocated() if cuda else common.current_rss_bytes()
-        with common.phase_peaks(args.device) as peaks:
+        faults = contextlib.nullcontext({}) if cuda else common.phase_page_faults()
+        with common.phase_peaks(args.device) as peaks, faults as fresh:
             run_steps(models, args, args.steps)
         record = {name: (peak - base) / 2**20 for name, peak in peaks.items()}
         report["phase_peak_mib"] = record
         report["memory_before_mib"] = base / 2**20  # absolute peak = this + a phase's figure
+        if not cuda:  # fresh pages per step (minor page faults x page size): memory each phase grew into
+            page = resource.getpagesize()
+            report["phase_fresh_pages_mib_per_step"] = {k: n * page / 2**20 / args.steps for k, n in fresh.items()}
         what = ("max_memory_allocated", "memory allocated") if cuda else ("RSS", "RSS")
         print(f"== peak {what[0]} per phase over {args.steps} steps (MiB above the {what[1]} before them: "
               f"{base / 2**20:.1f} MiB)")
         for k, v in sorted(record.items(), key=lambda kv: -kv[1]):
             print(f"  {k:55s} {v:9.1f}")
+        if not cuda:
+            print("== fresh pages touched per step, per phase (minor page faults; MiB)")
+            for k, v in sorted(report["phase_fresh_pages_mib_per_step"].items(), key=lambda kv: -kv[1]):
+                print(f"  {k:55s} {v:9.1f}")
     if args.profile:
         text = profile_steps(models, args)
         report["profile"] = text

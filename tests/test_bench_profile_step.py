@@ -24,6 +24,9 @@ def test_profile_step_smoke(tmp_path, capsys):
     assert any(row[0] == "meta_gradient.student_jvp" for row in report["gaps"])
     # --memory: a peak for every phase that ran (the engine's named meta_gradient.<phase>)
     assert {"meta_gradient.student_jvp", "teacher_update", "(between phases)"} <= set(report["phase_peak_mib"])
+    # ... and on CPU the fresh pages each phase touched per step (page faults)
+    fresh = report["phase_fresh_pages_mib_per_step"]
+    assert "meta_gradient.student_forward_backward" in fresh and all(v >= 0 for v in fresh.values())
     # --profile: the phases as record_function ranges, the step's classes put back afterwards
     assert "fastmeta.meta_gradient.student_jvp" in report["profile"] and "fastmeta.teacher_update" in report["profile"]
     from fastmeta.algorithms._common import StepContext

@@ -137,6 +137,28 @@ def test_phase_peaks_attributes_each_peak_to_its_phase(device, monkeypatch):
     assert peaks["meta_gradient.after"] == peaks["(between phases)"] == base
 
 
+def test_phase_page_faults_counts_the_fresh_pages_of_each_phase():
+    """A 64 MiB tensor created and written inside one phase: that phase touched >= 64 MiB of fresh pages
+    (a fresh mapping: glibc maps tensors that large), the empty phases next to it almost none, and the
+    outer phase only what it touched itself (the innermost open phase gets the faults)."""
+    import resource
+
+    from fastmeta.engine.trajectory import Timer
+
+    page = resource.getpagesize()
+    timer = Timer(torch.device("cpu"))
+    with common.phase_page_faults() as faults:
+        with timer.phase("outer"):
+            with timer.phase("big"):
+                torch.ones(16 * 2**20)  # 64 MiB, written, freed at once
+        with timer.phase("empty"):
+            pass
+    assert set(faults) >= {"meta_gradient.outer", "meta_gradient.big", "meta_gradient.empty"}
+    assert faults["meta_gradient.big"] * page >= 64 * 2**20
+    assert faults["meta_gradient.outer"] * page < 4 * 2**20
+    assert faults["meta_gradient.empty"] * page < 4 * 2**20
+
+
 def test_bar_chart_png(tmp_path):
     path = common.bar_chart_ratios(tmp_path / "c.png", ["a", "b"], [("t", [1.0, 2.0]), ("m", [None, 1.5])],
                                    title="t")
