@@ -128,19 +128,22 @@ def copy_bandwidth(device: str, timed: Callable[[Callable[[], Any]], float], n: 
     return 2 * n * 4 / timed(lambda: dst.copy_(src))
 
 
-def copy_optimizer(optimizer, params, **flags):
-    """A new optimizer of ``optimizer``'s class and hyper-parameters over ``params`` (copies of the parameters
-    it steps, same order) with a COPY of its state (``load_state_dict`` alone would share the state's
-    tensors: stepping the copy would step the original's moments and step counts); ``flags`` override
-    constructor arguments (e.g. ``foreach``, ``fused``)."""
+def copy_optimizer(optimizer, original, replica, **flags):
+    """A new optimizer of ``optimizer``'s class over ``replica`` (a deep copy of ``original``, the module whose
+    parameters ``optimizer`` steps): the same param groups (each parameter mapped to its copy; frozen ones
+    and several groups included), hyper-parameters and a COPY of the state (``load_state_dict`` alone
+    would share the state's tensors: stepping the copy would step the original's moments and step
+    counts).  ``flags`` (e.g. ``foreach=True``, ``fused=True``) are set in every param group, where
+    ``step()`` reads them (``load_state_dict`` replaces the groups a constructor argument went into)."""
     import copy
-    import inspect
 
-    accepted = inspect.signature(type(optimizer)).parameters
-    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in flags
-                and k not in ("foreach", "fused")}
-    new = type(optimizer)(params, **defaults, **flags)
-    new.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    twin = {id(p): q for p, q in zip(original.parameters(), replica.parameters())}
+    state = copy.deepcopy(optimizer.state_dict())
+    for group in state["param_groups"]:
+        group.update(flags)
+    new = type(optimizer)([{"params": [twin[id(p)] for p in group["params"]]} for group in optimizer.param_groups],
+                          lr=optimizer.param_groups[0]["lr"])
+    new.load_state_dict(state)  # the groups' hyper-parameters and flags, and the state (cast where fused needs it)
     return new
 
 

@@ -143,8 +143,8 @@ def floor_passes(models, args) -> dict[str, list[float]]:
     teacher, student, batch, quiz, teacher_opt, student_opt = models
     device = args.device
     t_copy, s_copy = copy.deepcopy(teacher), copy.deepcopy(student)
-    t_opt = common.copy_optimizer(teacher_opt, list(t_copy.parameters()))
-    s_opt = common.copy_optimizer(student_opt, list(s_copy.parameters()))
+    t_opt = common.copy_optimizer(teacher_opt, teacher, t_copy)
+    s_opt = common.copy_optimizer(student_opt, student, s_copy)
     passes, clear, tangents = floor_items(t_copy, s_copy, batch, quiz, t_opt, s_opt, device=device, dtype="fp32",
                                           seed=args.seed)
 

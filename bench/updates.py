@@ -82,18 +82,18 @@ def update_rows(teacher, student, teacher_opt, student_opt, *, device: str, seed
                 p.grad = g
             optimizer.step()
 
-        fn.params = [p for p, _ in pairs]  # what it steps (tests read it)
+        fn.params, fn.optimizer = [p for p, _ in pairs], optimizer  # what it steps, and how (tests read them)
         return fn
 
-    s_opt = common.copy_optimizer(student_opt, list(s_named.values()))
+    s_opt = common.copy_optimizer(student_opt, student, s_copy)
     rows["student: AdamW step, as configured (floor's student_update)"] = stepper(s_opt, s_named, s_grads)
     for label, flags in (("for-loop", dict(foreach=False)), ("foreach", dict(foreach=True)),
                          ("fused", dict(fused=True))):
         name = f"student: AdamW step, {label}"
         try:
-            named = {n: p.detach().clone().requires_grad_(True) for n, p in s_named.items()}
-            opt = common.copy_optimizer(student_opt, list(named.values()), **flags)
-            fn = stepper(opt, named, s_grads)
+            replica = copy.deepcopy(student)
+            opt = common.copy_optimizer(student_opt, student, replica, **flags)
+            fn = stepper(opt, dict(trainable(replica)), s_grads)
             fn()  # fused/foreach refuse some devices and dtypes at the first step
             rows[name] = fn
         except (RuntimeError, TypeError, ValueError) as exc:
@@ -122,7 +122,7 @@ def update_rows(teacher, student, teacher_opt, student_opt, *, device: str, seed
         theta, s_grads, states, s_vectors, full=False)[1]
     rows["pilot: adjoint a (twin)"] = twin(adj_scale=-1.0 / update.lr_ref, compute_params=False)
 
-    t_opt = common.copy_optimizer(teacher_opt, list(t_named.values()))
+    t_opt = common.copy_optimizer(teacher_opt, teacher, t_copy)
     t_params = list(t_named.items())
     rows["teacher: AdamW step, as configured (floor's teacher_update)"] = stepper(t_opt, t_named, t_grads)
     rows["teacher: finite check of the meta-gradient"] = lambda: check_finite_grads(t_grads, "teacher meta-gradient")

@@ -48,17 +48,51 @@ def test_rows_run_on_copies_and_fused_and_twin_agree(device):
         torch.testing.assert_close(fused[n], twin[n], rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(adj_fused[n], adj_twin[n], rtol=1e-5, atol=1e-9)
         assert not torch.equal(fused[n], student.get_parameter(n)), n  # a real step, not the input
-    for name, fn in rows.items():  # every row runs here (fused AdamW may be refused: then it says why)
+    # the AdamW rows run the implementation they name: step() reads foreach/fused from the param groups
+    for label, flags in (("for-loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        fn = rows[f"student: AdamW step, {label}"]
+        if not callable(fn):  # only fused may be refused (an old torch, a device without it): it says why
+            assert label == "fused" and fn, fn
+            continue
+        for group in fn.optimizer.param_groups:
+            assert all(group[k] is v for k, v in flags.items()), (label, group)
+    for name, fn in rows.items():  # every row runs here
         if callable(fn):
             fn()
-        else:
-            assert name == "student: AdamW step, fused" and fn, (name, fn)
     # ... on copies: the models, their .grad and both optimizers' states are as they were
     params_after = [p.detach() for m in (teacher, student) for p in m.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(params_before, params_after)), "a row moved an original model"
     assert all(p.grad is None for m in (teacher, student) for p in m.parameters())
     states_after = _optimizer_tensors(t_opt) + _optimizer_tensors(s_opt)
     assert all(torch.equal(a, b) for a, b in zip(states_before, states_after)), "a row stepped an original optimizer"
+
+
+def test_copy_optimizer_keeps_groups_frozen_parameters_and_its_own_state():
+    """Several param groups (a no-decay split) over a model with a frozen parameter: the copy has the same
+    groups over the replica's parameters, equal but separate state, and the flags in every group."""
+    import copy
+
+    from bench import common
+
+    _, student, _, _ = _models("cpu")
+    frozen = next(student.parameters())
+    frozen.requires_grad_(False)
+    decay = [p for n, p in student.named_parameters() if p.requires_grad and "bias" not in n]
+    rest = [p for n, p in student.named_parameters() if not (p.requires_grad and "bias" not in n)]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+    for p in decay + rest:
+        p.grad = None if p is frozen else torch.randn_like(p)
+    opt.step()
+    replica = copy.deepcopy(student)
+    new = common.copy_optimizer(opt, student, replica, foreach=True)
+    assert [g["weight_decay"] for g in new.param_groups] == [g["weight_decay"] for g in opt.param_groups]
+    assert all(g["foreach"] is True for g in new.param_groups)
+    twin = dict(zip([id(p) for p in student.parameters()], replica.parameters()))
+    for g_old, g_new in zip(opt.param_groups, new.param_groups):
+        assert [twin[id(p)] for p in g_old["params"]] == g_new["params"]
+    for p in decay:
+        a, b = opt.state[p]["exp_avg"], new.state[twin[id(p)]]["exp_avg"]
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
 
 
 def test_pilot_row_is_the_point_of_a_real_adamw_step():
