@@ -117,6 +117,23 @@ def free_grads(*optimizers) -> None:
             optimizer.zero_grad(set_to_none=True)
 
 
+def device_defaults(args) -> None:
+    """The CLIs' shared set-up of ``args`` (``device``, ``model``, ``threads``): the model defaults to
+    bench.meta_step's setting (minilm on cpu, bert-base on cuda), 1 intra-op thread on cpu; refuses cuda
+    without a GPU; quiets transformers and applies the threads."""
+    import torch
+
+    if args.model is None:
+        args.model = "bert-base" if args.device == "cuda" else "minilm"
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    quiet_transformers()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def copy_bandwidth(device: str, timed: Callable[[Callable[[], Any]], float], n: int | None = None) -> float:
     """Measured copy bandwidth of ``device`` in bytes/s (read + write): ``dst.copy_(src)`` of ``n`` fp32
     elements (default 1 GiB on CUDA, 64 MiB on the CPU), ``timed(fn)`` the median seconds of a call."""
@@ -285,6 +302,31 @@ def wrapped_phases(around: Callable[[str], Any]):
 
 
 @contextlib.contextmanager
+def innermost_phases(boundary: Callable[[str], Any]):
+    """For the block, ``boundary(name)`` at every boundary of ``fastmeta``'s timed phases
+    (:func:`wrapped_phases`) and once at the end, ``name`` the innermost phase open since the previous
+    boundary (``(between phases)`` outside any): what happened since then belongs to it."""
+    stack: list[str] = []
+
+    def close():
+        boundary(stack[-1] if stack else "(between phases)")
+
+    @contextlib.contextmanager
+    def around(name):
+        close()
+        stack.append(name)
+        try:
+            yield
+            close()
+        finally:
+            stack.pop()
+
+    with wrapped_phases(around):
+        yield
+        close()
+
+
+@contextlib.contextmanager
 def phase_peaks(device: str):
     """Peak memory inside each of ``fastmeta``'s timed phases (:func:`wrapped_phases`) while the block runs.
 
@@ -296,27 +338,14 @@ def phase_peaks(device: str):
     """
     read, reset = (cuda_peak_bytes, reset_cuda_peak) if device == "cuda" else (peak_rss_bytes, reset_peak_rss)
     record: dict[str, int] = {}
-    stack: list[str] = []
 
-    def boundary():
-        name = stack[-1] if stack else "(between phases)"
+    def boundary(name):
         record[name] = max(record.get(name, 0), read())
         reset()
 
-    @contextlib.contextmanager
-    def around(name):
-        boundary()
-        stack.append(name)
-        try:
-            yield
-            boundary()
-        finally:
-            stack.pop()
-
-    with wrapped_phases(around):
+    with innermost_phases(boundary):
         reset()
         yield record
-        boundary()
 
 
 def minor_faults() -> int:
@@ -335,29 +364,16 @@ def phase_page_faults():
     OS, and the next step faults them in again.
     """
     record: dict[str, int] = {}
-    stack: list[str] = []
     last = [minor_faults()]
 
-    def boundary():
+    def boundary(name):
         now = minor_faults()
-        name = stack[-1] if stack else "(between phases)"
         record[name] = record.get(name, 0) + now - last[0]
         last[0] = now
 
-    @contextlib.contextmanager
-    def around(name):
-        boundary()
-        stack.append(name)
-        try:
-            yield
-            boundary()
-        finally:
-            stack.pop()
-
-    with wrapped_phases(around):
+    with innermost_phases(boundary):
         last[0] = minor_faults()
         yield record
-        boundary()
 
 
 def fmt_bytes(n: float | None) -> str:

@@ -285,20 +285,12 @@ def main(argv=None) -> dict:
                    help="extra meta_step option, e.g. --option atomic=false --option inner_steps=2")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.model is None:
-        args.model = "bert-base" if args.device == "cuda" else "minilm"
-    if args.threads is None and args.device == "cpu":
-        args.threads = 1
 
     import torch
 
     from bench import common
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
-    common.quiet_transformers()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.device_defaults(args)
     models = setup(args)
     records = run_steps(models, args, args.warmup + args.steps)[args.warmup:]
     keys = list(dict.fromkeys(k for r in records for k in r))

@@ -227,20 +227,12 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.model is None:
-        args.model = "bert-base" if args.device == "cuda" else "minilm"
-    if args.threads is None and args.device == "cpu":
-        args.threads = 1
 
     import torch
 
     from bench import common, meta_step
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
-    common.quiet_transformers()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.device_defaults(args)
     teacher, student = meta_step.build_models(args.model, seed=args.seed, attn="sdpa", dropout=None)
     teacher.to(args.device)
     student.to(args.device)
