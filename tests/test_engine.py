@@ -390,6 +390,21 @@ def test_student_sized_tensors_are_freed_before_the_tangent_pass(how, device, mo
         assert tangent == {"g": n, "pilot point": n, "v": n}
 
 
+@pytest.mark.parametrize("hypergrad", ["exact", "finite_diff"])
+def test_no_tangent_pass_when_nothing_needs_it(hypergrad, device):
+    """compute_teacher_grads=False without influences (LGTM's official objectives with compute_influence=False):
+    the tangent would feed nothing, so it is not taken; the quiz side is unchanged.  With influences it is."""
+    teacher, student, batch, quiz, _ = family("bert-eager", device=device)
+    kw = dict(inner_lr=0.3, kd_weight=0.7, hypergrad=hypergrad, compute_teacher_grads=False, keep_pilot=True)
+    bare = meta_gradient(teacher, student, batch, quiz, **kw)
+    assert bare.teacher_grads == {} and bare.influences is None and "student_jvp" not in bare.timings
+    full = meta_gradient(teacher, student, batch, quiz, **kw, compute_influence=True)
+    assert "student_jvp" in full.timings and full.influences is not None
+    assert torch.equal(bare.quiz_loss, full.quiz_loss)
+    for name, v in bare.quiz_grads.items():
+        assert torch.equal(v, full.quiz_grads[name]), name
+
+
 class _DriftingTeacher(nn.Module):
     """A teacher whose forward does not reproduce: an offset that grows with every call."""
 

@@ -115,8 +115,9 @@ class Options:
 
     @property
     def takes_tangent(self) -> bool:
-        """Whether the reverse sweep takes a student tangent (it feeds the KD term and the influences)."""
-        return self.kd_weight != 0.0 or self.compute_influence
+        """Whether the reverse sweep takes a student tangent: it feeds the teacher's gradient (through the KD
+        term: none without it, or with ``compute_teacher_grads=False``) and the influences."""
+        return (self.kd_weight != 0.0 and self.compute_teacher_grads) or self.compute_influence
 
 
 # --------------------------------------------------------------------------- checks
