@@ -45,7 +45,7 @@ def test_rows_run_on_copies_and_fused_and_twin_agree(device):
     names = [n for n, p in student.named_parameters() if p.requires_grad]
     assert set(fused) == set(twin) == set(adj_fused) == set(adj_twin) == set(names)
     for n in names:
-        torch.testing.assert_close(fused[n], twin[n], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(fused[n], twin[n], rtol=1e-5, atol=1e-9)  # fp32: a few ulp apart on a GPU
         torch.testing.assert_close(adj_fused[n], adj_twin[n], rtol=1e-5, atol=1e-9)
         assert not torch.equal(fused[n], student.get_parameter(n)), n  # a real step, not the input
     # the AdamW rows run the implementation they name: step() reads foreach/fused from the param groups
