@@ -25,8 +25,7 @@ For ONE configuration (algorithm, hypergrad, batch size) this, in ONE process:
    ``--trace PATH`` also writes a Chrome trace;
 5. with ``--memory``: the timed steps again, with the peak resident set size reached inside
    each phase (VmHWM read and reset at every phase boundary) and, on CPU, the fresh pages each
-   phase touched (minor page faults: memory the step grows into every time, a cost the floor's
-   passes do not pay).
+   phase touched (minor page faults: memory the step grows into every time).
 
 Defaults are bench.meta_step's CPU setting (teacher all-MiniLM-L6-v2 -> its first 2
 layers, seq 128, AdamW for both, 1 intra-op thread); ``--device cuda``: its CUDA setting
