@@ -338,7 +338,7 @@ def test_teacher_graph_recompute_keeps_no_teacher_graph_through_the_student_pass
     assert results["keep"] == ["teacher", "student (teacher graph alive)", "student (teacher graph alive)"]
 
 
-@pytest.mark.parametrize("how", ["meta_step", "meta_gradient", "meta_gradient keep_pilot"])
+@pytest.mark.parametrize("how", ["meta_step", "meta_step lgtm official", "meta_gradient", "meta_gradient keep_pilot"])
 def test_student_sized_tensors_are_freed_before_the_tangent_pass(how, device, monkeypatch):
     """The pilot point θS' is freed after the quiz pass, the quiz gradient v and the pilot gradient g once the
     reverse sweep's adjoint used them: none is alive in the tangent's forward (where the exact step peaks at
@@ -368,9 +368,11 @@ def test_student_sized_tensors_are_freed_before_the_tangent_pass(how, device, mo
     hook = student.register_forward_hook(
         lambda module, args, output: alive.append({k: sum(r() is not None for r in rs) for k, rs in refs.items()}))
     try:
-        if how == "meta_step":
+        if how.startswith("meta_step"):
             opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (teacher, student)]
-            fastmeta.meta_step(teacher, student, batch, quiz, *opts, algorithm="metadistil", hypergrad="exact")
+            extra = dict(algorithm="lgtm", influence_objective="official") if "lgtm" in how else \
+                dict(algorithm="metadistil")
+            fastmeta.meta_step(teacher, student, batch, quiz, *opts, hypergrad="exact", **extra)
         else:
             meta_gradient(teacher, student, batch, quiz, inner_lr=0.3, kd_weight=0.7,
                           keep_pilot=how.endswith("keep_pilot"))
@@ -384,6 +386,8 @@ def test_student_sized_tensors_are_freed_before_the_tangent_pass(how, device, mo
     if how == "meta_step":  # MetaDistil recomputes the real step's gradient: nothing student-sized is kept
         assert tangent == {"g": 0, "pilot point": 0, "v": 0}
         assert alive[3] == tangent  # the real student step
+    elif how == "meta_step lgtm official":  # its mixed product needs v, nothing else
+        assert tangent == {"g": 0, "pilot point": 0, "v": n}
     elif how == "meta_gradient":  # meta_gradient returns g (student_grads)
         assert tangent == {"g": n, "pilot point": 0, "v": 0}
     else:  # and keep_pilot returns θS' and v

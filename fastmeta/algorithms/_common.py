@@ -419,13 +419,15 @@ class StepContext:
     def engine_meta_gradient(
         self, *, compute_influence: bool = False, hypergrad: Optional[str] = None, quiz_point: str = "pilot",
         keep_pilot: bool = False, compute_teacher_grads: bool = True, keep_student_grads: bool = False,
+        keep_quiz_grads: bool = False,
     ):
         """``fastmeta.engine`` on this step's models, batches and (already validated) hyper-parameters.
 
         ``quiz_point="current"``: the quiz gradient at the current student (IKD's exam);
         ``keep_pilot``, ``compute_teacher_grads``: as in ``fastmeta.engine.meta_gradient``;
         ``keep_student_grads``: return the pilot gradient (``result.student_grads``; else it is
-        freed inside the engine once used, and None).  Only what ``meta_step`` could not
+        freed inside the engine once used, and None); ``keep_quiz_grads``: return ``v`` alone
+        (``result.quiz_grads``, without the pilot point).  Only what ``meta_step`` could not
         check alone (the combination of options, the student optimizer) is checked here,
         once, before the engine runs (``fastmeta.engine.api.check_plan``).
         """
@@ -435,7 +437,8 @@ class StepContext:
             hypergrad=method, inner_steps=self.inner_steps, pilot=self.pilot, adam_jacobian=self.adam_jacobian,
             quiz_point=quiz_point, compute_influence=compute_influence, shift_labels=self.shift_labels,
             keep_pilot=keep_pilot, compute_teacher_grads=compute_teacher_grads,
-            keep_student_grads=keep_student_grads, grad_sync=self.grad_sync, jvp_precision=self.jvp_precision,
+            keep_student_grads=keep_student_grads, keep_quiz_grads=keep_quiz_grads, grad_sync=self.grad_sync,
+            jvp_precision=self.jvp_precision,
             loss_scale=self.loss_scale,
             student_tangent=self.student_tangent if method == "exact" else "jvp",
             teacher_graph=self.teacher_graph if method in ("exact", "finite_diff") else "keep",

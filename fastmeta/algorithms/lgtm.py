@@ -106,7 +106,7 @@ def run(ctx: StepContext):
     alpha = ctx.settings["alpha"]
     objective = ctx.settings["influence_objective"]
     official = objective in OFFICIAL
-    extra = {"keep_pilot": True, "compute_teacher_grads": False} if official else {}
+    extra = {"keep_quiz_grads": True, "compute_teacher_grads": False} if official else {}  # h needs v alone
     result = ctx.engine_meta_gradient(compute_influence=ctx.settings["compute_influence"], **extra)
     influences = result.influences
     if objective == "weighted" and influences is None:

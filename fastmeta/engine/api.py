@@ -53,7 +53,8 @@ class MetaGradient:
                     pilot step, i.e. the real step's gradient when the teacher does not change (None
                     when an algorithm asked the engine not to keep it: ``Options.keep_student_grads``).
     pilot_params    ``θS'`` (``{name: Tensor}``, trainable parameters) when ``keep_pilot=True``.
-    quiz_grads      ``v = ∇LQ`` (at ``θS'``, or θS for ``quiz_point="current"``) when ``keep_pilot=True``.
+    quiz_grads      ``v = ∇LQ`` (at ``θS'``, or θS for ``quiz_point="current"``) when ``keep_pilot=True``
+                    (or an algorithm asked for it alone: ``Options.keep_quiz_grads``).
     inner_lr        the reference learning rate η (``inner_lr``, else the largest param-group lr).
     hypergrad       the method used.
     timings         seconds per phase (teacher_forward, student_forward_backward, pilot_update,
@@ -105,6 +106,9 @@ class Options:
     # pass; MetaGradient.student_grads is then None): what an algorithm that recomputes the real step's
     # gradient asks for.  Not a public argument: meta_gradient always returns it.
     keep_student_grads: bool = True
+    # True: return v (MetaGradient.quiz_grads) without θS' (LGTM's official objectives need v only); keep_pilot
+    # returns both.  Not a public argument.
+    keep_quiz_grads: bool = False
     fd_eps: Optional[float] = None
     fd_mode: str = "lgtm"
     grad_sync: Optional[Callable] = None
@@ -277,7 +281,9 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
                 problem, options.inner_steps, options.quiz_point, options.compute_influence, need_teacher, context
             )
             if options.keep_pilot:
-                pilot_params, quiz_grads = dict(trajectory.theta), v
+                pilot_params = dict(trajectory.theta)
+            if options.keep_pilot or options.keep_quiz_grads:
+                quiz_grads = v
         else:
             trajectory = pilot_trajectory(problem, options.inner_steps, options.grad_sync)
             point = trajectory.theta if options.quiz_point == "pilot" else None
@@ -285,7 +291,9 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
             # what is no longer needed is freed before the tangent pass (where the exact step peaks at small
             # batches): θS' after the quiz pass, v and ∇θS LS once the reverse sweep has used them
             if options.keep_pilot:
-                pilot_params, quiz_grads = dict(trajectory.theta), dict(v)
+                pilot_params = dict(trajectory.theta)
+            if options.keep_pilot or options.keep_quiz_grads:
+                quiz_grads = dict(v)
             trajectory.theta = point = None
             if not options.keep_student_grads:
                 trajectory.first_grads = None
