@@ -13,8 +13,7 @@ For ONE configuration (algorithm, hypergrad, batch size) this, in ONE process:
    step's), student forward+backward (pilot and real step: x2), quiz forward+backward,
    one student JVP (``torch.func.jvp``, math attention), the teacher's and the
    student's optimizer updates (one each) -- and diagnostics that are not in the floor
-   (the student forward+backward under math attention, the double-VJP tangent,
-   the fused pilot op alone);
+   (the student forward+backward under math attention, the double-VJP tangent);
 3. prints, per phase, the step's median, the floor pass it corresponds to, and the gap, and
    takes the two update phases apart (``bench.updates``: the optimizer steps, the pilot op and its
    twin, the undo snapshot, ``Transaction.apply``; each alone, with its bytes and bandwidth;
@@ -166,17 +165,6 @@ def floor_passes(models, args) -> dict[str, list[float]]:
             pairs = [(g, tangents[n]) for g, n in zip(grads, s_named) if g is not None]
             torch.autograd.grad([g for g, _ in pairs], dummy, [t for _, t in pairs])
 
-    from fastmeta.engine.optimizer import optimizer_update
-
-    gen = torch.Generator().manual_seed(args.seed + 11)
-    s_grads = {n: (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=p.dtype)
-               for n, p in s_named.items()}
-    theta = {n: p.detach() for n, p in s_named.items()}
-
-    def pilot_alone():
-        update = optimizer_update(s_named, s_opt, inner_lr=None)
-        update.pilot(theta, s_grads, update.states)
-
     # diagnostics (not in the floor)
     passes["diag: student_forward_backward_train, math attention"] = student_fwd_bwd_math
     passes["diag: student tangent by double VJP"] = double_vjp
@@ -184,11 +172,6 @@ def floor_passes(models, args) -> dict[str, list[float]]:
     for name, fn in passes.items():
         out[name] = common.time_calls(fn, repeats=args.floor_repeats, warmup=1, device=device)
         clear()
-    try:  # the engine's fused pilot step alone (values only), once the student optimizer has state
-        out["diag: pilot step alone (engine, values)"] = common.time_calls(
-            pilot_alone, repeats=args.floor_repeats, warmup=1, device=device)
-    except (AttributeError, TypeError):
-        pass
     return out
 
 
@@ -323,8 +306,9 @@ def main(argv=None) -> dict:
     if not args.no_floor and not args.no_updates:  # the two update phases taken apart (bench.updates)
         from bench import updates
 
-        result = updates.measure(*models[:2], *models[4:], device=args.device, rounds=args.floor_repeats,
-                                 seed=args.seed)
+        teacher, student, _, _, teacher_opt, student_opt = models
+        result = updates.measure(teacher, student, teacher_opt, student_opt, device=args.device,
+                                 rounds=args.floor_repeats, seed=args.seed)
         report["updates"] = result
         print("== the optimizer updates taken apart (bench.updates, on copies of the models)")
         print(updates.format_rows(result))

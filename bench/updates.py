@@ -61,8 +61,7 @@ def update_rows(teacher, student, teacher_opt, student_opt, *, device: str, seed
     from bench import common
     from fastmeta.algorithms._common import Transaction, _Snapshot, check_finite_grads, trainable
     from fastmeta.engine.optimizer import optimizer_update
-    from fastmeta.ops.torch_optim import rule_pilot
-
+    
     t_copy, s_copy = copy.deepcopy(teacher), copy.deepcopy(student)
     t_named, s_named = dict(trainable(t_copy)), dict(trainable(s_copy))
     gen = torch.Generator().manual_seed(seed + 13)
@@ -103,24 +102,18 @@ def update_rows(teacher, student, teacher_opt, student_opt, *, device: str, seed
     theta = {n: p.detach() for n, p in s_named.items()}
     states = update.states
 
-    def twin(**kw):
-        """The engine's call on every group by the twin: ``{name: θ'}`` or ``{name: a}`` (as the engine's)."""
-        def fn():
-            out = {}
-            for names in update._groups:
-                res = rule_pilot(update.rules[names[0]], [theta[n] for n in names], [s_grads[n] for n in names],
-                                 [states[n] for n in names], exact_jacobian=update.exact, backend="torch",
-                                 **({"vectors": [s_vectors[n] for n in names], **kw} if kw else {}))
-                out.update(zip(names, res[2] if kw else res[0]))
-            return out
-        return fn
+    # the engine's calls (pilot_update's two parts) by the fused op ("auto") and by its twin ("torch"), returning
+    # what the engine uses: {name: θ'}, {name: a}
+    def pilot(backend):
+        return lambda: update.pilot(theta, s_grads, states, backend=backend)[0]
 
-    # the engine's calls (pilot_update's two parts), returning what the engine uses: {name: θ'}, {name: a}
-    rows["pilot: θ' (engine pilot, fused op)"] = lambda: update.pilot(theta, s_grads, states)[0]
-    rows["pilot: θ' (twin)"] = twin()
-    rows["pilot: adjoint a (engine adjoint, fused op)"] = lambda: update.adjoint(
-        theta, s_grads, states, s_vectors, full=False)[1]
-    rows["pilot: adjoint a (twin)"] = twin(adj_scale=-1.0 / update.lr_ref, compute_params=False)
+    def adjoint(backend):
+        return lambda: update.adjoint(theta, s_grads, states, s_vectors, full=False, backend=backend)[1]
+
+    rows["pilot: θ' (engine pilot, fused op)"] = pilot("auto")
+    rows["pilot: θ' (twin)"] = pilot("torch")
+    rows["pilot: adjoint a (engine adjoint, fused op)"] = adjoint("auto")
+    rows["pilot: adjoint a (twin)"] = adjoint("torch")
 
     t_opt = common.copy_optimizer(teacher_opt, teacher, t_copy)
     t_params = list(t_named.items())

@@ -67,6 +67,29 @@ def test_rows_run_on_copies_and_fused_and_twin_agree(device):
     assert all(torch.equal(a, b) for a, b in zip(states_before, states_after)), "a row stepped an original optimizer"
 
 
+def test_twin_rows_run_the_twin_and_fused_rows_the_extension(monkeypatch):
+    """The twin rows go through the plain-PyTorch twin (backend="torch"), the engine rows through the fused op
+    when the extension is built (else through the twin too, as the engine itself would)."""
+    import fastmeta.ops.pilot as pilot_ops
+    from fastmeta import ops
+
+    calls = []
+    real = pilot_ops.adam_twin
+    monkeypatch.setattr(pilot_ops, "adam_twin", lambda *a, **k: calls.append(1) or real(*a, **k))
+    teacher, student, t_opt, s_opt = _models("cpu")
+    rows = updates.update_rows(teacher, student, t_opt, s_opt, device="cpu")
+    n = len([p for p in student.parameters() if p.requires_grad])
+    for twin in ("pilot: θ' (twin)", "pilot: adjoint a (twin)"):
+        calls.clear()
+        rows[twin]()
+        assert len(calls) == n, twin  # the twin runs tensor by tensor
+    if ops.extension_ops_available(torch.device("cpu")):
+        for fused in ("pilot: θ' (engine pilot, fused op)", "pilot: adjoint a (engine adjoint, fused op)"):
+            calls.clear()
+            rows[fused]()
+            assert calls == [], fused
+
+
 def test_copy_optimizer_keeps_groups_frozen_parameters_and_its_own_state():
     """Several param groups (a no-decay split) over a model with a frozen parameter: the copy has the same
     groups over the replica's parameters, equal but separate state, and the flags in every group."""

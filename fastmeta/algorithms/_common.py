@@ -438,8 +438,7 @@ class StepContext:
             quiz_point=quiz_point, compute_influence=compute_influence, shift_labels=self.shift_labels,
             keep_pilot=keep_pilot, compute_teacher_grads=compute_teacher_grads,
             keep_student_grads=keep_student_grads, keep_quiz_grads=keep_quiz_grads, grad_sync=self.grad_sync,
-            jvp_precision=self.jvp_precision,
-            loss_scale=self.loss_scale,
+            jvp_precision=self.jvp_precision, loss_scale=self.loss_scale,
             student_tangent=self.student_tangent if method == "exact" else "jvp",
             teacher_graph=self.teacher_graph if method in ("exact", "finite_diff") else "keep",
         )

@@ -243,6 +243,13 @@ def _double_vjp_tangent(student_tangent: str, precision: str) -> bool:
     return student_tangent == "double_vjp"
 
 
+def _kept(options: Options, theta: dict, v: dict):
+    """``(pilot_params, quiz_grads)`` to return: ``θS'`` with ``keep_pilot``, ``v`` with ``keep_pilot`` or
+    ``keep_quiz_grads`` (new dicts: the engine's own are consumed), else None."""
+    return (dict(theta) if options.keep_pilot else None,
+            dict(v) if options.keep_pilot or options.keep_quiz_grads else None)
+
+
 # --------------------------------------------------------------------------- the internal entry
 def run(teacher, student, split_x, split_q, device: torch.device, student_optimizer, options: Options) -> MetaGradient:
     """The meta-gradient with checked arguments (batches split, devices checked): trusts everything."""
@@ -272,7 +279,6 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
     teacher_grads: dict = {}
     influences = None
     recompute = options.teacher_graph == "recompute"
-    pilot_params = quiz_grads = None
     with preserved_buffers(teacher) as teacher_buffers, preserved_buffers(student), outer:
         problem.teacher_buffers = teacher_buffers  # the values the replay of a recomputed forward starts from
         teacher_forward(problem, need_teacher, recompute=recompute)
@@ -280,20 +286,14 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
             teacher_grads, lq, v, trajectory, influences = autograd.autograd_meta_gradient(
                 problem, options.inner_steps, options.quiz_point, options.compute_influence, need_teacher, context
             )
-            if options.keep_pilot:
-                pilot_params = dict(trajectory.theta)
-            if options.keep_pilot or options.keep_quiz_grads:
-                quiz_grads = v
+            pilot_params, quiz_grads = _kept(options, trajectory.theta, v)
         else:
             trajectory = pilot_trajectory(problem, options.inner_steps, options.grad_sync)
             point = trajectory.theta if options.quiz_point == "pilot" else None
             lq, v = quiz_gradient(problem, point, options.grad_sync)
             # what is no longer needed is freed before the tangent pass (where the exact step peaks at small
             # batches): θS' after the quiz pass, v and ∇θS LS once the reverse sweep has used them
-            if options.keep_pilot:
-                pilot_params = dict(trajectory.theta)
-            if options.keep_pilot or options.keep_quiz_grads:
-                quiz_grads = dict(v)
+            pilot_params, quiz_grads = _kept(options, trajectory.theta, v)
             trajectory.theta = point = None
             if not options.keep_student_grads:
                 trajectory.first_grads = None

@@ -83,20 +83,22 @@ class OptimizerUpdate:
         return self.states[name]
 
     # ------------------------------------------------------------------ all parameters, fused
-    def pilot(self, theta: dict, grads: dict, states: dict, *, compute_state: bool = False):
-        """``(θ', state')`` for every name (``state'`` None unless ``compute_state``): one fused call per group."""
+    def pilot(self, theta: dict, grads: dict, states: dict, *, compute_state: bool = False, backend: str = "auto"):
+        """``(θ', state')`` for every name (``state'`` None unless ``compute_state``): one fused call per group
+        (``backend``: as in :func:`fastmeta.ops.adam_pilot`; ``"torch"`` runs the twin, for comparisons)."""
         new_theta, new_states = {}, {}
         for names in self._groups:
             values, stepped, *_ = rule_pilot(
                 self.rules[names[0]], [theta[n] for n in names], [grads[n] for n in names],
-                [states[n] for n in names], exact_jacobian=self.exact, compute_state=compute_state)
+                [states[n] for n in names], exact_jacobian=self.exact, compute_state=compute_state, backend=backend)
             new_theta.update(zip(names, values))
             new_states.update(zip(names, stepped or [None] * len(names)))
         return new_theta, new_states
 
     def adjoint(self, theta: dict, grads: dict, states: dict, adj_theta: dict, adj_states: Optional[dict] = None, *,
-                full: bool = True):
-        """One reverse-sweep step for every name: ``(direct, direction, adj_state)``.
+                full: bool = True, backend: str = "auto"):
+        """One reverse-sweep step for every name: ``(direct, direction, adj_state)`` (``backend``: as in
+        :meth:`pilot`).
 
         ``direction[name] = −(∂L/∂g)/lr_ref``; with ``full`` (a step before the first of the
         trajectory follows) also ``direct[name]`` (``∂L/∂θ`` through θ itself) and
@@ -110,7 +112,8 @@ class OptimizerUpdate:
                 self.rules[names[0]], [theta[n] for n in names], [grads[n] for n in names],
                 [states[n] for n in names], vectors=[adj_theta[n] for n in names],
                 adj_states=[adj_states.get(n) for n in names], adj_scale=-1.0 / self.lr_ref,
-                exact_jacobian=self.exact, compute_params=False, compute_adj_params=full, compute_adj_state=full)
+                exact_jacobian=self.exact, compute_params=False, compute_adj_params=full, compute_adj_state=full,
+                backend=backend)
             direction.update(zip(names, adj_g))
             if full:
                 direct.update(zip(names, adj_p))
