@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -346,6 +347,79 @@ def phase_peaks(device: str):
     with innermost_phases(boundary):
         reset()
         yield record
+
+
+_MARK = "bench.phase_end:"
+
+
+def phase_tensor_peaks(warmup: Callable[[], Any], measured: Callable[[], Any]) -> tuple[dict[str, int], int]:
+    """CPU: peak bytes of live TENSORS inside each of ``fastmeta``'s timed phases while ``measured()`` runs.
+
+    What ``torch.cuda.max_memory_allocated`` is on a GPU, on CPU: both calls run under
+    ``torch.profiler`` with ``profile_memory=True``, whose allocation events (every allocation and
+    free of torch's CPU allocator, with its size) are summed in order; the running sum is the bytes
+    of tensors allocated since the profiler started and still alive, exact and independent of glibc
+    (RSS keeps freed pages, or faults them in again).  ``warmup()`` (a step) runs first so that
+    the tensors ``measured()`` frees were allocated under the profiler (it does not know the size
+    of older ones).  Returns ``({phase: bytes}, before)``: per phase (innermost open phase, as
+    :func:`phase_peaks`) the largest running sum inside it minus the running sum when ``measured()``
+    began, and ``before`` = :func:`live_tensor_bytes` between the two calls; in a steady state (each
+    step frees what the previous one allocated) ``before`` + a phase's figure is its absolute peak.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def boundary(name):
+        with record_function(_MARK + name):
+            pass
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        warmup()
+        before = live_tensor_bytes()
+        boundary("")  # the measured part starts here
+        with innermost_phases(boundary):
+            measured()
+    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    record: dict[str, int] = {}
+    live = peak = 0
+    start = None
+    for event in events:
+        name = event.name()
+        if name == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU:
+            live += event.nbytes()
+            peak = max(peak, live)
+        elif name.startswith(_MARK):
+            phase = name[len(_MARK):]
+            if start is None:
+                start = live
+            elif phase:
+                record[phase] = max(record.get(phase, 0), peak - start)
+            peak = live
+    return record, before
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the CPU tensors Python can reach now (parameters, ``.grad``, optimizer state, batches),
+    each storage once: the base to which :func:`phase_tensor_peaks`' figures are added."""
+    import gc
+
+    import torch
+
+    seen: dict[int, int] = {}
+    with warnings.catch_warnings():  # isinstance on deprecated torch aliases warns
+        warnings.simplefilter("ignore")
+        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in objects:
+        try:
+            if obj.device.type != "cpu" or obj.is_meta:
+                continue
+            tensors = [obj] + ([obj.grad] if isinstance(obj, torch.nn.Parameter) and obj.grad is not None else [])
+            for t in tensors:
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        except Exception:  # noqa: BLE001 - tensor subclasses, functorch wrappers: not plain storage
+            continue
+    return sum(seen.values())
 
 
 def minor_faults() -> int:

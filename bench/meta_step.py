@@ -24,7 +24,7 @@ hypergrad=...)``) this measures, in ONE run:
   settings only: under autocast it would also change the tangent's precision):
   rows ``{"algorithm": "metadistil" | "lgtm", "hypergrad": "exact", "student_tangent":
   "double_vjp"}`` (the tangent back-propagated through the pilot's kept graph instead of
-  ``torch.func.jvp``: faster at large batches, more memory); fastmeta's default rows have
+  the forward-mode JVP: faster at large batches, more memory); fastmeta's default rows have
   ``"student_tangent": null`` (``"jvp"``);
 - the exact MetaDistil step with the teacher's graph recomputed (``--teacher-graphs recompute``,
   the default): rows ``{"algorithm": "metadistil", "hypergrad": "exact", "teacher_graph":
@@ -133,7 +133,7 @@ MODELS = {
 FLOOR_DEFINITION = (
     "floor = teacher forward+backward (logits cotangent) + teacher forward (no graph, for the real step) "
     "+ student forward+backward x2 (pilot, real step) + quiz forward+backward (student) + one student JVP "
-    "(torch.func.jvp, math attention) + teacher optimizer update x1 + student optimizer update x1 "
+    "(forward-mode AD on dual tensors, math attention) + teacher optimizer update x1 + student optimizer update x1 "
     "({optimizer}, the optimizers' own step()), each timed alone in this run, medians summed")
 
 # =========================================================================== worker side
@@ -357,7 +357,8 @@ def floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, *, devi
     the call (zeros: the same work; its state exists after the first call).  The models move when an
     update item runs: time them on models nothing else uses."""
     import torch
-    from torch.func import functional_call, jvp
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
 
     from fastmeta.functional import math_attention
 
@@ -395,11 +396,10 @@ def floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, *, devi
     params = {n: p.detach() for n, p in student.named_parameters()}
     tangents = {n: torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype) for n, p in params.items()}
 
-    def student_jvp():
-        def f(p):
-            return functional_call(student, p, args=(), kwargs=inputs).logits
-        with math_attention(), ac():
-            jvp(f, (params,), (tangents,))
+    def student_jvp():  # forward mode on dual tensors, as fastmeta.functional.jvp_logits takes it
+        with torch.no_grad(), math_attention(), ac(), fwAD.dual_level():
+            duals = {n: fwAD.make_dual(params[n], tangents[n]) for n in params}
+            fwAD.unpack_dual(functional_call(student, duals, args=(), kwargs=inputs).logits)
 
     def optimizer_update(model, opt):
         ready = []

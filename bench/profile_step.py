@@ -11,7 +11,7 @@ For ONE configuration (algorithm, hypergrad, batch size) this, in ONE process:
 2. times the floor's passes ALONE on the same models and batches (a MetaDistil step
    cannot do less): teacher forward+backward, teacher forward (no graph, the real
    step's), student forward+backward (pilot and real step: x2), quiz forward+backward,
-   one student JVP (``torch.func.jvp``, math attention), the teacher's and the
+   one student JVP (forward-mode AD on dual tensors, math attention), the teacher's and the
    student's optimizer updates (one each) -- and diagnostics that are not in the floor
    (the student forward+backward under math attention, the double-VJP tangent);
 3. prints, per phase, the step's median, the floor pass it corresponds to, and the gap, and
@@ -24,7 +24,9 @@ For ONE configuration (algorithm, hypergrad, batch size) this, in ONE process:
    ``--trace PATH`` also writes a Chrome trace;
 5. with ``--memory``: the timed steps again, with the peak resident set size reached inside
    each phase (VmHWM read and reset at every phase boundary) and, on CPU, the fresh pages each
-   phase touched (minor page faults: memory the step grows into every time).
+   phase touched (minor page faults: memory the step grows into every time) and, on CPU again,
+   the peak bytes of live tensors inside each phase (``common.phase_tensor_peaks``: torch.profiler's
+   allocation events, what ``max_memory_allocated`` is on CUDA, independent of glibc).
 
 Defaults are bench.meta_step's CPU setting (teacher all-MiniLM-L6-v2 -> its first 2
 layers, seq 128, AdamW for both, 1 intra-op thread); ``--device cuda``: its CUDA setting
@@ -332,6 +334,16 @@ def main(argv=None) -> dict:
         if not cuda:
             print("== fresh pages touched per step, per phase (minor page faults; MiB)")
             for k, v in sorted(report["phase_fresh_pages_mib_per_step"].items(), key=lambda kv: -kv[1]):
+                print(f"  {k:55s} {v:9.1f}")
+            # live tensors (torch.profiler's allocation events): CUDA's max_memory_allocated, on CPU
+            tensor_peaks, base = common.phase_tensor_peaks(lambda: run_steps(models, args, 1),
+                                                           lambda: run_steps(models, args, args.steps))
+            report["phase_tensor_peak_mib"] = {k: v / 2**20 for k, v in tensor_peaks.items()}
+            report["tensors_before_mib"] = base / 2**20
+            print(f"== peak bytes of live tensors per phase over {args.steps} steps (MiB above the tensors "
+                  f"alive before them: {base / 2**20:.1f} MiB; torch.profiler's allocation events, after one "
+                  f"step under it)")
+            for k, v in sorted(report["phase_tensor_peak_mib"].items(), key=lambda kv: -kv[1]):
                 print(f"  {k:55s} {v:9.1f}")
     if args.profile:
         text = profile_steps(models, args)

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from .batching import SplitBatch, extract_logits
 
@@ -304,6 +305,11 @@ def default_fd_eps(params: list[torch.Tensor], direction: list[torch.Tensor]) ->
     return math.sqrt(machine_eps) * max(1.0, theta_norm) / v_norm
 
 
+def _forward_ad_level_active() -> bool:
+    """True inside a forward-mode AD level (``fwAD.dual_level`` or a ``torch.func.jvp``): a new one cannot open."""
+    return getattr(fwAD, "_current_level", -1) >= 0
+
+
 def jvp_logits(
     model: torch.nn.Module,
     inputs: Any,
@@ -322,7 +328,8 @@ def jvp_logits(
     ``inputs`` are the model's inputs (a Mapping of keyword arguments, a tuple of
     positional ones, a Tensor, or a :class:`~fastmeta.batching.SplitBatch`).
 
-    ``method="forward"`` (exact): ``torch.func.jvp`` over ``functional_call`` at
+    ``method="forward"`` (exact): forward-mode AD (dual tensors, ``torch.autograd.forward_ad``;
+    ``torch.func.jvp`` inside a caller's forward-mode level) over ``functional_call`` at
     ``params`` (default: the module's own parameters), run under
     :func:`math_attention` (the fused SDPA kernels have no forward-AD formula) and
     ``torch.no_grad`` (no backward graph is built; forward AD is unaffected).
@@ -364,10 +371,17 @@ def jvp_logits(
             # caller's buffers must not see twice)
             return functional_logits(model, {**transform_buffers(model), **constants, **primal_params}, split)
 
+        directions = {name: tangents[name].detach() for name in names}
         with torch.no_grad(), math_attention(), replay_rng(rng_state):
-            logits, tangent_out = torch.func.jvp(
-                logits_of, (primals,), ({name: tangents[name].detach() for name in names},)
-            )
+            if _forward_ad_level_active():  # inside a caller's forward-mode AD: torch.func nests levels
+                return torch.func.jvp(logits_of, (primals,), (directions,))
+            # dual tensors straight through forward-mode AD (the formulas torch.func.jvp uses too,
+            # without its transform layer around every op: less overhead per op)
+            with fwAD.dual_level():
+                out = logits_of({name: fwAD.make_dual(primals[name], directions[name]) for name in names})
+                logits, tangent_out = fwAD.unpack_dual(out)
+        if tangent_out is None:  # the logits do not depend on the named parameters
+            tangent_out = torch.zeros_like(logits)
         return logits, tangent_out
 
     if params is not None:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-from bench import profile_step
+import torch
+
+from bench import common, profile_step
 
 
 def test_profile_step_smoke(tmp_path, capsys):
@@ -27,6 +29,10 @@ def test_profile_step_smoke(tmp_path, capsys):
     # ... and on CPU the fresh pages each phase touched per step (page faults)
     fresh = report["phase_fresh_pages_mib_per_step"]
     assert "meta_gradient.student_forward_backward" in fresh and all(v >= 0 for v in fresh.values())
+    # ... and the live tensors' peak per phase: the teacher's graph is alive from its forward to its backward
+    tensors = report["phase_tensor_peak_mib"]
+    assert tensors["meta_gradient.student_jvp"] > tensors["meta_gradient.teacher_forward"] > 0
+    assert report["tensors_before_mib"] > 0
     # --profile: the phases as record_function ranges, the step's classes put back afterwards
     assert "fastmeta.meta_gradient.student_jvp" in report["profile"] and "fastmeta.teacher_update" in report["profile"]
     from fastmeta.algorithms._common import StepContext
@@ -96,3 +102,32 @@ def test_profile_step_teacher_checkpointing():
                                 "--teacher-checkpointing", "--option", 'teacher_graph="recompute"'])
     assert report["teacher_checkpointing_active"] and report["phases"]["total"] > 0
     assert "meta_gradient.teacher_recompute" in report["phases"] and report["memory_before_mib"] > 0
+
+
+def test_phase_tensor_peaks_counts_live_tensor_bytes_per_phase():
+    """Exact bytes: the largest sum of live tensors inside each phase, relative to the measured part's start
+    (a tensor the warm-up allocated and the measured part frees is seen going)."""
+    from fastmeta.engine.trajectory import Timer
+
+    timer = Timer(torch.device("cpu"))
+    keep: list = []
+
+    def warmup():
+        keep.append(torch.ones(1000))  # 4000 bytes, freed by the measured part
+
+    def measured():
+        keep.clear()
+        with timer.phase("a"):
+            x = torch.empty(2**20, dtype=torch.uint8)
+            y = torch.empty(3 * 2**20, dtype=torch.uint8)
+            del x, y
+        with timer.phase("b"):
+            keep.append(torch.empty(2**19, dtype=torch.uint8))
+            with timer.phase("inner"):
+                torch.empty(2**18, dtype=torch.uint8)  # freed at once
+
+    peaks, before = common.phase_tensor_peaks(warmup, measured)
+    assert peaks["meta_gradient.a"] == 4 * 2**20 - 4000
+    assert peaks["meta_gradient.b"] == 2**19 - 4000
+    assert peaks["meta_gradient.inner"] == 2**19 + 2**18 - 4000
+    assert before >= 4000  # the warm-up's tensor was alive then

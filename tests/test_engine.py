@@ -382,7 +382,7 @@ def test_student_sized_tensors_are_freed_before_the_tangent_pass(how, device, mo
     assert n == len([p for p in student.parameters() if p.requires_grad]) > 0
     assert alive[0] == {}  # the pilot's forward: nothing yet
     assert alive[1] == {"g": n, "pilot point": n}  # the quiz pass at θS', with g kept for the adjoint
-    tangent = alive[2]  # the tangent's forward (torch.func.jvp)
+    tangent = alive[2]  # the tangent's forward (forward-mode JVP)
     if how == "meta_step":  # MetaDistil recomputes the real step's gradient: nothing student-sized is kept
         assert tangent == {"g": 0, "pilot point": 0, "v": 0}
         assert alive[3] == tangent  # the real student step

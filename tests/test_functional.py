@@ -79,6 +79,37 @@ def test_forward_jvp_matches_double_vjp_with_dropout(attn, device):
     assert model.training
 
 
+def test_forward_jvp_inside_a_callers_forward_ad_level():
+    """jvp_logits opens its own forward-mode level (dual tensors); inside a caller's torch.func.jvp (a
+    level is open: another cannot be) it takes torch.func.jvp, which nests: the same tangent either
+    way, against the double VJP."""
+    import torch.autograd.forward_ad as fwAD
+
+    model = tiny_bert("eager").eval()
+    x = inputs(0)  # no padding token: reverse mode gives the padding row no gradient, forward mode a tangent
+    tangents = {n: torch.randn_like(p) for n, p in trainable_parameters(model).items()}
+    _, u_ref = double_vjp_jvp(model, x, tangents, None)
+    _, u = jvp_logits(model, x, tangents)
+    seen = []
+
+    def outer(s):  # jvp_logits called inside a torch.func.jvp (a forward-mode level already open)
+        seen.append(fwAD._current_level)
+        seen.append(jvp_logits(model, x, tangents)[1])
+        return 2 * s
+
+    torch.func.jvp(outer, (torch.ones((), dtype=torch.float64),), (torch.ones((), dtype=torch.float64),))
+    assert seen[0] >= 0  # the fallback path was taken
+    u_nested = seen[1]
+    assert float((u - u_ref).norm() / u_ref.norm()) <= 1e-12
+    assert float((u_nested - u_ref).norm() / u_ref.norm()) <= 1e-12
+    # no named parameter reaches the logits: a zero tangent, not None
+    unused = {"bert.pooler.dense.bias": torch.randn(16, dtype=torch.float64)}
+    model.classifier.weight.data.zero_()
+    model.classifier.weight.requires_grad_(False)
+    _, u_zero = jvp_logits(model, x, unused)
+    assert u_zero.shape == u.shape and not u_zero.any()
+
+
 def test_forward_jvp_at_other_params_and_partial_tangents(device):
     model = tiny_bert("eager").eval().to(device)
     x = inputs(1, device=device)

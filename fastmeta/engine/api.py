@@ -170,7 +170,7 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
             "student has gradient checkpointing enabled (e.g. student.gradient_checkpointing_enable()): the engine "
             "runs the student at the pilot point θS' with torch.func.functional_call, and a checkpointed "
             "segment's backward recomputes with the module's own parameters θS, not θS': a silently wrong "
-            "quiz gradient (and torch.func.jvp cannot run through torch.utils.checkpoint). Disable it on the "
+            "quiz gradient (and the forward-mode JVP cannot run through torch.utils.checkpoint). Disable it on the "
             "student (student.gradient_checkpointing_disable()); the teacher may keep it"
         )
     forward_mode = options.hypergrad == "exact" and options.takes_tangent and (options.student_tangent == "jvp"
@@ -179,7 +179,7 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
         raise ValueError(
             "student has HuggingFace's input-require-grads hook (enable_input_require_grads(): installed by PEFT "
             "and by gradient_checkpointing_enable(), and left in place by gradient_checkpointing_disable()); it "
-            "calls requires_grad_() inside the forward, which the exact step's forward-mode torch.func.jvp cannot "
+            "calls requires_grad_() inside the forward, which the exact step's forward-mode JVP cannot "
             "run. Call student.disable_input_require_grads(), or use student_tangent='double_vjp' (inner_steps=1)"
         )
     check_student_optimizer(params, student_optimizer, inner_lr=options.inner_lr, pilot=options.pilot)
@@ -228,7 +228,7 @@ def check_arguments(**kwargs) -> Options:
 
 
 def _double_vjp_tangent(student_tangent: str, precision: str) -> bool:
-    """Whether the exact tangent of step 0 is taken through the pilot's kept graph (else ``torch.func.jvp``).
+    """Whether the exact tangent of step 0 is taken through the pilot's kept graph (else by forward mode, :func:`fastmeta.functional.jvp_logits`).
 
     The kept graph ran in the pilot's precision: under a bf16/fp16 autocast with
     ``jvp_precision="fp32"`` (a tangent with autocast off) only the JVP can honour it.
@@ -399,7 +399,7 @@ def meta_gradient(
                             computes the student tangent with autocast switched off; ``"autocast"``
                             leaves it under the caller's autocast (:mod:`fastmeta.engine.precision`).
     student_tangent         how ``hypergrad="exact"`` takes the student tangent ``u = J_S a`` of the
-                            pilot step; both are exact.  ``"jvp"`` (default): ``torch.func.jvp``, one
+                            pilot step; both are exact.  ``"jvp"`` (default): forward-mode AD, one
                             more student forward carrying tangents, nothing kept.  ``"double_vjp"``:
                             ``a`` back-propagated through the pilot backward's own graph, kept (with
                             ``create_graph``) until the quiz gradient is known: no forward repeated,

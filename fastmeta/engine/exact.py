@@ -2,7 +2,7 @@
 
 At step j of :func:`~fastmeta.engine.trajectory.reverse_sweep`, with direction ``a``:
 
-* ``j = 0``: ``u = J_S(θS)·a``, one ``torch.func.jvp`` of the student's logits
+* ``j = 0``: ``u = J_S(θS)·a``, one forward-mode JVP of the student's logits
   (:func:`fastmeta.functional.jvp_logits`, math attention, dropout masks replayed);
 * ``j ≥ 1``: ``(J_S(θ_j)·a, H_S(θ_j)·a)`` from ONE forward-over-reverse pass
   (:func:`fastmeta.hessian.forward_over_reverse` with the logits as auxiliary output).
