@@ -167,9 +167,18 @@ def floor_passes(models, args) -> dict[str, list[float]]:
             pairs = [(g, tangents[n]) for g, n in zip(grads, s_named) if g is not None]
             torch.autograd.grad([g for g, _ in pairs], dummy, [t for _, t in pairs])
 
+    primals = {n: p.detach() for n, p in s_copy.named_parameters()}  # as the floor's JVP item
+
+    def func_jvp():  # that JVP through torch.func (fastmeta's until 2026-11-28): its transform layer included
+        def logits(p):
+            return torch.func.functional_call(s_copy, p, args=(), kwargs=inputs).logits
+        with torch.no_grad(), math_attention():
+            torch.func.jvp(logits, (primals,), ({n: tangents[n] for n in primals},))
+
     # diagnostics (not in the floor)
     passes["diag: student_forward_backward_train, math attention"] = student_fwd_bwd_math
     passes["diag: student tangent by double VJP"] = double_vjp
+    passes["diag: student JVP by torch.func.jvp"] = func_jvp
     out = {}
     for name, fn in passes.items():
         out[name] = common.time_calls(fn, repeats=args.floor_repeats, warmup=1, device=device)

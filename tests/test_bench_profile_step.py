@@ -23,6 +23,7 @@ def test_profile_step_smoke(tmp_path, capsys):
     assert set(counts) <= set(report["floor_medians"]) and counts["student_forward_backward_train"] == 2
     assert report["floor_s"] == sum(report["floor_medians"][k] * c for k, c in counts.items())
     assert "diag: student tangent by double VJP" in report["floor_medians"]
+    assert "diag: student JVP by torch.func.jvp" in report["floor_medians"]
     assert any(row[0] == "meta_gradient.student_jvp" for row in report["gaps"])
     # --memory: a peak for every phase that ran (the engine's named meta_gradient.<phase>)
     assert {"meta_gradient.student_jvp", "teacher_update", "(between phases)"} <= set(report["phase_peak_mib"])
