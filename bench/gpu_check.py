@@ -573,6 +573,13 @@ def _summ_profile(ctx: Context, text: str) -> dict[str, Any]:
             "total_s": phases.get("total"), "floor_s": data.get("floor_s"),
             "largest_gaps": [{"phase": g[0], "step_s": g[1], "floor_s": g[3], "gap_s": g[4]} for g in gaps],
             "peak_mib": sorted(data.get("phase_peak_mib", {}).items(), key=lambda kv: -kv[1])[:3],
+            # the student tangent: the step's phase, the floor's forward-AD JVP, torch.func.jvp, the double VJP (ms)
+            "tangent_ms": {k: round(v * 1e3, 3) for k, v in (
+                ("step: student_jvp phase", phases.get("meta_gradient.student_jvp")),
+                ("floor: forward-AD JVP", data.get("floor_medians", {}).get("student_jvp")),
+                ("torch.func.jvp", data.get("floor_medians", {}).get("diag: student JVP by torch.func.jvp")),
+                ("double VJP", data.get("floor_medians", {}).get("diag: student tangent by double VJP")),
+            ) if v is not None},
             # the update phases taken apart (bench.updates): row -> [ms, x its side's optimizer step, % copy bw]
             "updates": {r["row"]: [round(r["median_s"] * 1e3, 3), _round(r.get("x_optimizer_step")),
                                    _round(r.get("pct_copy_bw"), 1)]
@@ -893,6 +900,8 @@ def key_figures(report: dict[str, Any]) -> list[str]:
                          f"{g['phase']} {g['step_s'] * 1e3:.1f} ms vs {g['floor_s'] * 1e3:.1f} ms"
                          for g in pf.get("largest_gaps", []))
                      + "; peaks above the start: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in pf.get("peak_mib", [])))
+        if pf.get("tangent_ms"):
+            lines.append("  student tangent: " + ", ".join(f"{k} {v:.2f} ms" for k, v in pf["tangent_ms"].items()))
         for row, (ms, x, pct) in (pf.get("updates") or {}).items():
             lines.append(f"  {row}: {ms:.2f} ms, {_fmt_x(x)} its optimizer step, "
                          f"{'-' if pct is None else f'{pct:.0f}%'} of copy bandwidth")
