@@ -324,6 +324,14 @@ def worker_step(spec: dict[str, Any]) -> dict[str, Any]:
             row["phase_peak_bytes"] = peaks
         except Exception as exc:  # noqa: BLE001  (the timed steps stand; say why this part is missing)
             row["phase_peak_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if spec.get("tensor_memory") and device == "cpu":  # two more steps under torch.profiler: live tensors
+        try:
+            peaks, before = common.phase_tensor_peaks(step, step)  # a warm-up step, then the one measured
+            top = max(peaks.values(), default=0)
+            row["tensor_memory"] = {"before_bytes": before, "step_bytes": top, "peak_bytes": before + top,
+                                    "phase_peak_bytes": peaks}
+        except Exception as exc:  # noqa: BLE001  (the timed steps stand; say why this part is missing)
+            row["tensor_memory_error"] = f"{type(exc).__name__}: {exc}"[:300]
     finite = all(bool(torch.isfinite(p).all()) for m in (teacher, student) for p in m.parameters())
     # what the loop left alive between steps (0: every .grad freed, common.free_grads)
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for m in (teacher, student) for p in m.parameters()
@@ -698,6 +706,34 @@ def plan(args, settings: list[dict[str, Any]]) -> list[tuple[int, str, tuple | N
     return items * max(1, getattr(args, "rounds", 1))
 
 
+def _tensor_memory_lines(s: dict[str, Any]) -> list[str]:
+    """The live-tensor table of one setting (rows measured with ``--tensor-memory``), or nothing."""
+    rows = [r for r in s["steps"] if _ok(r) and "tensor_memory" in r]
+    if not rows:
+        return []
+    kd = next((r["tensor_memory"] for r in rows if r["algorithm"] == "kd" and r.get("peer") is None), None)
+    autograd = {r["algorithm"]: r["tensor_memory"] for r in rows
+                if r.get("hypergrad") == "autograd" and r.get("peer") is None and row_variant(r) is None}
+
+    def ratio(a, b):
+        return common.fmt(a / b, 2, "x") if b else "—"
+
+    table = []
+    for r in rows:
+        m = r["tensor_memory"]
+        ref = autograd.get(r["algorithm"]) if r.get("peer") is None else autograd.get("metadistil")
+        table.append([_label(r), common.fmt_bytes(m["before_bytes"]), common.fmt_bytes(m["peak_bytes"]),
+                      ratio(m["peak_bytes"], kd and kd["peak_bytes"]), common.fmt_bytes(m["step_bytes"]),
+                      ratio(m["step_bytes"], ref and ref["step_bytes"]),
+                      max(m["phase_peak_bytes"], key=m["phase_peak_bytes"].get, default="—")])
+    return ["Live tensors (two more, untimed steps per row, the second under torch.profiler: the bytes of tensors "
+            "alive, what max_memory_allocated counts on CUDA; 'before' = the tensors alive between steps, 'step' = "
+            "the peak above them; x autograd: against the same algorithm's double backward, the peers against "
+            "MetaDistil's):", "",
+            common.markdown_table(["step", "before", "peak", "peak x KD", "step", "step x autograd", "peak phase"],
+                                  table), ""]
+
+
 def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One row (or floor) from the results of its rounds: times pooled (median over all timed steps),
     phase medians the median of the rounds' ones, memory the largest round's; an error or skip wins."""
@@ -723,6 +759,9 @@ def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
         out["parameters_finite_after"] = all(r.get("parameters_finite_after", True) for r in results)
         if any("grad_bytes_between_steps" in r for r in results):
             out["grad_bytes_between_steps"] = max(r.get("grad_bytes_between_steps", 0) for r in results)
+    tensors = [r["tensor_memory"] for r in results if "tensor_memory" in r]
+    if tensors:  # live tensors (CPU, --tensor-memory): the largest round's
+        out["tensor_memory"] = max(tensors, key=lambda m: m["peak_bytes"])
     largest = max(results, key=lambda r: r["memory"]["peak_bytes"])
     if "phase_peak_bytes" in largest:  # where the peak is: of the round whose peak is reported
         out["phase_peak_bytes"] = largest["phase_peak_bytes"]
@@ -739,7 +778,8 @@ def run_all(args, settings: list[dict[str, Any]], log, deadline: float | None = 
                 inner_lr=args.inner_lr, temperature=args.temperature, kd_weight=args.kd_weight,
                 warmup=args.warmup, repeats=args.repeats, threads=args.threads,
                 cache_models=args.isolation == "inprocess",
-                phase_memory=args.device == "cuda" if args.phase_memory is None else args.phase_memory)
+                phase_memory=args.device == "cuda" if args.phase_memory is None else args.phase_memory,
+                tensor_memory=args.tensor_memory)
     confs = keys(args)
     states = [{"setting": s, "label": f"{s['model']} bs{s['batch_size']} seq{s['seq_len']} {s['dtype']}",
                "floor": [], "rows": {}} for s in settings]
@@ -969,6 +1009,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         mf = s.get("memory_floor")
         if mf is not None:
             lines += [_memory_floor_words(mf), ""]
+        lines += _tensor_memory_lines(s)
         peaks = [r for r in s["steps"] if _ok(r) and r.get("phase_peak_bytes") and r["algorithm"] in ("kd", "metadistil")]
         if peaks:
             lines += ["Where the peak is (one more, untimed step per row; the 3 phases with the highest peak, "
@@ -1108,6 +1149,10 @@ def parse_args(argv=None):
                    help="after the timed steps, one more (untimed) step of each fastmeta row records the peak "
                         "memory inside each of its phases (row field phase_peak_bytes; default: on CUDA only, "
                         "where max_memory_allocated makes it exact)")
+    p.add_argument("--tensor-memory", action="store_true",
+                   help="CPU: after the timed steps, two more (untimed) steps of every row, the second measured as "
+                        "live tensors under torch.profiler (bench.common.phase_tensor_peaks: what "
+                        "max_memory_allocated is on CUDA; row field tensor_memory) beside the RSS columns")
     p.add_argument("--isolation", choices=["subprocess", "inprocess"], default=None,
                    help="subprocess: one fresh process per configuration (clean CPU peaks; the CPU default); "
                         "inprocess: one process, models built once (the CUDA default: the peak of "

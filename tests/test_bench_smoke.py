@@ -244,8 +244,18 @@ def test_meta_step_smoke(tmp_path):
 
     meta_step.main(["--model", "tiny", "--isolation", "inprocess", "--warmup", "0", "--repeats", "1",
                     "--rounds", "2", "--algorithms", "kd", "metadistil", "--hypergrads", "exact", "autograd",
-                    "--phase-memory", "--out-dir", str(tmp_path)])
+                    "--phase-memory", "--tensor-memory", "--out-dir", str(tmp_path)])
     steps = _check_meta_step_report(None, tmp_path)
+    # --tensor-memory: every row (peers too) measured as live tensors, beside RSS
+    for key, r in steps.items():
+        if "skipped" in r:
+            continue
+        m = r["tensor_memory"]
+        assert m["peak_bytes"] == m["before_bytes"] + m["step_bytes"] and m["step_bytes"] > 0, key
+        assert (key[2] is None) == (set(m["phase_peak_bytes"]) != {"(between phases)"}), key  # a peer has no phases
+    exact_t, autograd_t = (steps[("metadistil", h, None)]["tensor_memory"] for h in ("exact", "autograd"))
+    assert exact_t["step_bytes"] < autograd_t["step_bytes"]  # the double backward keeps the pilot's graph
+    assert "Live tensors (two more, untimed steps per row" in (tmp_path / "meta_step_cpu.md").read_text()
     # --phase-memory: every fastmeta row's phases (engine phases too), none for a peer (it has no phases)
     for key, r in steps.items():
         if "skipped" in r:
