@@ -303,6 +303,35 @@ def wrapped_phases(around: Callable[[str], Any]):
 
 
 @contextlib.contextmanager
+def phases_without_sync():
+    """For the block, ``fastmeta``'s timed phases (those :func:`wrapped_phases` names) time the host only:
+    no ``torch.cuda.synchronize`` on entry and exit, which they do on CUDA (the shipped behaviour,
+    ``StepOutput.timings``' contract) and which keeps the CPU from queueing the next phase's kernels
+    while the GPU runs this one.  A measuring tool (``bench.profile_step --sync-ab``): the phase
+    figures inside are launch times, only the whole step's time means something."""
+    from fastmeta.algorithms._common import StepContext
+    from fastmeta.engine.trajectory import Timer
+
+    originals = {cls: cls.phase for cls in (StepContext, Timer)}
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    try:
+        for cls in originals:
+            cls.phase = phase
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.phase = original
+
+
+@contextlib.contextmanager
 def innermost_phases(boundary: Callable[[str], Any]):
     """For the block, ``boundary(name)`` at every boundary of ``fastmeta``'s timed phases
     (:func:`wrapped_phases`) and once at the end, ``name`` the innermost phase open since the previous

@@ -18,13 +18,14 @@ step runs with the checkout first on ``PYTHONPATH`` (``fastmeta/__init__.py`` mo
                   (necessary passes + necessary optimizer updates) and the peers' MetaDistil steps
                   (higher, TorchOpt: ``bench/peers.py``); kd, metadistil/exact, metadistil/autograd
                   and the peers of every setting first;
-5. ``profile``    ``bench.profile_step --device cuda --profile --memory``: MetaDistil exact steps at
+5. ``profile``    ``bench.profile_step --device cuda --profile --memory --sync-ab``: MetaDistil exact steps at
                   batch 4 (BERT-base -> 6 layers, fp32, the setting furthest from its floor; 2 warm-up
                   + 5 timed steps, 5 more for the per-phase peaks, 5 under torch.profiler): every
                   phase against its floor pass timed alone, the peak inside every phase, and the ops
                   by CPU and by GPU self time, and the two update phases taken apart
                   (``bench.updates``: optimizer steps, pilot op vs its twin, undo snapshot,
-                  ``Transaction.apply``, each alone with its bandwidth) (``profile_step_cuda.json``);
+                  ``Transaction.apply``, each alone with its bandwidth), whole steps with and without
+                  meta_step's CUDA syncs around each phase (5 + 5, alternating) (``profile_step_cuda.json``);
 6. ``kernels``    ``bench.kernels`` with short timing (torch.compile cases last);
 7. ``hvp``        ``bench.hvp --device cuda`` (BERT-base -> 6 layers, batch 32);
 8. ``growth``     ``bench.growth --device cuda`` (low priority: last): step time and step memory of
@@ -230,7 +231,7 @@ def _meta_step_cmd(ctx: Context, deadline: float) -> list[str]:
 
 
 def _profile_cmd(ctx: Context, deadline: float) -> list[str]:
-    cmd = [ctx.python, "-m", "bench.profile_step", "--device", ctx.device, "--profile", "--memory",
+    cmd = [ctx.python, "-m", "bench.profile_step", "--device", ctx.device, "--profile", "--memory", "--sync-ab",
            "--json", str(ctx.results_dir / f"profile_step_{ctx.suffix}.json")]
     if ctx.dry_run:
         return cmd + ["--model", "tiny", "--batch-size", "2", "--seq-len", "8", "--steps", "1", "--warmup", "0",
@@ -573,6 +574,9 @@ def _summ_profile(ctx: Context, text: str) -> dict[str, Any]:
             "total_s": phases.get("total"), "floor_s": data.get("floor_s"),
             "largest_gaps": [{"phase": g[0], "step_s": g[1], "floor_s": g[3], "gap_s": g[4]} for g in gaps],
             "peak_mib": sorted(data.get("phase_peak_mib", {}).items(), key=lambda kv: -kv[1])[:3],
+            # the whole step with and without meta_step's CUDA syncs around each phase (profile_step --sync-ab)
+            "sync_ab": {k: (data.get("sync_ab") or {}).get(k) for k in ("median_with_s", "median_without_s",
+                                                                         "without_vs_with")},
             # the student tangent: the step's phase, the floor's forward-AD JVP, torch.func.jvp, the double VJP (ms)
             "tangent_ms": {k: round(v * 1e3, 3) for k, v in (
                 ("step: student_jvp phase", phases.get("meta_gradient.student_jvp")),
@@ -900,6 +904,10 @@ def key_figures(report: dict[str, Any]) -> list[str]:
                          f"{g['phase']} {g['step_s'] * 1e3:.1f} ms vs {g['floor_s'] * 1e3:.1f} ms"
                          for g in pf.get("largest_gaps", []))
                      + "; peaks above the start: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in pf.get("peak_mib", [])))
+        ab = pf.get("sync_ab") or {}
+        if ab.get("median_with_s"):
+            lines.append(f"  whole step with the phases' CUDA syncs {ab['median_with_s'] * 1e3:.1f} ms, without "
+                         f"{ab['median_without_s'] * 1e3:.1f} ms ({_fmt_x(ab['without_vs_with'])})")
         if pf.get("tangent_ms"):
             lines.append("  student tangent: " + ", ".join(f"{k} {v:.2f} ms" for k, v in pf["tangent_ms"].items()))
         for row, (ms, x, pct) in (pf.get("updates") or {}).items():

@@ -26,7 +26,9 @@ For ONE configuration (algorithm, hypergrad, batch size) this, in ONE process:
    each phase (VmHWM read and reset at every phase boundary) and, on CPU, the fresh pages each
    phase touched (minor page faults: memory the step grows into every time) and, on CPU again,
    the peak bytes of live tensors inside each phase (``common.phase_tensor_peaks``: torch.profiler's
-   allocation events, what ``max_memory_allocated`` is on CUDA, independent of glibc).
+   allocation events, what ``max_memory_allocated`` is on CUDA, independent of glibc);
+6. with ``--sync-ab``: whole steps timed with and without the ``torch.cuda.synchronize`` that
+   ``meta_step`` does around each timed phase on CUDA, alternating (what the syncs cost).
 
 Defaults are bench.meta_step's CPU setting (teacher all-MiniLM-L6-v2 -> its first 2
 layers, seq 128, AdamW for both, 1 intra-op thread); ``--device cuda``: its CUDA setting
@@ -127,6 +129,32 @@ def run_steps(models, args, n: int) -> list[dict]:
         t["(untimed)"] = t.get("total", 0.0) - top
         records.append(t)
     return records
+
+
+def sync_ab(models, args) -> dict[str, Any]:
+    """The whole step's time with the phases' CUDA synchronisations (as shipped) and without them
+    (``common.phases_without_sync``), ``args.steps`` of each, alternating; medians and their ratio."""
+    import fastmeta
+    from bench import common
+
+    teacher, student, batch, quiz, teacher_opt, student_opt = models
+    kwargs = step_kwargs(args)
+
+    def step():
+        fastmeta.meta_step(teacher, student, batch, quiz, teacher_opt, student_opt, **kwargs)
+        common.free_grads(teacher_opt, student_opt)
+
+    def unsynced():
+        with common.phases_without_sync():
+            step()
+
+    synced, free = [], []
+    for _ in range(args.steps):
+        synced += common.time_calls(step, repeats=1, warmup=0, device=args.device)
+        free += common.time_calls(unsynced, repeats=1, warmup=0, device=args.device)
+    a, b = _median(synced), _median(free)
+    return {"with_phase_syncs_s": synced, "without_phase_syncs_s": free, "median_with_s": a,
+            "median_without_s": b, "without_vs_with": b / a}
 
 
 def floor_passes(models, args) -> dict[str, list[float]]:
@@ -256,6 +284,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-updates", action="store_true",
                    help="skip the optimizer updates taken apart (bench.updates; run by default with the floor)")
     p.add_argument("--profile", action="store_true", help="also run the timed steps under torch.profiler")
+    p.add_argument("--sync-ab", action="store_true",
+                   help="also time whole steps with and without the CUDA synchronisation around each timed phase "
+                        "(alternating; what the syncs cost; on CPU there are none)")
     p.add_argument("--record-shapes", action="store_true")
     p.add_argument("--memory", action="store_true",
                    help="also the peak memory reached inside each phase (CUDA: max_memory_allocated; CPU: RSS, Linux)")
@@ -323,6 +354,11 @@ def main(argv=None) -> dict:
         report["updates"] = result
         print("== the optimizer updates taken apart (bench.updates, on copies of the models)")
         print(updates.format_rows(result))
+    if args.sync_ab:
+        ab = sync_ab(models, args)
+        report["sync_ab"] = ab
+        print(f"== whole step with the phases' CUDA syncs {ab['median_with_s']:.4f} s, without "
+              f"{ab['median_without_s']:.4f} s (x{ab['without_vs_with']:.3f}; median of {args.steps} each, alternating)")
     if args.memory:
         cuda = args.device == "cuda"
         base = torch.cuda.memory_allocated() if cuda else common.current_rss_bytes()

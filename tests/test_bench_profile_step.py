@@ -11,7 +11,7 @@ from bench import common, profile_step
 def test_profile_step_smoke(tmp_path, capsys):
     out = tmp_path / "profile.json"
     report = profile_step.main(["--model", "tiny", "--steps", "2", "--warmup", "0", "--floor-repeats", "1",
-                                "--memory", "--profile", "--row-limit", "5", "--json", str(out)])
+                                "--memory", "--profile", "--sync-ab", "--row-limit", "5", "--json", str(out)])
     # the step's phases, the engine's inside meta_gradient
     phases = report["phases"]
     assert {"meta_gradient", "meta_gradient.student_jvp", "teacher_update", "student_update", "total"} <= set(phases)
@@ -40,6 +40,10 @@ def test_profile_step_smoke(tmp_path, capsys):
     from fastmeta.engine.trajectory import Timer
 
     assert StepContext.phase.__qualname__ == "StepContext.phase" and Timer.phase.__qualname__ == "Timer.phase"
+    # --sync-ab: whole steps with and without the phases' syncs, alternating
+    ab = report["sync_ab"]
+    assert len(ab["with_phase_syncs_s"]) == len(ab["without_phase_syncs_s"]) == 2
+    assert ab["without_vs_with"] == ab["median_without_s"] / ab["median_with_s"] > 0
     assert json.loads(out.read_text())["floor_s"] == report["floor_s"]
     assert report["teacher_checkpointing_active"] is False
     # the update phases taken apart (bench.updates), every row timed or saying why not
@@ -132,3 +136,28 @@ def test_phase_tensor_peaks_counts_live_tensor_bytes_per_phase():
     assert peaks["meta_gradient.b"] == 2**19 - 4000
     assert peaks["meta_gradient.inner"] == 2**19 + 2**18 - 4000
     assert before >= 4000  # the warm-up's tensor was alive then
+
+
+def test_phases_without_sync_time_the_host_and_never_synchronise(monkeypatch):
+    """On CUDA meta_step's phases synchronise on entry and exit; inside phases_without_sync they do not (a
+    synchronize that raises proves it: the shipped phase calls it), and the classes are put back after."""
+    from fastmeta.algorithms._common import StepContext
+    from fastmeta.engine.trajectory import Timer
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("torch.cuda.synchronize called")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    timer = Timer(torch.device("cuda"))  # a CUDA timer: its own phase synchronises
+    try:
+        with timer.phase("a"):
+            pass
+    except AssertionError:
+        pass
+    else:
+        raise AssertionError("the shipped phase did not synchronise: this test checks nothing")
+    with common.phases_without_sync():
+        with timer.phase("b"):
+            pass
+    assert timer.timings["b"] >= 0.0
+    assert StepContext.phase.__qualname__ == "StepContext.phase" and Timer.phase.__qualname__ == "Timer.phase"

@@ -97,6 +97,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert "growth: " in md and "peers: " in md
     assert "profile (metadistil/exact tiny bs2): step " in md and "largest gaps: " in md
     assert "student tangent: step: student_jvp phase " in md and "torch.func.jvp " in md  # forward AD vs functorch
+    assert "whole step with the phases' CUDA syncs " in md  # profile_step --sync-ab
     # the update phases taken apart (bench.updates, inside the profile step): every row that ran, in the summary
     from bench import updates
 
