@@ -386,12 +386,13 @@ def phase_tensor_peaks(warmup: Callable[[], Any], measured: Callable[[], Any]) -
 
     What ``torch.cuda.max_memory_allocated`` is on a GPU, on CPU: both calls run under
     ``torch.profiler`` with ``profile_memory=True``, whose allocation events (every allocation and
-    free of torch's CPU allocator, with its size) are summed in order; the running sum is the bytes
-    of tensors allocated since the profiler started and still alive, exact and independent of glibc
-    (RSS keeps freed pages, or faults them in again).  ``warmup()`` (a step) runs first so that
-    the tensors ``measured()`` frees were allocated under the profiler (it does not know the size
-    of older ones).  Returns ``({phase: bytes}, before)``: per phase (innermost open phase, as
-    :func:`phase_peaks`) the largest running sum inside it minus the running sum when ``measured()``
+    free of torch's CPU allocator, with its address and size) are summed in order; the running sum
+    is the bytes of tensors allocated since the profiler started and still alive (a free counts only
+    for a block this profiler saw allocated: the size it reports for an older one can be stale),
+    independent of glibc (RSS keeps freed pages, or faults them in again).  ``warmup()`` (a step)
+    runs first so that the tensors ``measured()`` frees were allocated under the profiler.  Returns
+    ``({phase: bytes}, before)``: per phase (innermost open phase, as :func:`phase_peaks`) the
+    largest running sum inside it minus the running sum when ``measured()``
     began, and ``before`` = :func:`live_tensor_bytes` between the two calls; in a steady state (each
     step frees what the previous one allocated) ``before`` + a phase's figure is its absolute peak.
     """
@@ -408,21 +409,40 @@ def phase_tensor_peaks(warmup: Callable[[], Any], measured: Callable[[], Any]) -
         boundary("")  # the measured part starts here
         with innermost_phases(boundary):
             measured()
-    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    from torch._C._profiler import _EventType
+
+    events: list[tuple[int, int, Any, int]] = []  # (time, 0: allocation | 1: marker, pointer | phase, bytes)
+
+    def collect(nodes):
+        for node in nodes:
+            if node.tag == _EventType.Allocation:
+                fields = node.extra_fields
+                device = getattr(fields, "device", None)
+                if device is None or torch.device(device).type == "cpu":
+                    events.append((node.start_time_ns, 0, fields.ptr, int(fields.alloc_size)))
+            elif node.name.startswith(_MARK):
+                events.append((node.start_time_ns, 1, node.name[len(_MARK):], 0))
+            collect(node.children)
+
+    collect(prof.profiler.kineto_results.experimental_event_tree())
+    events.sort(key=lambda e: e[0])
     record: dict[str, int] = {}
+    sizes: dict[int, int] = {}  # the blocks allocated under THIS profiler, by address
     live = peak = 0
     start = None
-    for event in events:
-        name = event.name()
-        if name == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU:
-            live += event.nbytes()
-            peak = max(peak, live)
-        elif name.startswith(_MARK):
-            phase = name[len(_MARK):]
+    for _, kind, what, nbytes in events:
+        if kind == 0:
+            if nbytes > 0:
+                sizes[what] = nbytes
+                live += nbytes
+                peak = max(peak, live)
+            elif what in sizes:  # a free of a block allocated before the profiler is not counted
+                live -= sizes.pop(what)
+        else:
             if start is None:
                 start = live
-            elif phase:
-                record[phase] = max(record.get(phase, 0), peak - start)
+            elif what:
+                record[what] = max(record.get(what, 0), peak - start)
             peak = live
     return record, before
 

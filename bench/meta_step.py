@@ -365,10 +365,9 @@ def floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, *, devi
     the call (zeros: the same work; its state exists after the first call).  The models move when an
     update item runs: time them on models nothing else uses."""
     import torch
-    import torch.autograd.forward_ad as fwAD
-    from torch.func import functional_call
 
-    from fastmeta.functional import math_attention
+    from fastmeta.functional import as_split_inputs
+    from fastmeta.functional import student_jvp as jvp
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     quiz_inputs = {k: v for k, v in quiz.items() if k != "labels"}
@@ -404,10 +403,11 @@ def floor_items(teacher, student, batch, quiz, teacher_opt, student_opt, *, devi
     params = {n: p.detach() for n, p in student.named_parameters()}
     tangents = {n: torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype) for n, p in params.items()}
 
-    def student_jvp():  # forward mode on dual tensors, as fastmeta.functional.jvp_logits takes it
-        with torch.no_grad(), math_attention(), ac(), fwAD.dual_level():
-            duals = {n: fwAD.make_dual(params[n], tangents[n]) for n in params}
-            fwAD.unpack_dual(functional_call(student, duals, args=(), kwargs=inputs).logits)
+    split_inputs = as_split_inputs(inputs)
+
+    def student_jvp():  # the engine's own JVP (forward mode on dual tensors, math attention)
+        with ac():
+            jvp(student, split_inputs, tangents)
 
     def optimizer_update(model, opt):
         ready = []
@@ -1184,6 +1184,9 @@ def parse_args(argv=None):
         args.isolation = "inprocess" if cuda else "subprocess"
     if args.threads is None and not cuda:
         args.threads = 1
+    if args.tensor_memory and args.isolation == "inprocess":
+        raise SystemExit("--tensor-memory needs --isolation subprocess: in one process every CPU tensor Python "
+                         "can reach counts, the other rows' models (the in-process model cache) included")
     return args
 
 

@@ -166,7 +166,7 @@ def floor_passes(models, args) -> dict[str, list[float]]:
 
     from bench import common
     from bench.meta_step import floor_items
-    from fastmeta.functional import math_attention
+    from fastmeta.functional import as_split_inputs, math_attention, student_jvp
 
     teacher, student, batch, quiz, teacher_opt, student_opt = models
     device = args.device
@@ -195,13 +195,10 @@ def floor_passes(models, args) -> dict[str, list[float]]:
             pairs = [(g, tangents[n]) for g, n in zip(grads, s_named) if g is not None]
             torch.autograd.grad([g for g, _ in pairs], dummy, [t for _, t in pairs])
 
-    primals = {n: p.detach() for n, p in s_copy.named_parameters()}  # as the floor's JVP item
+    split_inputs = as_split_inputs(inputs)
 
-    def func_jvp():  # that JVP through torch.func (fastmeta's until 2026-11-28): its transform layer included
-        def logits(p):
-            return torch.func.functional_call(s_copy, p, args=(), kwargs=inputs).logits
-        with torch.no_grad(), math_attention():
-            torch.func.jvp(logits, (primals,), ({n: tangents[n] for n in primals},))
+    def func_jvp():  # the floor's JVP through torch.func.jvp (fastmeta's until 2026-11-28): its transform layer
+        student_jvp(s_copy, split_inputs, tangents, dual=False)
 
     # diagnostics (not in the floor)
     passes["diag: student_forward_backward_train, math attention"] = student_fwd_bwd_math

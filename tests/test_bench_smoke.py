@@ -244,18 +244,8 @@ def test_meta_step_smoke(tmp_path):
 
     meta_step.main(["--model", "tiny", "--isolation", "inprocess", "--warmup", "0", "--repeats", "1",
                     "--rounds", "2", "--algorithms", "kd", "metadistil", "--hypergrads", "exact", "autograd",
-                    "--phase-memory", "--tensor-memory", "--out-dir", str(tmp_path)])
+                    "--phase-memory", "--out-dir", str(tmp_path)])
     steps = _check_meta_step_report(None, tmp_path)
-    # --tensor-memory: every row (peers too) measured as live tensors, beside RSS
-    for key, r in steps.items():
-        if "skipped" in r:
-            continue
-        m = r["tensor_memory"]
-        assert m["peak_bytes"] == m["before_bytes"] + m["step_bytes"] and m["step_bytes"] > 0, key
-        assert (key[2] is None) == (set(m["phase_peak_bytes"]) != {"(between phases)"}), key  # a peer has no phases
-    exact_t, autograd_t = (steps[("metadistil", h, None)]["tensor_memory"] for h in ("exact", "autograd"))
-    assert exact_t["step_bytes"] < autograd_t["step_bytes"]  # the double backward keeps the pilot's graph
-    assert "Live tensors (two more, untimed steps per row" in (tmp_path / "meta_step_cpu.md").read_text()
     # --phase-memory: every fastmeta row's phases (engine phases too), none for a peer (it has no phases)
     for key, r in steps.items():
         if "skipped" in r:
@@ -298,6 +288,28 @@ def test_meta_step_smoke(tmp_path):
         assert r["peer_version"]
     md = (tmp_path / "meta_step_cpu.md").read_text()
     assert "MetaDistil with higher (peer)" in md and "time_vs_higher" in md
+
+
+def test_meta_step_tensor_memory(tmp_path):
+    """--tensor-memory (CPU, one worker process per row): every row, the peers' too, as live tensors."""
+    from bench import meta_step
+
+    with pytest.raises(SystemExit, match="--tensor-memory needs --isolation subprocess"):
+        meta_step.main(["--model", "tiny", "--isolation", "inprocess", "--tensor-memory", "--out-dir", str(tmp_path)])
+    meta_step.main(["--model", "tiny", "--isolation", "subprocess", "--warmup", "0", "--repeats", "1",
+                    "--rounds", "1", "--algorithms", "kd", "metadistil", "--hypergrads", "exact", "autograd",
+                    "--student-tangents", "--teacher-graphs", "--tensor-memory", "--out-dir", str(tmp_path)])
+    steps = {(r["algorithm"], r["hypergrad"], r.get("peer")): r
+             for r in json.loads((tmp_path / "meta_step_cpu.json").read_text())["settings"][0]["steps"]}
+    for key, r in steps.items():
+        if "skipped" in r:
+            continue
+        m = r["tensor_memory"]
+        assert m["peak_bytes"] == m["before_bytes"] + m["step_bytes"] and m["step_bytes"] > 0, key
+        assert (key[2] is None) == (set(m["phase_peak_bytes"]) != {"(between phases)"}), key  # a peer has no phases
+    exact_t, autograd_t = (steps[("metadistil", h, None)]["tensor_memory"] for h in ("exact", "autograd"))
+    assert exact_t["step_bytes"] < autograd_t["step_bytes"]  # the double backward keeps the pilot's graph
+    assert "Live tensors (two more, untimed steps per row" in (tmp_path / "meta_step_cpu.md").read_text()
 
 
 def test_meta_step_missing_peer_is_reported_not_faked(tmp_path, monkeypatch):

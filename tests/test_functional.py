@@ -79,35 +79,91 @@ def test_forward_jvp_matches_double_vjp_with_dropout(attn, device):
     assert model.training
 
 
-def test_forward_jvp_inside_a_callers_forward_ad_level():
-    """jvp_logits opens its own forward-mode level (dual tensors); inside a caller's torch.func.jvp (a
-    level is open: another cannot be) it takes torch.func.jvp, which nests: the same tangent either
-    way, against the double VJP."""
+def test_student_jvp_dual_tensors_and_their_fallbacks():
+    """The engine's JVP (student_jvp) runs dual tensors through forward-mode AD; where they would not
+    compute what torch.func.jvp does it takes torch.func.jvp: inside a caller's forward-mode level
+    (another cannot open), under torch.inference_mode (no forward gradients: the tangent would be
+    None) and inside vmap (no batching rule for dual tensors).  Every way, against the double VJP."""
     import torch.autograd.forward_ad as fwAD
+
+    from fastmeta.functional import as_split_inputs, student_jvp
 
     model = tiny_bert("eager").eval()
     x = inputs(0)  # no padding token: reverse mode gives the padding row no gradient, forward mode a tangent
+    split = as_split_inputs(x)
     tangents = {n: torch.randn_like(p) for n, p in trainable_parameters(model).items()}
     _, u_ref = double_vjp_jvp(model, x, tangents, None)
-    _, u = jvp_logits(model, x, tangents)
+
+    def close(u):
+        return float((u - u_ref).norm() / u_ref.norm()) <= 1e-12
+
+    assert close(student_jvp(model, split, tangents)[1])
+    assert close(jvp_logits(model, x, tangents)[1])  # the public one: torch.func.jvp
     seen = []
 
-    def outer(s):  # jvp_logits called inside a torch.func.jvp (a forward-mode level already open)
+    def outer(s):  # inside a torch.func.jvp: a forward-mode level is open
         seen.append(fwAD._current_level)
-        seen.append(jvp_logits(model, x, tangents)[1])
+        seen.append(student_jvp(model, split, tangents)[1])
         return 2 * s
 
-    torch.func.jvp(outer, (torch.ones((), dtype=torch.float64),), (torch.ones((), dtype=torch.float64),))
-    assert seen[0] >= 0  # the fallback path was taken
-    u_nested = seen[1]
-    assert float((u - u_ref).norm() / u_ref.norm()) <= 1e-12
-    assert float((u_nested - u_ref).norm() / u_ref.norm()) <= 1e-12
-    # no named parameter reaches the logits: a zero tangent, not None
-    unused = {"bert.pooler.dense.bias": torch.randn(16, dtype=torch.float64)}
-    model.classifier.weight.data.zero_()
-    model.classifier.weight.requires_grad_(False)
-    _, u_zero = jvp_logits(model, x, unused)
-    assert u_zero.shape == u.shape and not u_zero.any()
+    one = torch.ones((), dtype=torch.float64)
+    torch.func.jvp(outer, (one,), (one,))
+    assert seen[0] >= 0 and close(seen[1])
+    with torch.inference_mode():
+        u_inference = student_jvp(model, split, tangents)[1]
+    assert close(u_inference.clone())
+    # vmap over two directions: the first one and twice it
+    stacked = {n: torch.stack([t, 2 * t]) for n, t in tangents.items()}
+    u_two = torch.func.vmap(lambda d: student_jvp(model, split, d)[1])(stacked)
+    assert close(u_two[0]) and float((u_two[1] - 2 * u_ref).norm() / u_ref.norm()) <= 1e-12
+
+
+class _Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(3, 2).double()
+        self.unused = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.used(x)
+
+
+class _Closure(torch.autograd.Function):
+    """Reads its module's weight from the closure, not from its inputs (forward AD is off inside)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        return x @ module.weight.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+class _ClosedOver(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return _Closure.apply(x, self)
+
+
+def test_jvp_zero_tangent_and_a_parameter_read_from_a_closure():
+    """No named parameter reaches the logits: a zero tangent, not None (both JVPs).  A parameter an
+    autograd.Function reads from its closure: torch.func.jvp (the public jvp_logits) refuses; dual
+    tensors cannot see it, which is why only the engine, whose directions are zero there (reverse
+    mode gives it no gradient), uses them."""
+    from fastmeta.functional import as_split_inputs, student_jvp
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    model = _Unused()
+    unused = {"unused": torch.randn(4, dtype=torch.float64)}
+    for u in (student_jvp(model, as_split_inputs(x), unused)[1], jvp_logits(model, x, unused)[1]):
+        assert u is not None and u.shape == (5, 2) and not u.any()
+    closed = _ClosedOver()
+    with pytest.raises(RuntimeError):
+        jvp_logits(closed, x, {"weight": torch.randn(2, 3, dtype=torch.float64)})
 
 
 def test_forward_jvp_at_other_params_and_partial_tangents(device):

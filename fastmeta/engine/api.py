@@ -170,7 +170,7 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
             "student has gradient checkpointing enabled (e.g. student.gradient_checkpointing_enable()): the engine "
             "runs the student at the pilot point θS' with torch.func.functional_call, and a checkpointed "
             "segment's backward recomputes with the module's own parameters θS, not θS': a silently wrong "
-            "quiz gradient (and the forward-mode JVP cannot run through torch.utils.checkpoint). Disable it on the "
+            "quiz gradient (and forward mode gets no tangent through torch.utils.checkpoint). Disable it on the "
             "student (student.gradient_checkpointing_disable()); the teacher may keep it"
         )
     forward_mode = options.hypergrad == "exact" and options.takes_tangent and (options.student_tangent == "jvp"
@@ -179,7 +179,7 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
         raise ValueError(
             "student has HuggingFace's input-require-grads hook (enable_input_require_grads(): installed by PEFT "
             "and by gradient_checkpointing_enable(), and left in place by gradient_checkpointing_disable()); it "
-            "calls requires_grad_() inside the forward, which the exact step's forward-mode JVP cannot "
+            "calls requires_grad_() inside the forward, which the exact step's forward mode (torch.func.jvp) cannot "
             "run. Call student.disable_input_require_grads(), or use student_tangent='double_vjp' (inner_steps=1)"
         )
     check_student_optimizer(params, student_optimizer, inner_lr=options.inner_lr, pilot=options.pilot)

@@ -3,7 +3,7 @@
 At step j of :func:`~fastmeta.engine.trajectory.reverse_sweep`, with direction ``a``:
 
 * ``j = 0``: ``u = J_S(θS)·a``, one forward-mode JVP of the student's logits
-  (:func:`fastmeta.functional.jvp_logits`, math attention, dropout masks replayed);
+  (:func:`fastmeta.functional.student_jvp`: dual tensors, math attention, dropout masks replayed);
 * ``j ≥ 1``: ``(J_S(θ_j)·a, H_S(θ_j)·a)`` from ONE forward-over-reverse pass
   (:func:`fastmeta.hessian.forward_over_reverse` with the logits as auxiliary output).
 
@@ -14,7 +14,7 @@ update to float64 rounding (``tests/test_engine_exact.py``).
 """
 from __future__ import annotations
 
-from ..functional import functional_logits, jvp_logits, replay_rng, transform_buffers
+from ..functional import functional_logits, replay_rng, student_jvp, transform_buffers
 from ..hessian import forward_over_reverse
 from .trajectory import Problem, kept_tangent
 
@@ -30,7 +30,7 @@ def tangent_step(problem: Problem):
                 u, hv = kept_tangent(problem, direction), None
             else:
                 params = None if j == 0 else snap.theta
-                _, u = jvp_logits(problem.student, problem.split_x, direction, params=params, rng_state=snap.rng)
+                _, u = student_jvp(problem.student, problem.split_x, direction, params=params, rng_state=snap.rng)
                 hv = None
             c, influence = problem.cotangent_and_influence(snap.zs, u, need_influence)
         return c, hv, influence
