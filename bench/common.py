@@ -276,15 +276,28 @@ def reset_cuda_peak() -> None:
 
 
 @contextlib.contextmanager
-def wrapped_phases(around: Callable[[str], Any]):
-    """For the block, every timed phase of ``fastmeta`` runs inside ``around(name)`` (a context manager):
-    ``meta_step``'s (``StepContext.phase``: ``teacher_update``, ``student_step.forward_backward``, ...) and
-    the engine's (``Timer.phase``, named ``meta_gradient.<phase>``).  The classes are put back whatever
-    happens (a CUDA error at a sync included)."""
+def _replaced_phases(replace: Callable[[Callable, str], Callable]):
+    """For the block, ``StepContext.phase`` and ``Timer.phase`` (``fastmeta``'s timed phases) are
+    ``replace(original, prefix)`` (``prefix``: ``""`` for ``meta_step``'s, ``"meta_gradient."`` for the
+    engine's); the classes are put back whatever happens (a CUDA error at a sync included)."""
     from fastmeta.algorithms._common import StepContext
     from fastmeta.engine.trajectory import Timer
 
-    originals = {cls: cls.phase for cls in (StepContext, Timer)}
+    originals = {StepContext: "", Timer: "meta_gradient."}
+    saved = {cls: cls.phase for cls in originals}
+    try:
+        for cls, prefix in originals.items():
+            cls.phase = replace(saved[cls], prefix)
+        yield
+    finally:
+        for cls, original in saved.items():
+            cls.phase = original
+
+
+def wrapped_phases(around: Callable[[str], Any]):
+    """For the block, every timed phase of ``fastmeta`` runs inside ``around(name)`` (a context manager):
+    ``meta_step``'s (``StepContext.phase``: ``teacher_update``, ``student_step.forward_backward``, ...) and
+    the engine's (``Timer.phase``, named ``meta_gradient.<phase>``)."""
 
     def wrap(original, prefix):
         @contextlib.contextmanager
@@ -293,42 +306,27 @@ def wrapped_phases(around: Callable[[str], Any]):
                 yield
         return phase
 
-    try:
-        StepContext.phase = wrap(originals[StepContext], "")
-        Timer.phase = wrap(originals[Timer], "meta_gradient.")
-        yield
-    finally:
-        for cls, original in originals.items():
-            cls.phase = original
+    return _replaced_phases(wrap)
 
 
-@contextlib.contextmanager
 def phases_without_sync():
     """For the block, ``fastmeta``'s timed phases (those :func:`wrapped_phases` names) time the host only:
     no ``torch.cuda.synchronize`` on entry and exit, which they do on CUDA (the shipped behaviour,
     ``StepOutput.timings``' contract) and which keeps the CPU from queueing the next phase's kernels
     while the GPU runs this one.  A measuring tool (``bench.profile_step --sync-ab``): the phase
     figures inside are launch times, only the whole step's time means something."""
-    from fastmeta.algorithms._common import StepContext
-    from fastmeta.engine.trajectory import Timer
 
-    originals = {cls: cls.phase for cls in (StepContext, Timer)}
+    def host_timed(original, prefix):
+        @contextlib.contextmanager
+        def phase(self, name):
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        return phase
 
-    @contextlib.contextmanager
-    def phase(self, name):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-
-    try:
-        for cls in originals:
-            cls.phase = phase
-        yield
-    finally:
-        for cls, original in originals.items():
-            cls.phase = original
+    return _replaced_phases(host_timed)
 
 
 @contextlib.contextmanager
@@ -392,9 +390,9 @@ def phase_tensor_peaks(warmup: Callable[[], Any], measured: Callable[[], Any]) -
     independent of glibc (RSS keeps freed pages, or faults them in again).  ``warmup()`` (a step)
     runs first so that the tensors ``measured()`` frees were allocated under the profiler.  Returns
     ``({phase: bytes}, before)``: per phase (innermost open phase, as :func:`phase_peaks`) the
-    largest running sum inside it minus the running sum when ``measured()``
-    began, and ``before`` = :func:`live_tensor_bytes` between the two calls; in a steady state (each
-    step frees what the previous one allocated) ``before`` + a phase's figure is its absolute peak.
+    largest running sum inside it minus the running sum when ``measured()`` began, and ``before`` =
+    :func:`live_tensor_bytes` between the two calls; in a steady state (each step frees what the
+    previous one allocated) ``before`` + a phase's figure is its absolute peak.
     """
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function

@@ -378,12 +378,12 @@ def main(argv=None) -> dict:
             for k, v in sorted(report["phase_fresh_pages_mib_per_step"].items(), key=lambda kv: -kv[1]):
                 print(f"  {k:55s} {v:9.1f}")
             # live tensors (torch.profiler's allocation events): CUDA's max_memory_allocated, on CPU
-            tensor_peaks, base = common.phase_tensor_peaks(lambda: run_steps(models, args, 1),
-                                                           lambda: run_steps(models, args, args.steps))
+            tensor_peaks, tensors_before = common.phase_tensor_peaks(lambda: run_steps(models, args, 1),
+                                                                     lambda: run_steps(models, args, args.steps))
             report["phase_tensor_peak_mib"] = {k: v / 2**20 for k, v in tensor_peaks.items()}
-            report["tensors_before_mib"] = base / 2**20
+            report["tensors_before_mib"] = tensors_before / 2**20
             print(f"== peak bytes of live tensors per phase over {args.steps} steps (MiB above the tensors "
-                  f"alive before them: {base / 2**20:.1f} MiB; torch.profiler's allocation events, after one "
+                  f"alive before them: {tensors_before / 2**20:.1f} MiB; torch.profiler's allocation events, after one "
                   f"step under it)")
             for k, v in sorted(report["phase_tensor_peak_mib"].items(), key=lambda kv: -kv[1]):
                 print(f"  {k:55s} {v:9.1f}")

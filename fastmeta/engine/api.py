@@ -228,7 +228,8 @@ def check_arguments(**kwargs) -> Options:
 
 
 def _double_vjp_tangent(student_tangent: str, precision: str) -> bool:
-    """Whether the exact tangent of step 0 is taken through the pilot's kept graph (else by forward mode, :func:`fastmeta.functional.jvp_logits`).
+    """Whether the exact tangent of step 0 is taken through the pilot's kept graph (else by forward mode:
+    :func:`fastmeta.functional.student_jvp`).
 
     The kept graph ran in the pilot's precision: under a bf16/fp16 autocast with
     ``jvp_precision="fp32"`` (a tangent with autocast off) only the JVP can honour it.
