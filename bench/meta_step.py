@@ -54,6 +54,9 @@ Configurations:
   student, seq 128, batch 4 and 32, fp32 and bf16 autocast.  Refuses clearly
   when CUDA is not available.
 - ``--model tiny``: a randomly initialised 2-layer hidden-32 BERT (tests/smoke).
+- ``--model bert-base-thin``: BERT-base's structure (12 layers, 201 parameter tensors -> 6
+  layers, 105) at hidden 24, seq 16: the ops are tiny, so on a CPU a step costs about what its host
+  side (Python, dispatch, checks) costs at BERT-base on a GPU, where bs 4 is host-bound.
 
 On CUDA all configurations run in one process by default (``--isolation inprocess``: the
 models of a setting are built once on CPU and deep-copied per configuration, everything of
@@ -124,6 +127,10 @@ MODELS = {
                            "6-layer student (first 6 layers)", student_layers=6),
     "tiny": dict(desc="random tiny BERT (2L, hidden 32, vocab 1000) -> 1-layer student",
                  student_layers=1),
+    "bert-base-thin": dict(desc="teacher with BERT-base's structure at hidden 24 (12L, 12 heads, vocab 30522, "
+                                "201 parameter tensors, random init) -> 6-layer student: every op is small, so a "
+                                "step's time is mostly its host overhead (Python, dispatch), the share that bounds "
+                                "a BERT-base step on a GPU at small batch", student_layers=6),
 }
 
 
@@ -158,6 +165,10 @@ def build_models(model: str, *, seed: int, attn: str, dropout: float | None):
         config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=2, intermediate_size=64,
                             max_position_embeddings=128, num_labels=2, **extra)
+        config._attn_implementation = attn
+        teacher = BertForSequenceClassification(config)
+    elif model == "bert-base-thin":  # BERT-base's modules and parameter tensors, each op tiny
+        config = BertConfig(hidden_size=24, num_attention_heads=12, intermediate_size=96, num_labels=2, **extra)
         config._attn_implementation = attn
         teacher = BertForSequenceClassification(config)
     else:
@@ -538,7 +549,7 @@ def settings_for(args) -> list[dict[str, Any]]:
         model = args.model or "minilm"
         batches = args.batch_sizes or [4]
         dtypes = args.dtypes or ["fp32"]
-    seq = args.seq_len or (16 if model == "tiny" else 128)
+    seq = args.seq_len or (16 if model in ("tiny", "bert-base-thin") else 128)
     return [dict(model=model, batch_size=b, seq_len=seq, dtype=d) for b in batches for d in dtypes]
 
 

@@ -92,7 +92,7 @@ def setup(args):
         teacher.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     gen = torch.Generator().manual_seed(args.seed + 1)
     vocab = teacher.config.vocab_size
-    seq = args.seq_len or (16 if args.model == "tiny" else 128)
+    seq = args.seq_len or (16 if args.model in ("tiny", "bert-base-thin") else 128)
     batch = meta_step.random_batch(vocab, args.batch_size, seq, generator=gen, device=args.device)
     quiz = meta_step.random_batch(vocab, args.batch_size, seq, generator=gen, device=args.device)
     opt_cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[args.optimizer]
@@ -271,7 +271,7 @@ def main(argv=None) -> dict:
     p.add_argument("--hypergrad", default="exact")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--model", default=None, choices=["minilm", "tiny", "bert-base"],
+    p.add_argument("--model", default=None, choices=["minilm", "tiny", "bert-base", "bert-base-thin"],
                    help="default: minilm on cpu, bert-base on cuda (bench.meta_step's settings)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--steps", type=int, default=3, help="timed steps (median per phase)")

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta import losses
+from fastmeta._walks import named_buffers, named_parameters
 from fastmeta._validation import check_number
 
 IGNORE_INDEX = -100
@@ -362,9 +363,9 @@ def check_all_finite(*named: tuple[str, torch.Tensor]) -> None:
 
 def module_device(module: torch.nn.Module) -> torch.device | None:
     """Device of the module's first parameter (or buffer); None when it has neither."""
-    for tensor in module.parameters():
+    for _, tensor in named_parameters(module):
         return tensor.device
-    for tensor in module.buffers():
+    for _, tensor in named_buffers(module):
         return tensor.device
     return None
 
@@ -375,7 +376,7 @@ def check_same_device(teacher: torch.nn.Module, student: torch.nn.Module, *split
     if device is None:
         raise ValueError("student has no parameters")
     for model_name, model in (("teacher", teacher), ("student", student)):
-        for pname, param in model.named_parameters():
+        for pname, param in named_parameters(model):
             if param.device != device:
                 raise ValueError(
                     f"models on different devices: {model_name} parameter {pname!r} is on {param.device}, "

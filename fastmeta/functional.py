@@ -40,6 +40,7 @@ from typing import Any, Iterator
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from ._walks import named_buffers, named_parameters
 from .batching import SplitBatch, extract_logits
 
 __all__ = [
@@ -64,12 +65,12 @@ __all__ = [
 # --------------------------------------------------------------------------- parameters
 def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """``{name: param}`` for every parameter with ``requires_grad=True`` (tied ones once)."""
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+    return {name: p for name, p in named_parameters(module) if p.requires_grad}
 
 
 def parameter_dict(module: torch.nn.Module, *, include_frozen: bool = True) -> dict[str, torch.Tensor]:
     """``{name: param}`` of ``module.named_parameters()``; ``include_frozen=False`` drops requires_grad=False ones."""
-    return {name: p for name, p in module.named_parameters() if include_frozen or p.requires_grad}
+    return {name: p for name, p in named_parameters(module) if include_frozen or p.requires_grad}
 
 
 @contextlib.contextmanager
@@ -81,7 +82,7 @@ def preserved_buffers(*modules: torch.nn.Module) -> Iterator[list]:
     """
     saved = []
     for module in modules:
-        for buffer in module.buffers():
+        for _, buffer in named_buffers(module):
             saved.append((buffer, buffer.detach().clone()))
     try:
         yield saved
@@ -190,7 +191,7 @@ def functional_logits(
 
 def transform_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Fresh copies of the module's buffers, for a ``functional_call`` inside a ``torch.func`` transform."""
-    return {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    return {name: buffer.detach().clone() for name, buffer in named_buffers(model)}
 
 
 def add_scaled_(tensors: list[torch.Tensor], vectors: list[torch.Tensor], alpha: float) -> None:
@@ -335,7 +336,7 @@ def student_jvp(model: torch.nn.Module, split: SplitBatch, directions: Mapping[s
     those (reverse mode gives them no gradient either), an arbitrary tangent need not be, so the
     public :func:`jvp_logits` keeps ``torch.func.jvp``, which raises there.
     """
-    own = dict(model.named_parameters()) if params is None else params
+    own = dict(named_parameters(model)) if params is None else params
     names = list(directions)
     primals = {name: own[name].detach() for name in names}
     constants = {name: t.detach() for name, t in (params or {}).items() if name not in directions}
@@ -395,7 +396,7 @@ def jvp_logits(
     if method not in ("forward", "finite_diff"):
         raise ValueError(f"method must be 'forward' or 'finite_diff', got {method!r}")
     split = as_split_inputs(inputs)
-    own = dict(model.named_parameters())
+    own = dict(named_parameters(model))
     for name, tangent in tangents.items():
         if name not in own:
             raise KeyError(f"tangents has {name!r}, which is not a parameter of the model")

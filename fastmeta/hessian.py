@@ -85,6 +85,7 @@ from .functional import (
     functional_logits,
     jvp_logits,
     math_attention,
+    trainable_parameters,
 )
 
 __all__ = ["hvp", "mixed_hvp", "forward_over_reverse", "LogitLoss", "mixed_hvp_unchecked"]
@@ -107,10 +108,6 @@ class _LossOfModule(torch.nn.Module):
 
     def forward(self):
         return self._loss_fn(self.module)
-
-
-def _trainable(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
 def _resolve_vector(
@@ -217,7 +214,7 @@ def hvp(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if isinstance(module_or_params, torch.nn.Module):
         module = module_or_params
-        trainable = _trainable(module)
+        trainable = trainable_parameters(module)
         if not trainable:
             raise ValueError("module_or_params has no trainable parameters (all requires_grad=False)")
         names, vectors, as_dict = _resolve_vector(vector, trainable, "the module")
@@ -475,10 +472,10 @@ def mixed_hvp(
     if not isinstance(teacher, torch.nn.Module) or not isinstance(student, torch.nn.Module):
         raise TypeError("teacher and student must be nn.Modules")
     logit_loss = _resolve_loss(loss, loss_kwargs, method)
-    teacher_params = _trainable(teacher)
+    teacher_params = trainable_parameters(teacher)
     if not teacher_params:
         raise ValueError("teacher has no trainable parameters (all requires_grad=False)")
-    student_params = _trainable(student)
+    student_params = trainable_parameters(student)
     if not student_params:
         raise ValueError("student has no trainable parameters (all requires_grad=False)")
     s_names, vectors, as_dict = _resolve_vector(vector, student_params, "the student")
@@ -508,8 +505,8 @@ def mixed_hvp_unchecked(
     over trainable student parameters, finite, in their dtypes; ``loss``: a
     :class:`LogitLoss`.  Returns ``{teacher trainable parameter name: tensor}``.
     """
-    teacher_params = _trainable(teacher)
-    student_params = _trainable(student)
+    teacher_params = trainable_parameters(teacher)
+    student_params = trainable_parameters(student)
     s_names = list(vector)
     vectors = [vector[n] for n in s_names]
     t_names = list(teacher_params)

@@ -88,6 +88,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from fastmeta import batching
+from fastmeta._walks import named_buffers, walking_once
 from fastmeta.algorithms import ALGORITHMS, HYPERGRADS, check_hypergrad
 from fastmeta.algorithms._common import StepContext, Transaction, check_flag, check_max_grad_norm, check_number
 from fastmeta.algorithms.output import StepOutput
@@ -117,6 +118,7 @@ def _resolve_inner_lr(inner_lr: Any, student_optimizer: torch.optim.Optimizer, e
     return None
 
 
+@walking_once  # each model's parameters, buffers and submodules are walked once per call (fastmeta._walks)
 def meta_step(
     teacher: torch.nn.Module,
     student: torch.nn.Module,
@@ -280,7 +282,7 @@ def meta_step(
 
     transaction = Transaction(atomic=atomic)
     # buffers (BatchNorm running statistics) are small: saved so that a failing call restores them too
-    saved_buffers = [(b, b.detach().clone()) for m in (teacher, student) for b in m.buffers()] if atomic else []
+    saved_buffers = [(b, b.detach().clone()) for m in (teacher, student) for _, b in named_buffers(m)] if atomic else []
     ctx = StepContext(
         algorithm=algorithm,
         teacher=teacher,

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from fastmeta import batching
+from fastmeta._walks import named_parameters, submodules
 from fastmeta._validation import check_flag, check_number  # noqa: F401  (re-exported for the algorithms)
 from fastmeta.engine import api, scaled_grad
 from fastmeta.engine.optimizer import resolve_lrs
@@ -31,7 +32,7 @@ from fastmeta.functional import drop_autocast_casts
 
 def trainable(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
     """``(name, parameter)`` for every parameter of ``model`` that requires grad (``named_parameters`` order)."""
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [(name, p) for name, p in named_parameters(model) if p.requires_grad]
 
 
 def all_finite(tensors) -> bool:
@@ -76,7 +77,7 @@ def clipped(grads: Dict[str, Optional[torch.Tensor]], max_norm: float) -> Dict[s
 @contextlib.contextmanager
 def eval_mode(*modules: torch.nn.Module):
     """Put ``modules`` in eval mode for the block; afterwards every submodule's own flag is put back."""
-    saved = [(m, m.training) for module in modules for m in module.modules()]
+    saved = [(m, m.training) for module in modules for m in submodules(module)]
     try:
         for module in modules:
             module.eval()

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .._validation import check_choice, check_number
+from .._walks import submodules, walking_once
 from ..batching import check_kd_kind, check_kd_weight, check_same_device, check_temperature, split_batch
 from ..functional import math_attention, preserved_buffers, trainable_parameters
 from . import autograd, exact, finite_diff
@@ -165,7 +166,7 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
     params = trainable_parameters(student)
     if not params:
         raise ValueError("student has no parameter with requires_grad=True: there is no pilot step to differentiate")
-    if any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in student.modules()):
+    if any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in submodules(student)):
         raise ValueError(
             "student has gradient checkpointing enabled (e.g. student.gradient_checkpointing_enable()): the engine "
             "runs the student at the pilot point θS' with torch.func.functional_call, and a checkpointed "
@@ -188,7 +189,7 @@ def check_plan(student: torch.nn.Module, student_optimizer, options: Options) ->
 def _has_input_require_grads_hook(model: torch.nn.Module) -> bool:
     """Whether a HuggingFace ``enable_input_require_grads()`` forward hook is still registered in ``model``
     (transformers 5 keeps the handles in ``_require_grads_hooks``, 4.x one in ``_require_grads_hook``)."""
-    for module in model.modules():
+    for module in submodules(model):
         handles = list(getattr(module, "_require_grads_hooks", None) or ())
         handles.append(getattr(module, "_require_grads_hook", None))
         for handle in handles:
@@ -339,6 +340,7 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
 
 
 # --------------------------------------------------------------------------- public API
+@walking_once  # each model's parameters, buffers and submodules are walked once per call (fastmeta._walks)
 def meta_gradient(
     teacher: torch.nn.Module,
     student: torch.nn.Module,

@@ -178,23 +178,44 @@ def adam_pilot(
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     if eps < 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    steps = _steps(step, len(params))
-    flags = dict(decoupled=bool(decoupled), amsgrad=bool(amsgrad), maximize=bool(maximize),
-                 exact_jacobian=bool(exact_jacobian))
-    want = dict(compute_params=bool(compute_params), compute_state=bool(compute_state),
-                compute_adj_params=bool(compute_adj_params), compute_adj_state=bool(compute_adj_state))
+    return adam_pilot_unchecked(
+        params, grads, ms, ss, mxs, vs, ams, ass, axs, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=_steps(step, len(params)),
+        weight_decay=weight_decay, decoupled=bool(decoupled), amsgrad=bool(amsgrad), maximize=bool(maximize),
+        exact_jacobian=bool(exact_jacobian), adj_scale=adj_scale, compute_params=bool(compute_params),
+        compute_state=bool(compute_state), compute_adj_params=bool(compute_adj_params),
+        compute_adj_state=bool(compute_adj_state), backend=backend)
+
+
+@torch.no_grad()
+def adam_pilot_unchecked(
+    params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[Optional[torch.Tensor]],
+    exp_avg_sqs: List[Optional[torch.Tensor]], max_exp_avg_sqs: List[Optional[torch.Tensor]],
+    vectors: Optional[List[torch.Tensor]], adj_exp_avgs: List[Optional[torch.Tensor]],
+    adj_exp_avg_sqs: List[Optional[torch.Tensor]], adj_max_exp_avg_sqs: List[Optional[torch.Tensor]], *,
+    lr: float, beta1: float, beta2: float, eps: float, step: List[int], weight_decay: float, decoupled: bool,
+    amsgrad: bool, maximize: bool, exact_jacobian: bool, adj_scale: float, compute_params: bool, compute_state: bool,
+    compute_adj_params: bool, compute_adj_state: bool, backend: str = "auto",
+) -> AdamPilot:
+    """:func:`adam_pilot` for arguments already checked (the engine's, every step): every list aligned with
+    ``params`` (entries None where absent), ``step`` one int per parameter, flags bools, numbers finite."""
+    lists = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs, adj_exp_avgs, adj_exp_avg_sqs, adj_max_exp_avg_sqs]
+    ms, ss, mxs, ams, ass, axs = lists
+    vs = vectors
+    flags = dict(decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, exact_jacobian=exact_jacobian)
+    want = dict(compute_params=compute_params, compute_state=compute_state, compute_adj_params=compute_adj_params,
+                compute_adj_state=compute_adj_state)
     n = len(params)
     out = [[None] * n for _ in range(9)]
-    keys = [(p.device, steps[i]) + tuple(lst[i] is None for lst in lists) for i, p in enumerate(params)]
+    keys = [(p.device, step[i]) + tuple(lst[i] is None for lst in lists) for i, p in enumerate(params)]
     for idx in groups(keys):
         P, G = [params[i] for i in idx], [grads[i] for i in idx]
         V = [] if vs is None else [vs[i] for i in idx]
         present = [_present(lst, idx) for lst in lists]
-        t = steps[idx[0]]
+        t = step[idx[0]]
         if _fused(backend, "adam_pilot", [P, G] + present[:3] + [V] + present[3:]):
             results = torch.ops.fastmeta.adam_pilot(
-                P, G, *present[:3], V, *present[3:], lr, beta1, beta2, eps, weight_decay, t, flags["decoupled"],
-                flags["amsgrad"], flags["maximize"], flags["exact_jacobian"], adj_scale, *want.values())
+                P, G, *present[:3], V, *present[3:], lr, beta1, beta2, eps, weight_decay, t, decoupled,
+                amsgrad, maximize, exact_jacobian, adj_scale, *want.values())
             for k in range(9):
                 if len(results[k]):
                     scatter(out[k], idx, results[k])
@@ -247,10 +268,28 @@ def sgd_pilot(
         raise ValueError("momentum_buffers / adj_momentum_buffers given but momentum is 0")
     if vs is None and (compute_adj_params or compute_adj_state or any(b is not None for b in abufs)):
         raise ValueError("adjoints (adj_momentum_buffers, compute_adj_params, compute_adj_state) need vectors (∂L/∂θ')")
-    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=bool(nesterov),
-                 maximize=bool(maximize), adj_scale=adj_scale)
-    want = dict(compute_params=bool(compute_params), compute_state=bool(compute_state),
-                compute_adj_params=bool(compute_adj_params), compute_adj_state=bool(compute_adj_state))
+    return sgd_pilot_unchecked(
+        params, grads, bufs, vs, abufs, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        nesterov=bool(nesterov), maximize=bool(maximize), adj_scale=adj_scale, compute_params=bool(compute_params),
+        compute_state=bool(compute_state), compute_adj_params=bool(compute_adj_params),
+        compute_adj_state=bool(compute_adj_state), backend=backend)
+
+
+@torch.no_grad()
+def sgd_pilot_unchecked(
+    params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffers: List[Optional[torch.Tensor]],
+    vectors: Optional[List[torch.Tensor]], adj_momentum_buffers: List[Optional[torch.Tensor]], *, lr: float,
+    momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool, adj_scale: float,
+    compute_params: bool, compute_state: bool, compute_adj_params: bool, compute_adj_state: bool,
+    backend: str = "auto",
+) -> SgdPilot:
+    """:func:`sgd_pilot` for arguments already checked (the engine's, every step): lists aligned with
+    ``params`` (entries None where absent), flags bools, numbers finite."""
+    bufs, abufs, vs = momentum_buffers, adj_momentum_buffers, vectors
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 maximize=maximize, adj_scale=adj_scale)
+    want = dict(compute_params=compute_params, compute_state=compute_state, compute_adj_params=compute_adj_params,
+                compute_adj_state=compute_adj_state)
     n = len(params)
     out = [[None] * n for _ in range(5)]
     keys = [(p.device, bufs[i] is None, abufs[i] is None) for i, p in enumerate(params)]
@@ -260,8 +299,7 @@ def sgd_pilot(
         V = [] if vs is None else [vs[i] for i in idx]
         if _fused(backend, "sgd_pilot", [P, G, B, V, AB]):
             results = torch.ops.fastmeta.sgd_pilot(
-                P, G, B, V, AB, lr, momentum, dampening, weight_decay, hyper["nesterov"], hyper["maximize"],
-                adj_scale, *want.values())
+                P, G, B, V, AB, lr, momentum, dampening, weight_decay, nesterov, maximize, adj_scale, *want.values())
             for k in range(5):
                 if len(results[k]):
                     scatter(out[k], idx, results[k])

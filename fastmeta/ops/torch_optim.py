@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .pilot import adam_pilot, sgd_pilot
+from .pilot import adam_pilot_unchecked, sgd_pilot_unchecked
 from .pilot_twin import adam_twin, sgd_twin
 
 State = Dict[str, object]
@@ -94,9 +94,11 @@ def read_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, rule: Upda
     }
 
 
-def _optional(states: Sequence[Optional[State]], key: str):
-    values = [None if st is None else st.get(key) for st in states]
-    return None if all(v is None for v in values) else values
+def _entries(states: Sequence[Optional[State]], key: str, used: bool = True) -> list:
+    """``states[i][key]`` for every i (None where a state or its entry is absent, or where not ``used``)."""
+    if not used:
+        return [None] * len(states)
+    return [None if st is None else st.get(key) for st in states]
 
 
 def rule_pilot(
@@ -109,18 +111,22 @@ def rule_pilot(
 
     Returns ``(new_params, new_states, adj_grads, adj_params, adj_states)``: lists aligned
     with ``params`` (None where not asked for; ``new_states``/``adj_states`` lists of state
-    dicts).  Arguments as in :func:`~fastmeta.ops.adam_pilot` / :func:`~fastmeta.ops.sgd_pilot`.
+    dicts).  Arguments as in :func:`~fastmeta.ops.adam_pilot` / :func:`~fastmeta.ops.sgd_pilot`, trusted:
+    ``rule`` and ``states`` as :func:`read_rule`/:func:`read_state` read them from a torch
+    optimizer (the engine's, every step), so the ops' unchecked entries run, without the public
+    ops' argument checks.
     """
     params, grads = list(params), list(grads)
     adj_states = [None] * len(params) if adj_states is None else list(adj_states)
+    vectors = None if vectors is None else list(vectors)
     want = dict(compute_params=compute_params, compute_state=compute_state, compute_adj_params=compute_adj_params,
                 compute_adj_state=compute_adj_state, backend=backend, adj_scale=adj_scale)
     if rule.kind == "sgd":
         momentum = rule.momentum != 0.0
-        res = sgd_pilot(params, grads, _optional(states, "buf") if momentum else None, vectors, lr=rule.lr,
-                        momentum=rule.momentum, dampening=rule.dampening, weight_decay=rule.weight_decay,
-                        nesterov=rule.nesterov, maximize=rule.maximize,
-                        adj_momentum_buffers=_optional(adj_states, "buf") if momentum else None, **want)
+        res = sgd_pilot_unchecked(params, grads, _entries(states, "buf", momentum), vectors,
+                                  _entries(adj_states, "buf", momentum), lr=rule.lr, momentum=rule.momentum,
+                                  dampening=rule.dampening, weight_decay=rule.weight_decay, nesterov=rule.nesterov,
+                                  maximize=rule.maximize, **want)
         new_states = None
         if compute_state:
             bufs = res.new_momentum_buffers or [None] * len(params)
@@ -130,12 +136,12 @@ def rule_pilot(
             abufs = res.adj_momentum_buffers or [None] * len(params)
             adj_out = [{"buf": b} for b in abufs]
         return res.new_params, new_states, res.adj_grads, res.adj_params, adj_out
-    res = adam_pilot(
-        params, grads, _optional(states, "m"), _optional(states, "s"), _optional(states, "smax"), vectors,
+    res = adam_pilot_unchecked(
+        params, grads, _entries(states, "m"), _entries(states, "s"), _entries(states, "smax", rule.amsgrad), vectors,
+        _entries(adj_states, "m"), _entries(adj_states, "s"), _entries(adj_states, "smax", rule.amsgrad),
         lr=rule.lr, beta1=rule.beta1, beta2=rule.beta2, eps=rule.eps, weight_decay=rule.weight_decay,
         step=[int(st["t"]) + 1 for st in states], decoupled=rule.decoupled, amsgrad=rule.amsgrad,
-        maximize=rule.maximize, exact_jacobian=exact_jacobian, adj_exp_avgs=_optional(adj_states, "m"),
-        adj_exp_avg_sqs=_optional(adj_states, "s"), adj_max_exp_avg_sqs=_optional(adj_states, "smax"), **want)
+        maximize=rule.maximize, exact_jacobian=exact_jacobian, **want)
     new_states = None
     if compute_state:
         smax = res.new_max_exp_avg_sqs or [None] * len(params)
