@@ -330,6 +330,21 @@ def phases_without_sync():
 
 
 @contextlib.contextmanager
+def walks_every_time():
+    """For the block, ``fastmeta`` walks a model's parameters, buffers and submodules at every use, as it
+    did before ``fastmeta._walks`` (2026-11-28), instead of once per ``meta_step``: a measuring tool
+    (``bench.profile_step --walks-ab``) for what walking once saves."""
+    from fastmeta import _walks
+
+    saved = _walks.walked_once
+    _walks.walked_once = contextlib.nullcontext  # walking_once's wrapper reads the name at each call
+    try:
+        yield
+    finally:
+        _walks.walked_once = saved
+
+
+@contextlib.contextmanager
 def innermost_phases(boundary: Callable[[str], Any]):
     """For the block, ``boundary(name)`` at every boundary of ``fastmeta``'s timed phases
     (:func:`wrapped_phases`) and once at the end, ``name`` the innermost phase open since the previous

@@ -232,6 +232,7 @@ def _meta_step_cmd(ctx: Context, deadline: float) -> list[str]:
 
 def _profile_cmd(ctx: Context, deadline: float) -> list[str]:
     cmd = [ctx.python, "-m", "bench.profile_step", "--device", ctx.device, "--profile", "--memory", "--sync-ab",
+           "--walks-ab",
            "--json", str(ctx.results_dir / f"profile_step_{ctx.suffix}.json")]
     if ctx.dry_run:
         return cmd + ["--model", "tiny", "--batch-size", "2", "--seq-len", "8", "--steps", "1", "--warmup", "0",
@@ -577,6 +578,9 @@ def _summ_profile(ctx: Context, text: str) -> dict[str, Any]:
             # the whole step with and without meta_step's CUDA syncs around each phase (profile_step --sync-ab)
             "sync_ab": {k: (data.get("sync_ab") or {}).get(k) for k in ("median_with_s", "median_without_s",
                                                                          "without_vs_with")},
+            # walking each model once per meta_step against every time (profile_step --walks-ab)
+            "walks_ab": {k: (data.get("walks_ab") or {}).get(k) for k in ("median_once_s", "median_every_time_s",
+                                                                           "paired_difference_median_s")},
             # the student tangent: the step's phase, the floor's forward-AD JVP, torch.func.jvp, the double VJP (ms)
             "tangent_ms": {k: round(v * 1e3, 3) for k, v in (
                 ("step: student_jvp phase", phases.get("meta_gradient.student_jvp")),
@@ -908,6 +912,11 @@ def key_figures(report: dict[str, Any]) -> list[str]:
         if ab.get("median_with_s"):
             lines.append(f"  whole step with the phases' CUDA syncs {ab['median_with_s'] * 1e3:.1f} ms, without "
                          f"{ab['median_without_s'] * 1e3:.1f} ms ({_fmt_x(ab['without_vs_with'])})")
+        wk = pf.get("walks_ab") or {}
+        if wk.get("median_once_s"):
+            lines.append(f"  whole step walking each model once {wk['median_once_s'] * 1e3:.1f} ms, every time "
+                         f"{wk['median_every_time_s'] * 1e3:.1f} ms (paired difference "
+                         f"{wk['paired_difference_median_s'] * 1e3:.2f} ms)")
         if pf.get("tangent_ms"):
             lines.append("  student tangent: " + ", ".join(f"{k} {v:.2f} ms" for k, v in pf["tangent_ms"].items()))
         for row, (ms, x, pct) in (pf.get("updates") or {}).items():

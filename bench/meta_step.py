@@ -55,7 +55,7 @@ Configurations:
   when CUDA is not available.
 - ``--model tiny``: a randomly initialised 2-layer hidden-32 BERT (tests/smoke).
 - ``--model bert-base-thin``: BERT-base's structure (12 layers, 201 parameter tensors -> 6
-  layers, 105) at hidden 24, seq 16: the ops are tiny, so on a CPU a step costs about what its host
+  layers, 105) at hidden 24, vocab 1000, seq 16: the ops are tiny, so on a CPU a step costs about what its host
   side (Python, dispatch, checks) costs at BERT-base on a GPU, where bs 4 is host-bound.
 
 On CUDA all configurations run in one process by default (``--isolation inprocess``: the
@@ -127,7 +127,7 @@ MODELS = {
                            "6-layer student (first 6 layers)", student_layers=6),
     "tiny": dict(desc="random tiny BERT (2L, hidden 32, vocab 1000) -> 1-layer student",
                  student_layers=1),
-    "bert-base-thin": dict(desc="teacher with BERT-base's structure at hidden 24 (12L, 12 heads, vocab 30522, "
+    "bert-base-thin": dict(desc="teacher with BERT-base's structure at hidden 24 (12L, 12 heads, vocab 1000, "
                                 "201 parameter tensors, random init) -> 6-layer student: every op is small, so a "
                                 "step's time is mostly its host overhead (Python, dispatch), the share that bounds "
                                 "a BERT-base step on a GPU at small batch", student_layers=6),
@@ -168,7 +168,8 @@ def build_models(model: str, *, seed: int, attn: str, dropout: float | None):
         config._attn_implementation = attn
         teacher = BertForSequenceClassification(config)
     elif model == "bert-base-thin":  # BERT-base's modules and parameter tensors, each op tiny
-        config = BertConfig(hidden_size=24, num_attention_heads=12, intermediate_size=96, num_labels=2, **extra)
+        config = BertConfig(vocab_size=1000, hidden_size=24, num_attention_heads=12, intermediate_size=96,
+                            num_labels=2, **extra)
         config._attn_implementation = attn
         teacher = BertForSequenceClassification(config)
     else:

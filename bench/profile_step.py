@@ -28,7 +28,9 @@ For ONE configuration (algorithm, hypergrad, batch size) this, in ONE process:
    the peak bytes of live tensors inside each phase (``common.phase_tensor_peaks``: torch.profiler's
    allocation events, what ``max_memory_allocated`` is on CUDA, independent of glibc);
 6. with ``--sync-ab``: whole steps timed with and without the ``torch.cuda.synchronize`` that
-   ``meta_step`` does around each timed phase on CUDA, alternating (what the syncs cost).
+   ``meta_step`` does around each timed phase on CUDA, alternating (what the syncs cost);
+   with ``--walks-ab``: whole steps as shipped and with the walks over the models' parameters,
+   buffers and submodules repeated at every use (what walking once saves), alternating.
 
 Defaults are bench.meta_step's CPU setting (teacher all-MiniLM-L6-v2 -> its first 2
 layers, seq 128, AdamW for both, 1 intra-op thread); ``--device cuda``: its CUDA setting
@@ -40,6 +42,7 @@ the ops by GPU self time).  Examples::
     python -m bench.profile_step --algorithm lgtm --hypergrad finite_diff --batch-size 32 --profile
     python -m bench.profile_step --model tiny --steps 2 --no-floor          # smoke test
     python -m bench.profile_step --device cuda --batch-size 4 --profile --memory
+    python -m bench.profile_step --model bert-base-thin --steps 100 --walks-ab   # host overhead, CPU
 
 ``--json PATH`` writes everything printed as JSON.  Timings on a shared machine are
 noisy: compare figures from the same run (the gap column), repeat, take medians.
@@ -131,9 +134,9 @@ def run_steps(models, args, n: int) -> list[dict]:
     return records
 
 
-def sync_ab(models, args) -> dict[str, Any]:
-    """The whole step's time with the phases' CUDA synchronisations (as shipped) and without them
-    (``common.phases_without_sync``), ``args.steps`` of each, alternating; medians and their ratio."""
+def _alternating(models, args, variant) -> tuple[list[float], list[float]]:
+    """``args.steps`` whole steps as shipped and as many inside ``variant()`` (a context manager),
+    alternating (the order flips every pair, so neither always runs second)."""
     import fastmeta
     from bench import common
 
@@ -144,17 +147,40 @@ def sync_ab(models, args) -> dict[str, Any]:
         fastmeta.meta_step(teacher, student, batch, quiz, teacher_opt, student_opt, **kwargs)
         common.free_grads(teacher_opt, student_opt)
 
-    def unsynced():
-        with common.phases_without_sync():
+    def varied():
+        with variant():
             step()
 
-    synced, free = [], []
-    for _ in range(args.steps):
-        synced += common.time_calls(step, repeats=1, warmup=0, device=args.device)
-        free += common.time_calls(unsynced, repeats=1, warmup=0, device=args.device)
+    shipped, other = [], []
+    for i in range(args.steps):
+        for fn, out in ((step, shipped), (varied, other))[:: 1 if i % 2 == 0 else -1]:
+            out += common.time_calls(fn, repeats=1, warmup=0, device=args.device)
+    return shipped, other
+
+
+def sync_ab(models, args) -> dict[str, Any]:
+    """The whole step's time with the phases' CUDA synchronisations (as shipped) and without them
+    (``common.phases_without_sync``), ``args.steps`` of each, alternating; medians and their ratio."""
+    from bench import common
+
+    synced, free = _alternating(models, args, common.phases_without_sync)
     a, b = _median(synced), _median(free)
     return {"with_phase_syncs_s": synced, "without_phase_syncs_s": free, "median_with_s": a,
             "median_without_s": b, "without_vs_with": b / a}
+
+
+def walks_ab(models, args) -> dict[str, Any]:
+    """The whole step's time as shipped (each model's parameters, buffers and submodules walked once per
+    ``meta_step``: ``fastmeta._walks``) and with every walk done again at each use
+    (``common.walks_every_time``, as before 2026-11-28), alternating: medians, and the median of the
+    paired differences (each pair ran back to back, so a slow stretch of a shared machine hits both)."""
+    from bench import common
+
+    once, every = _alternating(models, args, common.walks_every_time)
+    diffs = [b - a for a, b in zip(once, every)]
+    return {"walked_once_s": once, "walked_every_time_s": every, "median_once_s": _median(once),
+            "median_every_time_s": _median(every), "paired_difference_median_s": _median(diffs),
+            "every_time_vs_once": _median(every) / _median(once)}
 
 
 def floor_passes(models, args) -> dict[str, list[float]]:
@@ -284,6 +310,9 @@ def main(argv=None) -> dict:
     p.add_argument("--sync-ab", action="store_true",
                    help="also time whole steps with and without the CUDA synchronisation around each timed phase "
                         "(alternating; what the syncs cost; on CPU there are none)")
+    p.add_argument("--walks-ab", action="store_true",
+                   help="also time whole steps as shipped (each model walked once per meta_step) and with every walk "
+                        "over the models' parameters, buffers and submodules repeated at each use, alternating")
     p.add_argument("--record-shapes", action="store_true")
     p.add_argument("--memory", action="store_true",
                    help="also the peak memory reached inside each phase (CUDA: max_memory_allocated; CPU: RSS, Linux)")
@@ -356,6 +385,12 @@ def main(argv=None) -> dict:
         report["sync_ab"] = ab
         print(f"== whole step with the phases' CUDA syncs {ab['median_with_s']:.4f} s, without "
               f"{ab['median_without_s']:.4f} s (x{ab['without_vs_with']:.3f}; median of {args.steps} each, alternating)")
+    if args.walks_ab:
+        ab = walks_ab(models, args)
+        report["walks_ab"] = ab
+        print(f"== whole step walking each model once {ab['median_once_s']:.4f} s, every time "
+              f"{ab['median_every_time_s']:.4f} s (paired difference {ab['paired_difference_median_s'] * 1e3:.2f} ms; "
+              f"median of {args.steps} each, alternating)")
     if args.memory:
         cuda = args.device == "cuda"
         base = torch.cuda.memory_allocated() if cuda else common.current_rss_bytes()

@@ -11,7 +11,8 @@ from bench import common, profile_step
 def test_profile_step_smoke(tmp_path, capsys):
     out = tmp_path / "profile.json"
     report = profile_step.main(["--model", "tiny", "--steps", "2", "--warmup", "0", "--floor-repeats", "1",
-                                "--memory", "--profile", "--sync-ab", "--row-limit", "5", "--json", str(out)])
+                                "--memory", "--profile", "--sync-ab", "--walks-ab", "--row-limit", "5",
+                                "--json", str(out)])
     # the step's phases, the engine's inside meta_gradient
     phases = report["phases"]
     assert {"meta_gradient", "meta_gradient.student_jvp", "teacher_update", "student_update", "total"} <= set(phases)
@@ -44,6 +45,11 @@ def test_profile_step_smoke(tmp_path, capsys):
     ab = report["sync_ab"]
     assert len(ab["with_phase_syncs_s"]) == len(ab["without_phase_syncs_s"]) == 2
     assert ab["without_vs_with"] == ab["median_without_s"] / ab["median_with_s"] > 0
+    # --walks-ab: whole steps walking each model once and at every use, alternating
+    wk = report["walks_ab"]
+    assert len(wk["walked_once_s"]) == len(wk["walked_every_time_s"]) == 2 and wk["median_once_s"] > 0
+    pairs = [b - a for a, b in zip(wk["walked_once_s"], wk["walked_every_time_s"])]
+    assert abs(wk["paired_difference_median_s"] - (pairs[0] + pairs[1]) / 2) < 1e-12
     assert json.loads(out.read_text())["floor_s"] == report["floor_s"]
     assert report["teacher_checkpointing_active"] is False
     # the update phases taken apart (bench.updates), every row timed or saying why not
@@ -161,3 +167,34 @@ def test_phases_without_sync_time_the_host_and_never_synchronise(monkeypatch):
             pass
     assert timer.timings["b"] >= 0.0
     assert StepContext.phase.__qualname__ == "StepContext.phase" and Timer.phase.__qualname__ == "Timer.phase"
+
+
+def test_walks_every_time_walks_at_each_use_and_is_undone():
+    """Inside walks_every_time a meta_step walks a model at every use again (what --walks-ab compares)."""
+    from fastmeta import _walks
+
+    net = torch.nn.Linear(2, 2)
+    calls = []
+    original = torch.nn.Module.named_parameters
+
+    def counted(module, *args, **kwargs):
+        if module is net and not args and not kwargs:
+            calls.append(1)
+        return original(module, *args, **kwargs)
+
+    torch.nn.Module.named_parameters = counted
+    try:
+        @_walks.walking_once
+        def use_twice():
+            _walks.named_parameters(net)
+            _walks.named_parameters(net)
+
+        use_twice()
+        assert len(calls) == 1
+        with common.walks_every_time():
+            use_twice()
+        assert len(calls) == 3
+        use_twice()
+        assert len(calls) == 4 and _walks.walked_once.__name__ == "walked_once"
+    finally:
+        torch.nn.Module.named_parameters = original

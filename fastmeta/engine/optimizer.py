@@ -221,9 +221,14 @@ def optimizer_update(
         return OptimizerUpdate(rules, states, max(lrs.values()), adam_jacobian)
     optimizer_kind(optimizer)
     group_of = param_groups_of(optimizer)
+    shared: Dict[tuple, UpdateRule] = {}  # one rule per (param group, lr): read once, not once per parameter
     for name, p in params.items():
-        rules[name] = read_rule(optimizer, group_of[id(p)], lr=lrs[name])
-        states[name] = read_state(optimizer, p, rules[name])
+        key = (id(group_of[id(p)]), lrs[name])
+        rule = shared.get(key)
+        if rule is None:
+            rule = shared[key] = read_rule(optimizer, group_of[id(p)], lr=lrs[name])
+        rules[name] = rule
+        states[name] = read_state(optimizer, p, rule)
     return OptimizerUpdate(rules, states, max(lrs.values()), adam_jacobian)
 
 
