@@ -234,6 +234,15 @@ def floor_passes(models, args) -> dict[str, list[float]]:
     for name, fn in passes.items():
         out[name] = common.time_calls(fn, repeats=args.floor_repeats, warmup=1, device=device)
         clear()
+    # the pilot's pass runs while the teacher's graph (its activations) is alive: on a CPU the student's
+    # tensors then land in memory the allocator has to map afresh (glibc: page faults), on CUDA in the
+    # caching allocator's blocks.  The same pass timed with a teacher graph held, as in the step:
+    with torch.enable_grad():
+        held = t_copy(**inputs).logits
+    out["diag: student_forward_backward_train, teacher graph alive"] = common.time_calls(
+        passes["student_forward_backward_train"], repeats=args.floor_repeats, warmup=1, device=device)
+    del held
+    clear()
     return out
 
 
