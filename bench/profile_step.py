@@ -236,13 +236,16 @@ def floor_passes(models, args) -> dict[str, list[float]]:
         clear()
     # the pilot's pass runs while the teacher's graph (its activations) is alive: on a CPU the student's
     # tensors then land in memory the allocator has to map afresh (glibc: page faults), on CUDA in the
-    # caching allocator's blocks.  The same pass timed with a teacher graph held, as in the step:
-    with torch.enable_grad():
-        held = t_copy(**inputs).logits
-    out["diag: student_forward_backward_train, teacher graph alive"] = common.time_calls(
-        passes["student_forward_backward_train"], repeats=args.floor_repeats, warmup=1, device=device)
-    del held
-    clear()
+    # caching allocator's blocks.  The same pass timed right after a teacher forward whose graph it holds,
+    # as in the step (a fresh graph each time: one held through repeats would let the allocator reuse):
+    alive = []
+    for _ in range(args.floor_repeats):
+        with torch.enable_grad():
+            held = t_copy(**inputs).logits
+        alive += common.time_calls(passes["student_forward_backward_train"], repeats=1, warmup=0, device=device)
+        del held
+        clear()
+    out["diag: student_forward_backward_train, teacher graph alive"] = alive
     return out
 
 
