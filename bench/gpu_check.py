@@ -588,6 +588,13 @@ def _summ_profile(ctx: Context, text: str) -> dict[str, Any]:
                 ("torch.func.jvp", data.get("floor_medians", {}).get("diag: student JVP by torch.func.jvp")),
                 ("double VJP", data.get("floor_medians", {}).get("diag: student tangent by double VJP")),
             ) if v is not None},
+            # the student's forward+backward alone and right after a teacher forward whose graph it holds (ms):
+            # on a CPU the second pays the allocator's fresh mappings; CUDA's caching allocator should not
+            "student_pass_ms": {k: round(v * 1e3, 3) for k, v in (
+                ("alone", data.get("floor_medians", {}).get("student_forward_backward_train")),
+                ("teacher graph alive", data.get("floor_medians", {}).get(
+                    "diag: student_forward_backward_train, teacher graph alive")),
+            ) if v is not None},
             # the update phases taken apart (bench.updates): row -> [ms, x its side's optimizer step, % copy bw]
             "updates": {r["row"]: [round(r["median_s"] * 1e3, 3), _round(r.get("x_optimizer_step")),
                                    _round(r.get("pct_copy_bw"), 1)]
@@ -917,6 +924,9 @@ def key_figures(report: dict[str, Any]) -> list[str]:
             lines.append(f"  whole step walking each model once {wk['median_once_s'] * 1e3:.1f} ms, every time "
                          f"{wk['median_every_time_s'] * 1e3:.1f} ms (paired difference "
                          f"{wk['paired_difference_median_s'] * 1e3:.2f} ms)")
+        if pf.get("student_pass_ms"):
+            lines.append("  student forward+backward: " + ", ".join(f"{k} {v:.2f} ms"
+                                                                   for k, v in pf["student_pass_ms"].items()))
         if pf.get("tangent_ms"):
             lines.append("  student tangent: " + ", ".join(f"{k} {v:.2f} ms" for k, v in pf["tangent_ms"].items()))
         for row, (ms, x, pct) in (pf.get("updates") or {}).items():

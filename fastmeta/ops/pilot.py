@@ -28,6 +28,9 @@ Schemas::
             Tensor[] adj_momentum_buffers)
 
 (empty lists: absent state, no adjoint, no incoming state adjoint, outputs not asked for).
+``adam_pilot_unchecked`` / ``sgd_pilot_unchecked`` are the same ops without the argument checks,
+for callers whose arguments are already checked (the engine, every step, through
+:func:`fastmeta.ops.torch_optim.rule_pilot`).
 With ``backend="auto"`` a fallback to the twin for a reason other than a missing build (a
 non-contiguous tensor, an unsupported dtype, several devices) warns once per reason
 (:class:`FallbackWarning`): the fused op is the pilot step's fast path.
@@ -179,9 +182,9 @@ def adam_pilot(
     if eps < 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     return adam_pilot_unchecked(
-        params, grads, ms, ss, mxs, vs, ams, ass, axs, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=_steps(step, len(params)),
-        weight_decay=weight_decay, decoupled=bool(decoupled), amsgrad=bool(amsgrad), maximize=bool(maximize),
-        exact_jacobian=bool(exact_jacobian), adj_scale=adj_scale, compute_params=bool(compute_params),
+        params, grads, ms, ss, mxs, vs, ams, ass, axs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        step=_steps(step, len(params)), weight_decay=weight_decay, decoupled=bool(decoupled),
+        amsgrad=bool(amsgrad), maximize=bool(maximize), exact_jacobian=bool(exact_jacobian), adj_scale=adj_scale, compute_params=bool(compute_params),
         compute_state=bool(compute_state), compute_adj_params=bool(compute_adj_params),
         compute_adj_state=bool(compute_adj_state), backend=backend)
 
