@@ -184,7 +184,8 @@ def adam_pilot(
     return adam_pilot_unchecked(
         params, grads, ms, ss, mxs, vs, ams, ass, axs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         step=_steps(step, len(params)), weight_decay=weight_decay, decoupled=bool(decoupled),
-        amsgrad=bool(amsgrad), maximize=bool(maximize), exact_jacobian=bool(exact_jacobian), adj_scale=adj_scale, compute_params=bool(compute_params),
+        amsgrad=bool(amsgrad), maximize=bool(maximize), exact_jacobian=bool(exact_jacobian), adj_scale=adj_scale,
+        compute_params=bool(compute_params),
         compute_state=bool(compute_state), compute_adj_params=bool(compute_adj_params),
         compute_adj_state=bool(compute_adj_state), backend=backend)
 
