@@ -122,15 +122,15 @@ def meaningful() -> dict[str, tuple]:
 MODELS = {
     # name: teacher spec, student layers, default seq/batch
     "minilm": dict(desc="teacher all-MiniLM-L6-v2 (6L, hidden 384, 22.7M params) + 2-class head; "
-                        "student = its first 2 layers", student_layers=2),
+                        "student = its first 2 layers", student_layers=2, seq_len=128),
     "bert-base": dict(desc="teacher BERT-base config (12L, hidden 768, random init) -> "
-                           "6-layer student (first 6 layers)", student_layers=6),
+                           "6-layer student (first 6 layers)", student_layers=6, seq_len=128),
     "tiny": dict(desc="random tiny BERT (2L, hidden 32, vocab 1000) -> 1-layer student",
-                 student_layers=1),
+                 student_layers=1, seq_len=16),
     "bert-base-thin": dict(desc="teacher with BERT-base's structure at hidden 24 (12L, 12 heads, vocab 1000, "
                                 "201 parameter tensors, random init) -> 6-layer student: every op is small, so a "
                                 "step's time is mostly its host overhead (Python, dispatch), the share that bounds "
-                                "a BERT-base step on a GPU at small batch", student_layers=6),
+                                "a BERT-base step on a GPU at small batch", student_layers=6, seq_len=16),
 }
 
 
@@ -550,7 +550,7 @@ def settings_for(args) -> list[dict[str, Any]]:
         model = args.model or "minilm"
         batches = args.batch_sizes or [4]
         dtypes = args.dtypes or ["fp32"]
-    seq = args.seq_len or (16 if model in ("tiny", "bert-base-thin") else 128)
+    seq = args.seq_len or MODELS[model]["seq_len"]
     return [dict(model=model, batch_size=b, seq_len=seq, dtype=d) for b in batches for d in dtypes]
 
 

@@ -95,7 +95,7 @@ def setup(args):
         teacher.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     gen = torch.Generator().manual_seed(args.seed + 1)
     vocab = teacher.config.vocab_size
-    seq = args.seq_len or (16 if args.model in ("tiny", "bert-base-thin") else 128)
+    seq = args.seq_len or meta_step.MODELS[args.model]["seq_len"]
     batch = meta_step.random_batch(vocab, args.batch_size, seq, generator=gen, device=args.device)
     quiz = meta_step.random_batch(vocab, args.batch_size, seq, generator=gen, device=args.device)
     opt_cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[args.optimizer]

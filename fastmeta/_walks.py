@@ -45,7 +45,7 @@ def _walk(module: torch.nn.Module, kind: str) -> list:
         return list(getattr(module, kind)())
     key = (id(module), kind)
     entry = kept.get(key)
-    if entry is None or entry[0] is not module:  # the module is kept alive by the entry: ids are not reused
+    if entry is None:  # the entry keeps the module alive, so its id is not reused while the block lasts
         entry = kept[key] = (module, list(getattr(module, kind)()))
     return entry[1]
 

@@ -23,16 +23,16 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from fastmeta import batching
-from fastmeta._walks import named_parameters, submodules
+from fastmeta._walks import submodules
 from fastmeta._validation import check_flag, check_number  # noqa: F401  (re-exported for the algorithms)
 from fastmeta.engine import api, scaled_grad
 from fastmeta.engine.optimizer import resolve_lrs
-from fastmeta.functional import drop_autocast_casts
+from fastmeta.functional import drop_autocast_casts, trainable_parameters
 
 
 def trainable(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
     """``(name, parameter)`` for every parameter of ``model`` that requires grad (``named_parameters`` order)."""
-    return [(name, p) for name, p in named_parameters(model) if p.requires_grad]
+    return list(trainable_parameters(model).items())
 
 
 def all_finite(tensors) -> bool:
