@@ -549,8 +549,9 @@ def test_param_groups_with_their_own_lrs_and_inner_lr_none(device):
 
 
 # --------------------------------------------------------------------------- lgtm
+@pytest.mark.parametrize("hypergrad", ["exact", "autograd"])
 @pytest.mark.parametrize("objective", ["mixed", "weighted"])
-def test_lgtm_matches_per_sample_reference(objective, device):
+def test_lgtm_matches_per_sample_reference(objective, hypergrad, device):
     teacher, student = tiny_bert(2, seed=3), tiny_bert(1, seed=4)
     batches, quizzes = bert_data()
     eta, alpha = 0.3, 0.3
@@ -560,7 +561,8 @@ def test_lgtm_matches_per_sample_reference(objective, device):
         ref_influences.append(ref_lgtm(T, S, optT, optS, batch, quiz, eta, alpha, objective == "weighted"))
 
     outs = run_both(teacher, student, ("sgd", "sgd"), (0.1, eta), batches, quizzes,
-                    {"algorithm": "lgtm", "alpha": alpha, "influence_objective": objective}, reference,
+                    {"algorithm": "lgtm", "alpha": alpha, "influence_objective": objective, "hypergrad": hypergrad},
+                    reference,
                     device=device)
     for out, ref in zip(outs, ref_influences):
         assert out.influences.shape == (4,)

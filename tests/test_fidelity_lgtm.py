@@ -423,3 +423,23 @@ def test_official_exact_token_level_shifted_and_masked():
     expected = flat(p - (a - (1 - alpha) * t) for p, a, t in zip(teacher.parameters(), aux_grad, h))
     torch.testing.assert_close(flat(T.parameters()), expected, rtol=1e-11, atol=1e-13)
     assert float((flat(T.parameters()) - flat(teacher.parameters())).norm()) > 1e-3
+
+
+@pytest.mark.parametrize("hypergrad", ["exact", "finite_diff", "autograd"])
+def test_mixed_takes_its_auxiliary_loss_on_the_meta_gradients_teacher_forward(hypergrad):
+    """``L_aux``'s gradient rides on the meta-gradient's teacher backward: a step runs the teacher twice (the
+    engine's forward, whose logits the student distils from, and the real student step's), as the official
+    code computes ``t_logits`` once for the student's and the teacher's losses; ``teacher_loss`` is ``L_aux``
+    at the teacher before its update (written out here)."""
+    alpha, tau = 0.3, 2.0
+    teacher, student, optT, optS = _models(seed=3)
+    T0, S0 = copy.deepcopy(teacher), copy.deepcopy(student)
+    (x, y), quiz = mlp_batch(5), mlp_batch(6)
+    out = fastmeta.meta_step(teacher, student, (x, y), quiz, optT, optS, algorithm="lgtm", hypergrad=hypergrad,
+                             alpha=alpha, temperature=tau)
+    assert len(teacher.modes) == 2
+    zt, zs = T0(x), S0(x).detach()
+    log_pt, log_ps = F.log_softmax(zt / tau, -1), F.log_softmax(zs / tau, -1)
+    kd_t = tau**2 * (log_ps.exp() * (log_ps - log_pt)).sum(-1).mean()
+    aux = alpha * F.cross_entropy(zt, y) + (1 - alpha) * kd_t
+    torch.testing.assert_close(out.teacher_loss, aux.detach(), rtol=1e-12, atol=0)

@@ -420,7 +420,7 @@ class StepContext:
     def engine_meta_gradient(
         self, *, compute_influence: bool = False, hypergrad: Optional[str] = None, quiz_point: str = "pilot",
         keep_pilot: bool = False, compute_teacher_grads: bool = True, keep_student_grads: bool = False,
-        keep_quiz_grads: bool = False,
+        keep_quiz_grads: bool = False, teacher_loss=None,
     ):
         """``fastmeta.engine`` on this step's models, batches and (already validated) hyper-parameters.
 
@@ -428,7 +428,9 @@ class StepContext:
         ``keep_pilot``, ``compute_teacher_grads``: as in ``fastmeta.engine.meta_gradient``;
         ``keep_student_grads``: return the pilot gradient (``result.student_grads``; else it is
         freed inside the engine once used, and None); ``keep_quiz_grads``: return ``v`` alone
-        (``result.quiz_grads``, without the pilot point).  Only what ``meta_step`` could not
+        (``result.quiz_grads``, without the pilot point); ``teacher_loss``: the algorithm's own loss
+        ``teacher_loss(zt, zs)`` on the teacher's logits, whose gradient the engine's one teacher
+        backward adds to the meta-gradient (``Options.teacher_loss``).  Only what ``meta_step`` could not
         check alone (the combination of options, the student optimizer) is checked here,
         once, before the engine runs (``fastmeta.engine.api.check_plan``).
         """
@@ -438,7 +440,8 @@ class StepContext:
             hypergrad=method, inner_steps=self.inner_steps, pilot=self.pilot, adam_jacobian=self.adam_jacobian,
             quiz_point=quiz_point, compute_influence=compute_influence, shift_labels=self.shift_labels,
             keep_pilot=keep_pilot, compute_teacher_grads=compute_teacher_grads,
-            keep_student_grads=keep_student_grads, keep_quiz_grads=keep_quiz_grads, grad_sync=self.grad_sync,
+            keep_student_grads=keep_student_grads, keep_quiz_grads=keep_quiz_grads, teacher_loss=teacher_loss,
+            grad_sync=self.grad_sync,
             jvp_precision=self.jvp_precision, loss_scale=self.loss_scale,
             student_tangent=self.student_tangent if method == "exact" else "jvp",
             teacher_graph=self.teacher_graph if method in ("exact", "finite_diff") else "keep",
@@ -456,7 +459,8 @@ class StepContext:
         for key, value in (getattr(result, "timings", None) or {}).items():
             self.timings[f"meta_gradient.{key}"] = float(value)
         # the engine checked its losses (LS, LQ) and the teacher's logits; the results remain
-        check_finite_grads(result.teacher_grads, "teacher meta-gradient")
+        check_finite_grads(result.teacher_grads, "teacher meta-gradient" if teacher_loss is None else
+                           "teacher gradient (meta-gradient + the algorithm's own loss)")
         if compute_influence and result.influences is not None:
             batching.check_finite(result.influences, "influences")
         return result

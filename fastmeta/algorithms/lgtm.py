@@ -39,6 +39,13 @@ is ``1 − α``.  The distillation influence ``I`` (option ``influence_objective
 ``ℓ``: the ``kd_loss`` kind of ``LS`` (per sample, summed over its unmasked tokens).
 Option ``compute_influence`` (default: True when ``inner_steps == 1``) also returns the
 ``w_i``; ``"weighted"`` needs them.  ``StepOutput.teacher_loss`` is ``L_aux``.
+
+With ``"mixed"``, ``L_aux`` is taken on the teacher logits of the engine's forward (those
+the student distils from, as the official code's one ``t_logits`` per step serves both
+losses), and its gradient on them joins the meta-gradient's cotangent in ONE teacher
+backward (``Options.teacher_loss``): a step runs the teacher forward twice (that one,
+and the real student step's) and backward once.  The other objectives take a teacher
+forward and backward of their own for ``L_aux``.
 Deviations from the paper and the official code: ``docs/deviations.md``.
 """
 from __future__ import annotations
@@ -102,27 +109,13 @@ def _official_mixed_product(ctx: StepContext, v, exact: bool):
         )
 
 
-def run(ctx: StepContext):
-    alpha = ctx.settings["alpha"]
-    objective = ctx.settings["influence_objective"]
-    official = objective in OFFICIAL
-    extra = {"keep_quiz_grads": True, "compute_teacher_grads": False} if official else {}  # h needs v alone
-    result = ctx.engine_meta_gradient(compute_influence=ctx.settings["compute_influence"], **extra)
-    influences = result.influences
-    if objective == "weighted" and influences is None:
-        raise RuntimeError("the engine returned no influences: influence_objective='weighted' needs them")
+def _auxiliary_loss(ctx: StepContext, alpha: float):
+    """``L_aux(zt, zs) = α·CE(y, zt) + (1 − α)·KD_T(zt; zs)`` on the training batch (``zs`` detached)."""
+    labels = ctx.labels()
+    mask = labels != batching.IGNORE_INDEX
 
-    with ctx.phase("teacher_gradient"):
-        params = trainable(ctx.teacher)
-        labels = ctx.labels()
-        mask = labels != batching.IGNORE_INDEX
-        # the student's logits on x at θS: the engine's pilot forward (no extra student pass)
-        student_logits, _ = batching.align_logits_labels(
-            result.student_logits, ctx.batch.labels, shift_labels=ctx.shift_labels, name="student"
-        )
-        teacher_logits = ctx.teacher_logits(grad=True)
+    def loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
         batching.check_logits_pair(student_logits, teacher_logits)
-        batching.check_finite(teacher_logits.detach(), "teacher logits on batch")
         aux = None
         if alpha != 0.0:
             aux = alpha * batching.cross_entropy(teacher_logits, labels, name="batch labels")
@@ -132,32 +125,35 @@ def run(ctx: StepContext):
             )
             aux = kd_t if aux is None else aux + kd_t
         batching.check_finite(aux.detach(), "LGTM teacher auxiliary loss")
-        objective_loss = aux
-        if objective == "weighted":
-            rows = losses.kd_rows(student_logits.detach(), teacher_logits, ctx.temperature, ctx.kd_loss)
-            rows = torch.where(mask, rows, rows.new_zeros(()))
-            per_sample = batching.per_sample_sum(rows)
-            weighted_term = (influences.detach().to(per_sample.dtype) * per_sample).sum() / per_sample.shape[0]
-            objective_loss = objective_loss - weighted_term.to(objective_loss.dtype)  # descends the quiz loss
-        grads = ctx.grad(objective_loss, [p for _, p in params])
-        if objective == "mixed":
-            influence = result.teacher_grads
-        elif official:
-            h = _official_mixed_product(ctx, result.quiz_grads, exact=objective == "official_exact")
-            factor = -float(ctx.teacher_optimizer.param_groups[0]["lr"]) * (1.0 - alpha)
-            influence = {name: factor * value for name, value in h.items()}
-        else:
-            influence = {}
-        teacher_grads = {}
-        for (name, _), g in zip(params, grads):
-            term = influence.get(name)
-            if g is None:
-                teacher_grads[name] = term
-            elif term is None:
-                teacher_grads[name] = g
-            else:
-                teacher_grads[name] = g + term.to(g.dtype)
-        check_finite_grads(teacher_grads, "LGTM teacher gradient")
+        return aux
+
+    return loss
+
+
+def run(ctx: StepContext):
+    alpha = ctx.settings["alpha"]
+    objective = ctx.settings["influence_objective"]
+    official = objective in OFFICIAL
+    aux_loss = _auxiliary_loss(ctx, alpha)
+    if objective == "mixed":
+        # G = ∇θT L_aux + ∇θT LQ(θS'(θT)): the engine adds L_aux's gradient to the meta-gradient's cotangent on
+        # the teacher's logits and runs ONE teacher forward and backward for both (the logits the student
+        # distils from, hence their dropout masks)
+        extra = {"teacher_loss": aux_loss}
+    elif official:  # h needs v alone
+        extra = {"keep_quiz_grads": True, "compute_teacher_grads": False}
+    else:  # weighted: the teacher's gradient is its own (below); the engine gives the influences only
+        extra = {"compute_teacher_grads": False}
+    result = ctx.engine_meta_gradient(compute_influence=ctx.settings["compute_influence"], **extra)
+    influences = result.influences
+    if objective == "weighted" and influences is None:
+        raise RuntimeError("the engine returned no influences: influence_objective='weighted' needs them")
+
+    if objective == "mixed":
+        teacher_grads, aux = result.teacher_grads, result.teacher_loss
+    else:
+        with ctx.phase("teacher_gradient"):
+            teacher_grads, aux = _own_teacher_gradient(ctx, result, aux_loss, objective)
 
     ctx.apply_teacher(teacher_grads, final=False)
     loss, student_grads = ctx.student_step_gradients()
@@ -171,3 +167,41 @@ def run(ctx: StepContext):
         influences=None if influences is None else influences.detach(),
         teacher_updated=True,
     )
+
+
+def _own_teacher_gradient(ctx: StepContext, result, aux_loss, objective: str):
+    """``(G, L_aux)`` for the weighted and official objectives: a teacher forward and backward of their own."""
+    params = trainable(ctx.teacher)
+    # the student's logits on x at θS: the engine's pilot forward (no extra student pass)
+    student_logits, _ = batching.align_logits_labels(
+        result.student_logits, ctx.batch.labels, shift_labels=ctx.shift_labels, name="student"
+    )
+    teacher_logits = ctx.teacher_logits(grad=True)
+    batching.check_finite(teacher_logits.detach(), "teacher logits on batch")
+    aux = aux_loss(teacher_logits, student_logits)
+    objective_loss = aux
+    if objective == "weighted":
+        mask = ctx.labels() != batching.IGNORE_INDEX
+        rows = losses.kd_rows(student_logits.detach(), teacher_logits, ctx.temperature, ctx.kd_loss)
+        rows = torch.where(mask, rows, rows.new_zeros(()))
+        per_sample = batching.per_sample_sum(rows)
+        weighted_term = (result.influences.detach().to(per_sample.dtype) * per_sample).sum() / per_sample.shape[0]
+        objective_loss = objective_loss - weighted_term.to(objective_loss.dtype)  # descends the quiz loss
+    grads = ctx.grad(objective_loss, [p for _, p in params])
+    influence = {}
+    if objective in OFFICIAL:
+        alpha = ctx.settings["alpha"]
+        h = _official_mixed_product(ctx, result.quiz_grads, exact=objective == "official_exact")
+        factor = -float(ctx.teacher_optimizer.param_groups[0]["lr"]) * (1.0 - alpha)
+        influence = {name: factor * value for name, value in h.items()}
+    teacher_grads = {}
+    for (name, _), g in zip(params, grads):
+        term = influence.get(name)
+        if g is None:
+            teacher_grads[name] = term
+        elif term is None:
+            teacher_grads[name] = g
+        else:
+            teacher_grads[name] = g + term.to(g.dtype)
+    check_finite_grads(teacher_grads, "LGTM teacher gradient")
+    return teacher_grads, aux

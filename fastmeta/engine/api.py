@@ -24,6 +24,7 @@ from .precision import JVP_PRECISIONS, at_least_fp32, check_loss_scale, tangent_
 from .trajectory import (
     Problem,
     Timer,
+    own_loss_cotangent,
     pilot_trajectory,
     quiz_gradient,
     recomputed_teacher_logits,
@@ -43,7 +44,8 @@ class MetaGradient:
     """Everything one meta-gradient computation produces (all tensors detached).
 
     teacher_grads   ``{name: ∇θT LQ(θS'(θT))}`` for every teacher parameter that requires grad
-                    (``{}`` when ``compute_teacher_grads=False``).
+                    (``{}`` when ``compute_teacher_grads=False``); plus ``∇θT teacher_loss`` when an
+                    algorithm passed one (``Options.teacher_loss``).
     influences      ``[B]`` per-sample influences ``w_i`` of ``batch`` (None unless requested).
     student_loss    ``LS`` on ``batch`` at ``θS`` with the current teacher (0-dim).
     quiz_loss       ``LQ = CE(yq, S(xq; θS'))`` at the pilot point (0-dim; at θS for
@@ -66,6 +68,7 @@ class MetaGradient:
                     ``"fp32 (autocast off)"`` (``jvp_precision="fp32"`` under a bf16/fp16
                     autocast) or ``"autocast <dtype>"`` (``jvp_precision="autocast"``).
     pilot, adam_jacobian, quiz_point   the pilot-step options used.
+    teacher_loss    the value of ``Options.teacher_loss`` (0-dim), None without one.
     """
 
     teacher_grads: dict
@@ -84,6 +87,7 @@ class MetaGradient:
     pilot: str = "optimizer"
     adam_jacobian: str = "exact"
     quiz_point: str = "pilot"
+    teacher_loss: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,12 @@ class Options:
     loss_scale: float = 1.0
     student_tangent: str = "jvp"
     teacher_graph: str = "keep"
+    # An algorithm's own loss on the teacher's logits, added to the teacher's gradient by the SAME teacher
+    # backward (LGTM's auxiliary loss): called as ``teacher_loss(zt, zs)`` with the teacher's aligned logits
+    # on x (from the engine's one teacher forward) and the student's at θS (the pilot forward's, detached);
+    # returns a 0-dim loss.  teacher_grads is then ``∇θT LQ + ∇θT teacher_loss`` and
+    # MetaGradient.teacher_loss its value.  Not a public argument.
+    teacher_loss: Optional[Callable] = None
 
     @property
     def takes_tangent(self) -> bool:
@@ -276,17 +286,19 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
         shift_labels=options.shift_labels, loss_scale=options.loss_scale, x_attention=x_attention,
         keep_tangent_graph=keep_graph,
     )
-    need_teacher = bool(teacher_params) and options.kd_weight != 0.0
+    own_loss = options.teacher_loss if teacher_params else None
+    need_teacher = bool(teacher_params) and (options.kd_weight != 0.0 or own_loss is not None)
     outer = math_attention() if method == "autograd" else contextlib.nullcontext()
     teacher_grads: dict = {}
-    influences = None
+    influences = teacher_loss = None
     recompute = options.teacher_graph == "recompute"
     with preserved_buffers(teacher) as teacher_buffers, preserved_buffers(student), outer:
         problem.teacher_buffers = teacher_buffers  # the values the replay of a recomputed forward starts from
         teacher_forward(problem, need_teacher, recompute=recompute)
         if method == "autograd":
-            teacher_grads, lq, v, trajectory, influences = autograd.autograd_meta_gradient(
-                problem, options.inner_steps, options.quiz_point, options.compute_influence, need_teacher, context
+            teacher_grads, lq, v, trajectory, influences, teacher_loss = autograd.autograd_meta_gradient(
+                problem, options.inner_steps, options.quiz_point, options.compute_influence, need_teacher, context,
+                own_loss,
             )
             pilot_params, quiz_grads = _kept(options, trajectory.theta, v)
         else:
@@ -299,6 +311,7 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
             trajectory.theta = point = None
             if not options.keep_student_grads:
                 trajectory.first_grads = None
+            cotangent = None
             if options.takes_tangent:
                 if method == "exact":
                     step = exact.tangent_step(problem)
@@ -307,13 +320,20 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
                 with context:  # the student tangent in fp32 under a low-precision autocast
                     # (reverse_sweep consumes v and the trajectory's snapshots: each freed after its last use)
                     cotangent, influences = reverse_sweep(problem, trajectory, v, step, options.compute_influence)
-                if need_teacher:
-                    if recompute:  # under the caller's autocast, as the first forward ran
-                        problem.teacher_aligned = recomputed_teacher_logits(problem)
-                    with timer.phase("teacher_backward"):
+            if need_teacher:
+                if recompute:  # under the caller's autocast, as the first forward ran
+                    problem.teacher_aligned = recomputed_teacher_logits(problem)
+                with timer.phase("teacher_backward"):
+                    # one teacher backward: the meta-gradient's cotangent on the teacher's logits, plus the
+                    # gradient of the algorithm's own loss on them (the backward is linear in its cotangent)
+                    scaled = None
+                    if options.kd_weight != 0.0:
                         scaled = (-update.lr_ref * options.kd_weight) * at_least_fp32(cotangent)
-                        teacher_grads = teacher_backward(problem.teacher_aligned, teacher_params, scaled,
-                                                         options.loss_scale)
+                    if own_loss is not None:
+                        teacher_loss, own = own_loss_cotangent(problem, trajectory.first_raw, own_loss)
+                        scaled = own if scaled is None else scaled + own
+                    teacher_grads = teacher_backward(problem.teacher_aligned, teacher_params, scaled,
+                                                     options.loss_scale)
         if options.compute_influence and influences is None:
             influences = torch.zeros(split_x.size, dtype=problem.zt.dtype, device=device)
         if options.compute_teacher_grads and teacher_params and not teacher_grads:
@@ -336,6 +356,7 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
         pilot=options.pilot,
         adam_jacobian=options.adam_jacobian,
         quiz_point=options.quiz_point,
+        teacher_loss=teacher_loss,
     )
 
 

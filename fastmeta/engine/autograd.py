@@ -32,10 +32,12 @@ from .trajectory import Problem, Trajectory
 
 
 def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, compute_influence: bool, need_teacher: bool,
-                           tangent_context=None):
-    """``(teacher_grads, LQ, v, trajectory (first step and θ_k), influences or None)``.
+                           tangent_context=None, own_loss=None):
+    """``(teacher_grads, LQ, v, trajectory (first step and θ_k), influences or None, own loss or None)``.
 
     ``tangent_context``: the precision context of the student tangent (influences only).
+    ``own_loss``: an algorithm's loss ``own_loss(zt, zs)`` on the teacher's logits (with their graph) and the
+    student's at θS (detached), differentiated with the quiz loss (``Options.teacher_loss``).
     """
     timer, names, update = problem.timer, problem.names, problem.update
     zt = problem.teacher_aligned
@@ -63,6 +65,10 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
         theta = {name: out[0] for name, out in stepped.items()}
         states = {name: out[1] for name, out in stepped.items()}
     wanted = list(problem.teacher_params.values()) if need_teacher else []
+    own = None
+    if own_loss is not None:  # independent of θS' and v: it adds its own gradient to the teacher's alone
+        with torch.enable_grad():
+            own = own_loss(zt, first[4])
     with timer.phase("quiz_forward_backward"), torch.enable_grad():
         current = quiz_point == "current"
         point = problem.student_params if current else theta
@@ -76,10 +82,13 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
             v = grads_or_zeros(scaled_grad(lq, point_tensors, problem.loss_scale, allow_unused=True), point_tensors)
             v = [g.detach() for g in v]
             objective = sum((theta[name] * g).sum() for name, g in zip(names, v))
+            if own is not None:
+                objective = objective + own
             teacher = grads_or_zeros(scaled_grad(objective, wanted, problem.loss_scale, allow_unused=True), wanted) \
                 if wanted else []
         else:
-            outs = scaled_grad(lq, wanted + point_tensors, problem.loss_scale, allow_unused=True)
+            outs = scaled_grad(lq if own is None else lq + own, wanted + point_tensors, problem.loss_scale,
+                               allow_unused=True)
             teacher = grads_or_zeros(outs[: len(wanted)], wanted)
             v = [g.detach() for g in grads_or_zeros(outs[len(wanted):], point_tensors)]
     teacher_grads = {name: g.detach() for name, g in zip(problem.teacher_params, teacher)}
@@ -92,7 +101,7 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
             direction = _step_direction(problem, grads0, v)
             u = _double_vjp_tangent(problem, direction, rng0)
             _, influences = problem.cotangent_and_influence(zs0, u, True, with_cotangent=False)
-    return teacher_grads, lq.detach(), v, trajectory, influences
+    return teacher_grads, lq.detach(), v, trajectory, influences, None if own is None else own.detach()
 
 
 def _step_direction(problem: Problem, grads: dict, v: dict) -> dict:

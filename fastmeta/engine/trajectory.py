@@ -34,7 +34,7 @@ from .. import batching, losses
 from ..batching import align_logits_labels, check_finite, check_logits_pair, cross_entropy, model_logits, row_mask
 from ..functional import capture_rng_state, functional_logits, replay_rng
 from .optimizer import OptimizerUpdate
-from .precision import _unscaled, grads_or_zeros, scaled_grad
+from .precision import _unscaled, at_least_fp32, grads_or_zeros, scaled_grad
 
 
 class Timer:
@@ -168,6 +168,24 @@ def recomputed_teacher_logits(problem: Problem) -> torch.Tensor:
                 "or keeps other hidden state. Use teacher_graph='keep'"
             )
     return aligned
+
+
+def own_loss_cotangent(problem: Problem, student_raw: torch.Tensor, loss_fn: Callable):
+    """``(L, ∂L/∂zt)`` for an algorithm's own loss ``L = loss_fn(zt, zs)`` on the teacher's logits (``zt``:
+    those of the engine's teacher forward; ``zs``: the student's at θS, detached).
+
+    The derivative is taken at a leaf of ``zt``'s dtype, as a backward into the logits
+    would meet it (through ``S·L`` with ``S = loss_scale``, then divided back in fp32),
+    and returned in at least fp32: the teacher backward adds it to the meta-gradient's
+    cotangent and runs once for both.
+    """
+    leaf = problem.zt.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(leaf, problem.align(student_raw).detach())
+        scale = problem.loss_scale
+        (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, leaf)
+    grad = at_least_fp32(grad)
+    return loss.detach(), grad if scale == 1.0 else grad * (1.0 / scale)
 
 
 @dataclass
