@@ -137,7 +137,8 @@ def max_rel_diff(a, b):
 @pytest.mark.parametrize(
     "hypergrad,student_opt,gamma",
     [("first_order", "sgd", 1.0), ("first_order", "sgd", 0.3), ("first_order", "adam", 1.0),
-     ("exact", "adamw", 1.0), ("exact", "sgd", 0.5), ("autograd", "adam", 1.0)],
+     ("exact", "adamw", 1.0), ("exact", "sgd", 0.5), ("exact", "adamw", 0.0), ("autograd", "adam", 1.0),
+     ("autograd", "adam", 0.4)],
 )
 def test_ikd_matches_the_papers_equations(hypergrad, student_opt, gamma):
     teacher, student = Net(6, seed=1).double(), Net(4, seed=2).double()
@@ -157,8 +158,10 @@ def test_ikd_matches_the_papers_equations(hypergrad, student_opt, gamma):
     assert max_rel_diff(teacher, Net(6, seed=1).double()) > 1e-4
 
 
-def test_first_order_with_dropout_uses_one_set_of_masks():
-    """Train mode, dropout 0.3 in both models: the update is Eq. 14 at the masks the forwards drew."""
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_first_order_with_dropout_uses_one_set_of_masks(gamma):
+    """Train mode, dropout 0.3 in both models: the update is Eq. 14 (Eq. 10 with ``gamma``) at the masks the
+    forwards drew; the teacher's own CE rides on its one forward."""
     teacher, student = Net(6, seed=1, p=0.3).double(), Net(4, seed=2, p=0.3).double()
     T_ref, S_ref = copy.deepcopy(teacher), copy.deepcopy(student)
     optT, optS = make_opt("sgd", teacher, 0.5), make_opt("sgd", student, 0.3)
@@ -167,14 +170,14 @@ def test_first_order_with_dropout_uses_one_set_of_masks():
         batch, quiz = batch_of(10 + step, 8), batch_of(20 + step, 5)
         teacher.drop.log.clear(), student.drop.log.clear()
         fastmeta.meta_step(teacher, student, batch, quiz, optT, optS, algorithm="ikd", hypergrad="first_order",
-                           temperature=TAU, kd_weight=W)
+                           temperature=TAU, kd_weight=W, gamma=gamma)
         # one teacher forward; student: x, exam, and the JVP's replay of x (same mask)
         assert [m.shape[0] for m in teacher.drop.log] == [8]
         x_masks = [m for m in student.drop.log if m.shape[0] == 8]
         exam_masks = [m for m in student.drop.log if m.shape[0] == 5]
         assert len(exam_masks) == 1 and len(x_masks) >= 1 and all(torch.equal(m, x_masks[0]) for m in x_masks)
         masks = ({(8, 6): teacher.drop.log[0]}, {(8, 4): x_masks[0], (5, 4): exam_masks[0]})
-        reference_step(T_ref, S_ref, optT_ref, optS_ref, batch, quiz, eq=14, masks=masks)
+        reference_step(T_ref, S_ref, optT_ref, optS_ref, batch, quiz, eq=14, gamma=gamma, masks=masks)
     assert max_rel_diff(student, S_ref) <= TOL
     assert max_rel_diff(teacher, T_ref) <= TOL
 

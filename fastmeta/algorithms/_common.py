@@ -420,7 +420,7 @@ class StepContext:
     def engine_meta_gradient(
         self, *, compute_influence: bool = False, hypergrad: Optional[str] = None, quiz_point: str = "pilot",
         keep_pilot: bool = False, compute_teacher_grads: bool = True, keep_student_grads: bool = False,
-        keep_quiz_grads: bool = False, teacher_loss=None,
+        keep_quiz_grads: bool = False, teacher_loss=None, meta_weight: float = 1.0,
     ):
         """``fastmeta.engine`` on this step's models, batches and (already validated) hyper-parameters.
 
@@ -428,11 +428,12 @@ class StepContext:
         ``keep_pilot``, ``compute_teacher_grads``: as in ``fastmeta.engine.meta_gradient``;
         ``keep_student_grads``: return the pilot gradient (``result.student_grads``; else it is
         freed inside the engine once used, and None); ``keep_quiz_grads``: return ``v`` alone
-        (``result.quiz_grads``, without the pilot point); ``teacher_loss``: the algorithm's own loss
-        ``teacher_loss(zt, zs)`` on the teacher's logits, whose gradient the engine's one teacher
-        backward adds to the meta-gradient (``Options.teacher_loss``).  Only what ``meta_step`` could not
-        check alone (the combination of options, the student optimizer) is checked here,
-        once, before the engine runs (``fastmeta.engine.api.check_plan``).
+        (``result.quiz_grads``, without the pilot point); ``teacher_loss``, ``meta_weight``: the
+        algorithm's own loss ``teacher_loss(zt, zs)`` on the teacher's logits, whose gradient the
+        engine's one teacher backward adds to ``meta_weight`` times the meta-gradient
+        (``Options.teacher_loss``).  Only what ``meta_step`` could not check alone (the combination
+        of options, the student optimizer) is checked here, once, before the engine runs
+        (``fastmeta.engine.api.check_plan``).
         """
         method = self.hypergrad if hypergrad is None else hypergrad
         options = api.Options(
@@ -441,7 +442,7 @@ class StepContext:
             quiz_point=quiz_point, compute_influence=compute_influence, shift_labels=self.shift_labels,
             keep_pilot=keep_pilot, compute_teacher_grads=compute_teacher_grads,
             keep_student_grads=keep_student_grads, keep_quiz_grads=keep_quiz_grads, teacher_loss=teacher_loss,
-            grad_sync=self.grad_sync,
+            meta_weight=meta_weight, grad_sync=self.grad_sync,
             jvp_precision=self.jvp_precision, loss_scale=self.loss_scale,
             student_tangent=self.student_tangent if method == "exact" else "jvp",
             teacher_graph=self.teacher_graph if method in ("exact", "finite_diff") else "keep",

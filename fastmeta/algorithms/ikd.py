@@ -27,6 +27,9 @@ gradient.  Both updates are computed from ``(θS, θT)`` and committed together 
 
 Option ``gamma`` (default 1.0): the paper gives no value (nor λ, τ or the learning
 rates); 1.0 is the pure exam feedback, fastmeta's behaviour before the option existed.
+With ``gamma < 1`` the CE is taken on the teacher logits of the engine's forward (those the
+student learns from) and its gradient joins the meta-gradient's cotangent in the engine's
+one teacher backward (``Options.teacher_loss``, ``meta_weight=γ``): no teacher pass of its own.
 ``StepOutput``: ``student_loss`` = ``pilot_student_loss`` = the course loss ``LS``;
 ``quiz_loss`` = ``LQ`` (at ``φ_{t+1}``, or ``φ_t`` for first_order); ``teacher_loss`` =
 ``L_tea = γ·LQ + (1 − γ)·CE(y, T(x))``.  Deviations: ``docs/deviations.md``.
@@ -36,9 +39,8 @@ from __future__ import annotations
 import torch
 
 from fastmeta import batching
-from fastmeta.algorithms._common import StepContext, check_finite_grads, check_flag, check_number, trainable
+from fastmeta.algorithms._common import StepContext, check_finite_grads, check_flag, check_number
 from fastmeta.algorithms.output import StepOutput
-from fastmeta.functional import preserved_buffers
 
 HYPERGRADS = ("exact", "finite_diff", "autograd", "first_order")
 NEEDS_QUIZ = True
@@ -80,37 +82,38 @@ def check_options(ctx: StepContext) -> None:
         _check_quiz_student_is_committed(ctx)
 
 
+def _teacher_ce(ctx: StepContext, weight: float):
+    """``(1 − γ)·CE(y, zt)`` on the course batch, as the engine's own-loss hook calls it (``zs`` unused)."""
+    labels = ctx.labels()
+
+    def loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        ce = weight * batching.cross_entropy(teacher_logits, labels, name="batch labels")
+        batching.check_finite(ce.detach(), "teacher CE")
+        return ce
+
+    return loss
+
+
 def run(ctx: StepContext):
     first_order = ctx.hypergrad == "first_order"
     gamma = ctx.settings["gamma"]
+    # Eq. 10, G_tea = γ·G_meta + (1 − γ)·∇θT CE(y, T(x)): the CE's gradient on the teacher's logits joins the
+    # meta-gradient's cotangent in the engine's one teacher forward and backward
+    own = {} if gamma == 1.0 else {"teacher_loss": _teacher_ce(ctx, 1.0 - gamma), "meta_weight": gamma}
     result = ctx.engine_meta_gradient(
         compute_influence=ctx.settings["compute_influence"],
         hypergrad="exact" if first_order else None,
         quiz_point="current" if first_order else "pilot",
         keep_student_grads=True,  # IKD's real student step is the pilot's gradient (the teacher steps after it)
+        **own,
     )
     student_grads = dict(result.student_grads)
     check_finite_grads(student_grads, "student gradient")
-    teacher_grads = result.teacher_grads
     teacher_loss = result.quiz_loss.detach()
-    if gamma != 1.0:  # Eq. 10: the teacher's own CE on the course batch
-        with ctx.phase("teacher_gradient"), preserved_buffers(ctx.teacher):
-            params = trainable(ctx.teacher)
-            ce = batching.cross_entropy(ctx.teacher_logits(grad=True), ctx.labels(), name="batch labels")
-            batching.check_finite(ce.detach(), "teacher CE")
-            grads = ctx.grad(ce, [p for _, p in params])
-            teacher_grads = {}
-            for (name, _), g in zip(params, grads):
-                meta = result.teacher_grads.get(name)
-                own = None if g is None else (1.0 - gamma) * g
-                if meta is None:
-                    teacher_grads[name] = own
-                else:
-                    teacher_grads[name] = gamma * meta if own is None else gamma * meta + own.to(meta.dtype)
-            check_finite_grads(teacher_grads, "IKD teacher gradient")
-        teacher_loss = gamma * teacher_loss + (1.0 - gamma) * ce.detach()
+    if gamma != 1.0:
+        teacher_loss = gamma * teacher_loss + result.teacher_loss
     ctx.apply_student(student_grads, final=False)
-    ctx.apply_teacher(teacher_grads, final=True)
+    ctx.apply_teacher(result.teacher_grads, final=True)
     loss = result.student_loss.detach()
     return StepOutput(
         algorithm="ikd",

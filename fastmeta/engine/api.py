@@ -45,7 +45,8 @@ class MetaGradient:
 
     teacher_grads   ``{name: ∇θT LQ(θS'(θT))}`` for every teacher parameter that requires grad
                     (``{}`` when ``compute_teacher_grads=False``); plus ``∇θT teacher_loss`` when an
-                    algorithm passed one (``Options.teacher_loss``).
+                    algorithm passed one (``Options.teacher_loss``; the meta-gradient then weighted by
+                    ``Options.meta_weight``).
     influences      ``[B]`` per-sample influences ``w_i`` of ``batch`` (None unless requested).
     student_loss    ``LS`` on ``batch`` at ``θS`` with the current teacher (0-dim).
     quiz_loss       ``LQ = CE(yq, S(xq; θS'))`` at the pilot point (0-dim; at θS for
@@ -124,9 +125,10 @@ class Options:
     # An algorithm's own loss on the teacher's logits, added to the teacher's gradient by the SAME teacher
     # backward (LGTM's auxiliary loss): called as ``teacher_loss(zt, zs)`` with the teacher's aligned logits
     # on x (from the engine's one teacher forward) and the student's at θS (the pilot forward's, detached);
-    # returns a 0-dim loss.  teacher_grads is then ``∇θT LQ + ∇θT teacher_loss`` and
-    # MetaGradient.teacher_loss its value.  Not a public argument.
+    # returns a 0-dim loss.  teacher_grads is then ``m·∇θT LQ + ∇θT teacher_loss`` (m = meta_weight: IKD's γ)
+    # and MetaGradient.teacher_loss its value.  Not public arguments.
     teacher_loss: Optional[Callable] = None
+    meta_weight: float = 1.0
 
     @property
     def takes_tangent(self) -> bool:
@@ -298,7 +300,7 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
         if method == "autograd":
             teacher_grads, lq, v, trajectory, influences, teacher_loss = autograd.autograd_meta_gradient(
                 problem, options.inner_steps, options.quiz_point, options.compute_influence, need_teacher, context,
-                own_loss,
+                own_loss, options.meta_weight,
             )
             pilot_params, quiz_grads = _kept(options, trajectory.theta, v)
         else:
@@ -328,7 +330,8 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
                     # gradient of the algorithm's own loss on them (the backward is linear in its cotangent)
                     scaled = None
                     if options.kd_weight != 0.0:
-                        scaled = (-update.lr_ref * options.kd_weight) * at_least_fp32(cotangent)
+                        factor = -update.lr_ref * options.kd_weight * options.meta_weight
+                        scaled = factor * at_least_fp32(cotangent)
                     if own_loss is not None:
                         teacher_loss, own = own_loss_cotangent(problem, trajectory.first_raw, own_loss)
                         scaled = own if scaled is None else scaled + own

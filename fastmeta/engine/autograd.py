@@ -32,12 +32,13 @@ from .trajectory import Problem, Trajectory
 
 
 def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, compute_influence: bool, need_teacher: bool,
-                           tangent_context=None, own_loss=None):
+                           tangent_context=None, own_loss=None, meta_weight: float = 1.0):
     """``(teacher_grads, LQ, v, trajectory (first step and θ_k), influences or None, own loss or None)``.
 
     ``tangent_context``: the precision context of the student tangent (influences only).
     ``own_loss``: an algorithm's loss ``own_loss(zt, zs)`` on the teacher's logits (with their graph) and the
-    student's at θS (detached), differentiated with the quiz loss (``Options.teacher_loss``).
+    student's at θS (detached): the teacher's gradient is then ``meta_weight·∇θT LQ + ∇θT own_loss``, the
+    second by a backward of its own through the kept teacher graph (``Options.teacher_loss``).
     """
     timer, names, update = problem.timer, problem.names, problem.update
     zt = problem.teacher_aligned
@@ -66,9 +67,10 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
         states = {name: out[1] for name, out in stepped.items()}
     wanted = list(problem.teacher_params.values()) if need_teacher else []
     own = None
-    if own_loss is not None:  # independent of θS' and v: it adds its own gradient to the teacher's alone
+    if own_loss is not None:
         with torch.enable_grad():
             own = own_loss(zt, first[4])
+    keep = own is not None  # the teacher's graph serves the own loss's backward afterwards
     with timer.phase("quiz_forward_backward"), torch.enable_grad():
         current = quiz_point == "current"
         point = problem.student_params if current else theta
@@ -82,15 +84,15 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
             v = grads_or_zeros(scaled_grad(lq, point_tensors, problem.loss_scale, allow_unused=True), point_tensors)
             v = [g.detach() for g in v]
             objective = sum((theta[name] * g).sum() for name, g in zip(names, v))
-            if own is not None:
-                objective = objective + own
-            teacher = grads_or_zeros(scaled_grad(objective, wanted, problem.loss_scale, allow_unused=True), wanted) \
-                if wanted else []
+            teacher = grads_or_zeros(scaled_grad(objective, wanted, problem.loss_scale, allow_unused=True,
+                                                 retain_graph=keep), wanted) if wanted else []
         else:
-            outs = scaled_grad(lq if own is None else lq + own, wanted + point_tensors, problem.loss_scale,
-                               allow_unused=True)
+            outs = scaled_grad(lq, wanted + point_tensors, problem.loss_scale, allow_unused=True, retain_graph=keep)
             teacher = grads_or_zeros(outs[: len(wanted)], wanted)
             v = [g.detach() for g in grads_or_zeros(outs[len(wanted):], point_tensors)]
+        if own is not None:
+            extra = grads_or_zeros(scaled_grad(own, wanted, problem.loss_scale, allow_unused=True), wanted)
+            teacher = [meta_weight * t + e for t, e in zip(teacher, extra)]
     teacher_grads = {name: g.detach() for name, g in zip(problem.teacher_params, teacher)}
     v = dict(zip(names, v))
     raw0, ls0, grads0, rng0, zs0 = first
