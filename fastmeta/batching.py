@@ -264,12 +264,15 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, name: str = "la
     Raises ``ValueError`` when every row is ignored or a label is out of range.
     """
     flat_labels = labels.reshape(-1)
-    counted = flat_labels != IGNORE_INDEX
-    if not bool(counted.any()):
-        raise ValueError(f"every row of {name} is -100 (ignored): the loss would be a mean over zero rows")
     num_classes = logits.shape[-1]
-    counted_labels = flat_labels[counted]
-    if bool(((counted_labels < 0) | (counted_labels >= num_classes)).any()):
+    counted = flat_labels != IGNORE_INDEX
+    outside = counted & ((flat_labels < 0) | (flat_labels >= num_classes))
+    # both checks in ONE host synchronisation (no boolean indexing on the way: it would sync as well)
+    any_counted, any_outside = torch.stack([counted.any(), outside.any()]).tolist()
+    if not any_counted:
+        raise ValueError(f"every row of {name} is -100 (ignored): the loss would be a mean over zero rows")
+    if any_outside:
+        counted_labels = flat_labels[counted]
         raise ValueError(
             f"{name} contain ids outside [0, {num_classes}) (other than -100); "
             f"min {int(counted_labels.min())}, max {int(counted_labels.max())}"

@@ -54,7 +54,7 @@ import torch
 
 from ..ops.torch_optim import (
     State, UpdateRule, groups_by_rule, param_groups_of, read_rule, read_state, rule_pilot, rule_twin, scalar,
-    update_kind,
+    step_counts, update_kind,
 )
 
 PILOTS = ("optimizer", "sgd")
@@ -219,16 +219,17 @@ def optimizer_update(
             rules[name] = UpdateRule("sgd", lrs[name])
             states[name] = {"buf": None}
         return OptimizerUpdate(rules, states, max(lrs.values()), adam_jacobian)
-    optimizer_kind(optimizer)
+    adam = optimizer_kind(optimizer) == "adam"
     group_of = param_groups_of(optimizer)
+    counts = step_counts(optimizer, list(params.values())) if adam else [None] * len(params)
     shared: Dict[tuple, UpdateRule] = {}  # one rule per (param group, lr): read once, not once per parameter
-    for name, p in params.items():
+    for (name, p), count in zip(params.items(), counts):
         key = (id(group_of[id(p)]), lrs[name])
         rule = shared.get(key)
         if rule is None:
             rule = shared[key] = read_rule(optimizer, group_of[id(p)], lr=lrs[name])
         rules[name] = rule
-        states[name] = read_state(optimizer, p, rule)
+        states[name] = read_state(optimizer, p, rule, step=count)
     return OptimizerUpdate(rules, states, max(lrs.values()), adam_jacobian)
 
 

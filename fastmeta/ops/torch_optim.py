@@ -2,7 +2,8 @@
 
 * reading (never writing) an optimizer: :func:`update_kind`, :func:`param_groups_of`,
   :func:`read_rule` (one param group's hyper-parameters as an :class:`UpdateRule`) and
-  :func:`read_state` (one parameter's state as a plain dict);
+  :func:`read_state` (one parameter's state as a plain dict; :func:`step_counts` reads the Adam
+  step counts of many parameters in one host transfer);
 * running a rule on lists of tensors through the fused pilot ops (:func:`rule_pilot`),
   or on one tensor through their twin, differentiably (:func:`rule_twin`).
 
@@ -81,13 +82,34 @@ def read_rule(optimizer: torch.optim.Optimizer, group: dict, lr: Optional[float]
                       decoupled=decoupled, **common)
 
 
-def read_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, rule: UpdateRule) -> State:
-    """``param``'s optimizer state as a state dict (the tensors themselves, not copies)."""
+def step_counts(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list:
+    """Each parameter's Adam step count (0 without state), the tensor ones read in ONE host transfer per device.
+
+    ``fused=True`` / ``capturable=True`` Adam keeps ``state["step"]`` on the parameter's
+    device, where one ``.item()`` per parameter would synchronise once per parameter.
+    """
+    steps = [optimizer.state.get(p, {}).get("step", 0) for p in params]
+    counts = [None if isinstance(s, torch.Tensor) else int(s) for s in steps]
+    by_device: dict = {}
+    for i, s in enumerate(steps):
+        if isinstance(s, torch.Tensor):
+            by_device.setdefault(s.device, []).append(i)
+    for indices in by_device.values():  # float64 holds every count a float32 step tensor can
+        values = torch.stack([steps[i].detach().to(torch.float64).reshape(()) for i in indices]).tolist()
+        for i, value in zip(indices, values):
+            counts[i] = int(value)
+    return counts
+
+
+def read_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, rule: UpdateRule,
+               step: Optional[int] = None) -> State:
+    """``param``'s optimizer state as a state dict (the tensors themselves, not copies); ``step``: its Adam
+    step count when already read (:func:`step_counts`)."""
     state = optimizer.state.get(param, {})
     if rule.kind == "sgd":
         return {"buf": state.get("momentum_buffer") if rule.momentum != 0.0 else None}
     return {
-        "t": int(scalar(state.get("step", 0))),
+        "t": int(scalar(state.get("step", 0))) if step is None else step,
         "m": state.get("exp_avg"),
         "s": state.get("exp_avg_sq"),
         "smax": state.get("max_exp_avg_sq") if rule.amsgrad else None,
