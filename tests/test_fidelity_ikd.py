@@ -243,3 +243,17 @@ def test_exact_accepts_settings_that_keep_the_quiz_student():
     # first_order evaluates no quiz student: clipping and another lr are the caller's choice
     fastmeta.meta_step(teacher, student, batch_of(1, 8), batch_of(2, 5), optT, optS, algorithm="ikd",
                        hypergrad="first_order", max_grad_norm=0.5)
+
+
+def test_gamma_with_a_teacher_without_trainable_parameters_steps_the_student():
+    teacher, student = Net(6, seed=1).double(), Net(4, seed=2).double()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optT, optS = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.5), make_opt("sgd", student, 0.3)
+    S0 = copy.deepcopy(student)
+    batch, quiz = batch_of(1, 8), batch_of(2, 5)
+    out = fastmeta.meta_step(teacher, student, batch, quiz, optT, optS, algorithm="ikd", hypergrad="exact",
+                             temperature=TAU, kd_weight=W, gamma=0.5)
+    assert max_rel_diff(student, S0) > 1e-6
+    expected = 0.5 * out.quiz_loss + 0.5 * F.cross_entropy(teacher(batch[0]), batch[1])
+    torch.testing.assert_close(out.teacher_loss, expected, rtol=1e-12, atol=0)

@@ -443,3 +443,38 @@ def test_mixed_takes_its_auxiliary_loss_on_the_meta_gradients_teacher_forward(hy
     kd_t = tau**2 * (log_ps.exp() * (log_ps - log_pt)).sum(-1).mean()
     aux = alpha * F.cross_entropy(zt, y) + (1 - alpha) * kd_t
     torch.testing.assert_close(out.teacher_loss, aux.detach(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["mixed", "weighted", "official_exact"])
+def test_a_step_moves_the_teachers_batchnorm_statistics_once(objective):
+    """Only the real student step's teacher forward updates the teacher's buffers: the meta-gradient's forward
+    and the objectives' own teacher passes leave them as the step found them (as MetaDistil's step does)."""
+    runs = []
+    for algorithm, options in (("metadistil", {}), ("lgtm", {"influence_objective": objective})):
+        torch.manual_seed(0)
+        teacher = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)).double()
+        _, student, _, optS = _models()
+        optT = torch.optim.SGD(teacher.parameters(), lr=0.5)
+        fastmeta.meta_step(teacher, student, mlp_batch(1), mlp_batch(2), optT, optS, algorithm=algorithm, **options)
+        runs.append(int(teacher[1].num_batches_tracked))
+    assert runs == [1, 1]
+
+
+@pytest.mark.parametrize("hypergrad", ["exact", "autograd"])
+def test_a_teacher_without_trainable_parameters_still_steps_the_student(hypergrad):
+    """Nothing of the teacher to update (as in MetaDistil): the student steps and ``teacher_loss`` is L_aux."""
+    alpha, tau = 0.3, 2.0
+    teacher, student, _, optS = _models(seed=4)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optT = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.5)
+    T0, S0 = copy.deepcopy(teacher), copy.deepcopy(student)
+    (x, y), quiz = mlp_batch(5), mlp_batch(6)
+    out = fastmeta.meta_step(teacher, student, (x, y), quiz, optT, optS, algorithm="lgtm", hypergrad=hypergrad,
+                             alpha=alpha, temperature=tau)
+    assert torch.equal(flat(teacher.parameters()), flat(T0.parameters()))
+    assert not torch.equal(flat(student.parameters()), flat(S0.parameters()))
+    zt, zs = T0(x), S0(x).detach()
+    log_pt, log_ps = F.log_softmax(zt / tau, -1), F.log_softmax(zs / tau, -1)
+    aux = alpha * F.cross_entropy(zt, y) + (1 - alpha) * tau**2 * (log_ps.exp() * (log_ps - log_pt)).sum(-1).mean()
+    torch.testing.assert_close(out.teacher_loss, aux.detach(), rtol=1e-12, atol=0)

@@ -57,6 +57,7 @@ from fastmeta.algorithms._common import (
     StepContext, check_finite_grads, check_flag, check_number, eval_mode, trainable,
 )
 from fastmeta.algorithms.output import StepOutput
+from fastmeta.functional import preserved_buffers
 from fastmeta.hessian import LogitLoss, mixed_hvp_unchecked
 
 HYPERGRADS = ("exact", "finite_diff", "autograd")
@@ -152,7 +153,8 @@ def run(ctx: StepContext):
     if objective == "mixed":
         teacher_grads, aux = result.teacher_grads, result.teacher_loss
     else:
-        with ctx.phase("teacher_gradient"):
+        # its own teacher forward leaves the teacher's buffers (BatchNorm statistics) as the step found them
+        with ctx.phase("teacher_gradient"), preserved_buffers(ctx.teacher):
             teacher_grads, aux = _own_teacher_gradient(ctx, result, aux_loss, objective)
 
     ctx.apply_teacher(teacher_grads, final=False)

@@ -264,6 +264,23 @@ def _kept(options: Options, theta: dict, v: dict):
             dict(v) if options.keep_pilot or options.keep_quiz_grads else None)
 
 
+def _teacher_grads(problem: Problem, teacher_params: dict, meta, own, loss_scale: float) -> dict:
+    """``J_Tᵀ(meta + own)``: the meta-gradient's cotangent on the teacher's logits plus the gradient of the
+    algorithm's own loss on them (either may be None), by ONE teacher backward (it is linear in its
+    cotangent).  With fp16/bf16 logits, two backwards through the same graph instead: the meta term is
+    about η times smaller than the own loss's, and the sum, rounded to the logits' dtype, would lose it
+    (measured: 80-100% of the meta-gradient gone under bf16/fp16 autocast at η = 1e-2..1e-4).
+    """
+    logits = problem.teacher_aligned
+    if meta is None or own is None:
+        return teacher_backward(logits, teacher_params, own if meta is None else meta, loss_scale)
+    if logits.dtype not in (torch.float16, torch.bfloat16):
+        return teacher_backward(logits, teacher_params, meta + own, loss_scale)
+    first = teacher_backward(logits, teacher_params, own, loss_scale, retain_graph=True)
+    second = teacher_backward(logits, teacher_params, meta, loss_scale)
+    return {name: first[name] + second[name] for name in first}
+
+
 # --------------------------------------------------------------------------- the internal entry
 def run(teacher, student, split_x, split_q, device: torch.device, student_optimizer, options: Options) -> MetaGradient:
     """The meta-gradient with checked arguments (batches split, devices checked): trusts everything."""
@@ -288,7 +305,7 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
         shift_labels=options.shift_labels, loss_scale=options.loss_scale, x_attention=x_attention,
         keep_tangent_graph=keep_graph,
     )
-    own_loss = options.teacher_loss if teacher_params else None
+    own_loss = options.teacher_loss
     need_teacher = bool(teacher_params) and (options.kd_weight != 0.0 or own_loss is not None)
     outer = math_attention() if method == "autograd" else contextlib.nullcontext()
     teacher_grads: dict = {}
@@ -326,17 +343,18 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
                 if recompute:  # under the caller's autocast, as the first forward ran
                     problem.teacher_aligned = recomputed_teacher_logits(problem)
                 with timer.phase("teacher_backward"):
-                    # one teacher backward: the meta-gradient's cotangent on the teacher's logits, plus the
-                    # gradient of the algorithm's own loss on them (the backward is linear in its cotangent)
                     scaled = None
                     if options.kd_weight != 0.0:
                         factor = -update.lr_ref * options.kd_weight * options.meta_weight
                         scaled = factor * at_least_fp32(cotangent)
+                    own = None
                     if own_loss is not None:
                         teacher_loss, own = own_loss_cotangent(problem, trajectory.first_raw, own_loss)
-                        scaled = own if scaled is None else scaled + own
-                    teacher_grads = teacher_backward(problem.teacher_aligned, teacher_params, scaled,
-                                                     options.loss_scale)
+                    teacher_grads = _teacher_grads(problem, teacher_params, scaled, own, options.loss_scale)
+        if own_loss is not None and teacher_loss is None:  # no teacher backward ran (no trainable teacher
+            # parameter): the own loss's value alone
+            with torch.no_grad():
+                teacher_loss = own_loss(problem.zt, problem.align(trajectory.first_raw).detach()).detach()
         if options.compute_influence and influences is None:
             influences = torch.zeros(split_x.size, dtype=problem.zt.dtype, device=device)
         if options.compute_teacher_grads and teacher_params and not teacher_grads:

@@ -70,7 +70,7 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
     if own_loss is not None:
         with torch.enable_grad():
             own = own_loss(zt, first[4])
-    keep = own is not None  # the teacher's graph serves the own loss's backward afterwards
+    keep = own is not None and bool(wanted)  # the teacher's graph serves the own loss's backward afterwards
     with timer.phase("quiz_forward_backward"), torch.enable_grad():
         current = quiz_point == "current"
         point = problem.student_params if current else theta
@@ -90,7 +90,7 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
             outs = scaled_grad(lq, wanted + point_tensors, problem.loss_scale, allow_unused=True, retain_graph=keep)
             teacher = grads_or_zeros(outs[: len(wanted)], wanted)
             v = [g.detach() for g in grads_or_zeros(outs[len(wanted):], point_tensors)]
-        if own is not None:
+        if keep:
             extra = grads_or_zeros(scaled_grad(own, wanted, problem.loss_scale, allow_unused=True), wanted)
             teacher = [meta_weight * t + e for t, e in zip(teacher, extra)]
     teacher_grads = {name: g.detach() for name, g in zip(problem.teacher_params, teacher)}

@@ -103,7 +103,8 @@ def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def teacher_backward(teacher_logits, teacher_params: dict, cotangent, loss_scale: float = 1.0) -> dict:
+def teacher_backward(teacher_logits, teacher_params: dict, cotangent, loss_scale: float = 1.0,
+                     retain_graph: bool = False) -> dict:
     """``J_Tᵀ c``: one ordinary backward of the teacher's logits with the given cotangent.
 
     ``loss_scale`` S: the backward runs on ``S·c`` and the gradients are divided by S.
@@ -111,7 +112,8 @@ def teacher_backward(teacher_logits, teacher_params: dict, cotangent, loss_scale
     gradient on the logits (η = 1e-4 underflowed most of the teacher's fp16 backward:
     56% error): it is first brought to an ordinary gradient's magnitude, i.e. its
     largest entry to about ``1/rows`` (a power of two P, undone exactly afterwards),
-    so that the same S serves it as every other backward of the step.
+    so that the same S serves it as every other backward of the step.  ``retain_graph``: another
+    backward through the same graph follows.
     """
     tensors = list(teacher_params.values())
     scale = float(loss_scale)
@@ -121,7 +123,8 @@ def teacher_backward(teacher_logits, teacher_params: dict, cotangent, loss_scale
             rows = max(1, cotangent.numel() // max(1, cotangent.shape[-1]))
             scale *= 2.0 ** math.floor(math.log2(1.0 / (rows * largest)))
     grads = torch.autograd.grad(
-        teacher_logits, tensors, grad_outputs=(cotangent * scale).to(teacher_logits.dtype), allow_unused=True
+        teacher_logits, tensors, grad_outputs=(cotangent * scale).to(teacher_logits.dtype), allow_unused=True,
+        retain_graph=retain_graph,
     )
     grads = _unscaled(grads, scale)
     return {name: g.detach() for name, g in zip(teacher_params, grads_or_zeros(grads, tensors))}
