@@ -15,7 +15,7 @@ import torch
 from ._dispatch import as_list, check_pairs, use_extension
 from .pilot import sgd_pilot
 from .pilot_twin import safe_sqrt
-from .torch_optim import param_groups_of, read_rule, read_state, update_kind
+from .torch_optim import param_groups_of, read_rule, read_state, step_counts, update_kind
 
 
 @torch.no_grad()
@@ -145,6 +145,7 @@ def precondition(
     if update_kind(optimizer) is None:
         raise TypeError(f"precondition supports torch.optim.SGD, Adam and AdamW, got {type(optimizer).__name__}")
     out = []
+    steps = step_counts(optimizer, params)  # one host transfer, not one .item() per parameter
     for i, (v, p) in enumerate(zip(vectors, params)):
         rule = read_rule(optimizer, group_of[id(p)], lr=1.0)
         if rule.kind == "sgd":  # affine in g: P·v = −adjoint at lr = 1 (exact)
@@ -157,7 +158,7 @@ def precondition(
         state = optimizer.state.get(p, {})
         key_sq = "max_exp_avg_sq" if rule.amsgrad else "exp_avg_sq"
         compute = torch.promote_types(v.dtype, torch.float32)
-        step = int(read_state(optimizer, p, rule)["t"])
+        step = steps[i]
         if grads_list is not None or key_sq not in state:
             g = grads_list[i] if grads_list is not None else p.grad
             if g is None:
