@@ -257,3 +257,14 @@ def test_gamma_with_a_teacher_without_trainable_parameters_steps_the_student():
     assert max_rel_diff(student, S0) > 1e-6
     expected = 0.5 * out.quiz_loss + 0.5 * F.cross_entropy(teacher(batch[0]), batch[1])
     torch.testing.assert_close(out.teacher_loss, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("gamma,takes_tangent", [(0.0, False), (0.5, True)])
+def test_gamma_zero_takes_no_student_tangent(gamma, takes_tangent):
+    """``gamma = 0`` weights the meta-gradient by 0 (Eq. 10: the teacher's CE alone): the step skips the
+    student tangent that would only feed it (the values are test_ikd_matches_the_papers_equations')."""
+    teacher, student = Net(6, seed=1).double(), Net(4, seed=2).double()
+    optT, optS = make_opt("sgd", teacher, 0.5), make_opt("adamw", student, 0.02)
+    out = fastmeta.meta_step(teacher, student, batch_of(10, 8), batch_of(20, 5), optT, optS, algorithm="ikd",
+                             temperature=TAU, kd_weight=W, gamma=gamma)
+    assert ("meta_gradient.student_jvp" in out.timings) == takes_tangent, sorted(out.timings)

@@ -425,24 +425,36 @@ def test_official_exact_token_level_shifted_and_masked():
     assert float((flat(T.parameters()) - flat(teacher.parameters())).norm()) > 1e-3
 
 
+@pytest.mark.parametrize("objective", ["mixed", "weighted"])
 @pytest.mark.parametrize("hypergrad", ["exact", "finite_diff", "autograd"])
-def test_mixed_takes_its_auxiliary_loss_on_the_meta_gradients_teacher_forward(hypergrad):
-    """``L_aux``'s gradient rides on the meta-gradient's teacher backward: a step runs the teacher twice (the
-    engine's forward, whose logits the student distils from, and the real student step's), as the official
-    code computes ``t_logits`` once for the student's and the teacher's losses; ``teacher_loss`` is ``L_aux``
-    at the teacher before its update (written out here)."""
+def test_mixed_and_weighted_take_their_loss_on_the_meta_gradients_teacher_forward(hypergrad, objective):
+    """The teacher's objective rides on the meta-gradient's teacher backward: a step runs the teacher twice
+    (the engine's forward, whose logits the student distils from, and the real student step's), as the
+    official code computes ``t_logits`` once for the student's and the teacher's losses; ``teacher_loss`` is
+    ``L_aux`` at the teacher before its update (written out here).  ``"weighted"``: the teacher steps along
+    ``∇θT [L_aux − (1/B)·Σ_i w_i·ℓ_i]`` with the step's influences ``w_i`` held constant (written out here from
+    ``out.influences``, which the per-sample reference of test_algorithms checks), and no meta term."""
     alpha, tau = 0.3, 2.0
     teacher, student, optT, optS = _models(seed=3)
     T0, S0 = copy.deepcopy(teacher), copy.deepcopy(student)
     (x, y), quiz = mlp_batch(5), mlp_batch(6)
     out = fastmeta.meta_step(teacher, student, (x, y), quiz, optT, optS, algorithm="lgtm", hypergrad=hypergrad,
-                             alpha=alpha, temperature=tau)
+                             alpha=alpha, temperature=tau, influence_objective=objective)
     assert len(teacher.modes) == 2
     zt, zs = T0(x), S0(x).detach()
     log_pt, log_ps = F.log_softmax(zt / tau, -1), F.log_softmax(zs / tau, -1)
     kd_t = tau**2 * (log_ps.exp() * (log_ps - log_pt)).sum(-1).mean()
     aux = alpha * F.cross_entropy(zt, y) + (1 - alpha) * kd_t
     torch.testing.assert_close(out.teacher_loss, aux.detach(), rtol=1e-12, atol=0)
+    if objective == "weighted":
+        rows = tau**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # ℓ_i = τ²·KL(pt ‖ ps), zs held constant
+        assert float(out.influences.abs().max()) > 0
+        objective_loss = aux - (out.influences.detach() * rows).sum() / rows.shape[0]
+        grads = torch.autograd.grad(objective_loss, list(T0.parameters()), retain_graph=True)
+        expected = flat(p - 0.5 * g for p, g in zip(T0.parameters(), grads))  # optT: SGD, lr 0.5
+        torch.testing.assert_close(flat(teacher.parameters()), expected, rtol=1e-12, atol=1e-14)
+        aux_only = flat(p - 0.5 * g for p, g in zip(T0.parameters(), torch.autograd.grad(aux, list(T0.parameters()))))
+        assert float((flat(teacher.parameters()) - aux_only).abs().max()) > 1e-8  # the weighted term moved it
 
 
 @pytest.mark.parametrize("objective", ["mixed", "weighted", "official_exact"])

@@ -291,7 +291,7 @@ def _own_loss_teacher_grads(teacher, student, batch, quiz, dtype, meta_weight, o
     options = api.Options(inner_lr=None, temperature=2.0, kd_weight=0.5, hypergrad="exact")
     if own_weight is not None:
         labels = batch[1]
-        options = dataclasses.replace(options, meta_weight=meta_weight, teacher_loss=lambda zt, zs: own_weight * (
+        options = dataclasses.replace(options, meta_weight=meta_weight, teacher_loss=lambda zt, zs, influences: own_weight * (
             torch.nn.functional.cross_entropy(zt.float(), labels)))
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-4)
     region = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,

@@ -83,10 +83,11 @@ def check_options(ctx: StepContext) -> None:
 
 
 def _teacher_ce(ctx: StepContext, weight: float):
-    """``(1 − γ)·CE(y, zt)`` on the course batch, as the engine's own-loss hook calls it (``zs`` unused)."""
+    """``(1 − γ)·CE(y, zt)`` on the course batch, as the engine's own-loss hook calls it (``zs`` and the
+    influences unused)."""
     labels = ctx.labels()
 
-    def loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    def loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, influences=None) -> torch.Tensor:
         ce = weight * batching.cross_entropy(teacher_logits, labels, name="batch labels")
         batching.check_finite(ce.detach(), "teacher CE")
         return ce

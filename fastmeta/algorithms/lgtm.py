@@ -44,8 +44,10 @@ With ``"mixed"``, ``L_aux`` is taken on the teacher logits of the engine's forwa
 the student distils from, as the official code's one ``t_logits`` per step serves both
 losses), and its gradient on them joins the meta-gradient's cotangent in ONE teacher
 backward (``Options.teacher_loss``): a step runs the teacher forward twice (that one,
-and the real student step's) and backward once.  The other objectives take a teacher
-forward and backward of their own for ``L_aux``.
+and the real student step's) and backward once.  ``"weighted"`` does the same with its
+whole objective ``L_aux − (1/B)·Σ w_i·ℓ_i`` (built from the engine's influences) and no
+meta term.  The official objectives take a teacher forward and backward of their own
+for ``L_aux`` (their ``h`` runs in eval mode).
 Deviations from the paper and the official code: ``docs/deviations.md``.
 """
 from __future__ import annotations
@@ -115,7 +117,7 @@ def _auxiliary_loss(ctx: StepContext, alpha: float):
     labels = ctx.labels()
     mask = labels != batching.IGNORE_INDEX
 
-    def loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    def loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, influences=None) -> torch.Tensor:
         batching.check_logits_pair(student_logits, teacher_logits)
         aux = None
         if alpha != 0.0:
@@ -131,31 +133,47 @@ def _auxiliary_loss(ctx: StepContext, alpha: float):
     return loss
 
 
+def _weighted_objective(ctx: StepContext, aux_loss, reported: dict):
+    """``L_aux − (1/B)·Σ_i w_i·ℓ_i(zs, zt)`` with the influences ``w_i`` held constant (their gradient on the
+    teacher is Eq. 9's influence term, with the official code's sign); ``reported["aux"]``: ``L_aux``."""
+    mask = ctx.labels() != batching.IGNORE_INDEX
+
+    def loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, influences) -> torch.Tensor:
+        aux = aux_loss(teacher_logits, student_logits)
+        reported["aux"] = aux.detach()
+        rows = losses.kd_rows(student_logits.detach(), teacher_logits, ctx.temperature, ctx.kd_loss)
+        rows = torch.where(mask, rows, rows.new_zeros(()))
+        per_sample = batching.per_sample_sum(rows)
+        weighted_term = (influences.to(per_sample.dtype) * per_sample).sum() / per_sample.shape[0]
+        return aux - weighted_term.to(aux.dtype)  # descends the quiz loss
+
+    return loss
+
+
 def run(ctx: StepContext):
     alpha = ctx.settings["alpha"]
     objective = ctx.settings["influence_objective"]
     official = objective in OFFICIAL
     aux_loss = _auxiliary_loss(ctx, alpha)
-    if objective == "mixed":
-        # G = ∇θT L_aux + ∇θT LQ(θS'(θT)): the engine adds L_aux's gradient to the meta-gradient's cotangent on
-        # the teacher's logits and runs ONE teacher forward and backward for both (the logits the student
-        # distils from, hence their dropout masks)
+    reported = {}
+    # "mixed" and "weighted": the engine differentiates the teacher's objective on the logits of its own
+    # teacher forward (those the student distils from, hence their dropout masks: the official code's one
+    # t_logits per step) and adds it to the meta-gradient's cotangent, ONE teacher forward and backward for both
+    if objective == "mixed":  # G = ∇θT L_aux + ∇θT LQ(θS'(θT))
         extra = {"teacher_loss": aux_loss}
-    elif official:  # h needs v alone
+    elif objective == "weighted":  # G = ∇θT [L_aux − (1/B)·Σ w_i·ℓ_i]: the meta term's weight is 0
+        extra = {"teacher_loss": _weighted_objective(ctx, aux_loss, reported), "meta_weight": 0.0}
+    else:  # official: h needs v alone, and its own passes in eval mode (below)
         extra = {"keep_quiz_grads": True, "compute_teacher_grads": False}
-    else:  # weighted: the teacher's gradient is its own (below); the engine gives the influences only
-        extra = {"compute_teacher_grads": False}
     result = ctx.engine_meta_gradient(compute_influence=ctx.settings["compute_influence"], **extra)
     influences = result.influences
-    if objective == "weighted" and influences is None:
-        raise RuntimeError("the engine returned no influences: influence_objective='weighted' needs them")
 
-    if objective == "mixed":
-        teacher_grads, aux = result.teacher_grads, result.teacher_loss
-    else:
+    if official:
         # its own teacher forward leaves the teacher's buffers (BatchNorm statistics) as the step found them
         with ctx.phase("teacher_gradient"), preserved_buffers(ctx.teacher):
-            teacher_grads, aux = _own_teacher_gradient(ctx, result, aux_loss, objective)
+            teacher_grads, aux = _official_teacher_gradient(ctx, result, aux_loss, objective)
+    else:
+        teacher_grads, aux = result.teacher_grads, reported.get("aux", result.teacher_loss)
 
     ctx.apply_teacher(teacher_grads, final=False)
     loss, student_grads = ctx.student_step_gradients()
@@ -171,8 +189,9 @@ def run(ctx: StepContext):
     )
 
 
-def _own_teacher_gradient(ctx: StepContext, result, aux_loss, objective: str):
-    """``(G, L_aux)`` for the weighted and official objectives: a teacher forward and backward of their own."""
+def _official_teacher_gradient(ctx: StepContext, result, aux_loss, objective: str):
+    """``(G, L_aux)`` for the official objectives: ``G = ∇θT L_aux − μ_T·(1 − α)·h``, a teacher forward and
+    backward of their own (``h`` by :func:`_official_mixed_product`)."""
     params = trainable(ctx.teacher)
     # the student's logits on x at θS: the engine's pilot forward (no extra student pass)
     student_logits, _ = batching.align_logits_labels(
@@ -181,21 +200,11 @@ def _own_teacher_gradient(ctx: StepContext, result, aux_loss, objective: str):
     teacher_logits = ctx.teacher_logits(grad=True)
     batching.check_finite(teacher_logits.detach(), "teacher logits on batch")
     aux = aux_loss(teacher_logits, student_logits)
-    objective_loss = aux
-    if objective == "weighted":
-        mask = ctx.labels() != batching.IGNORE_INDEX
-        rows = losses.kd_rows(student_logits.detach(), teacher_logits, ctx.temperature, ctx.kd_loss)
-        rows = torch.where(mask, rows, rows.new_zeros(()))
-        per_sample = batching.per_sample_sum(rows)
-        weighted_term = (result.influences.detach().to(per_sample.dtype) * per_sample).sum() / per_sample.shape[0]
-        objective_loss = objective_loss - weighted_term.to(objective_loss.dtype)  # descends the quiz loss
-    grads = ctx.grad(objective_loss, [p for _, p in params])
-    influence = {}
-    if objective in OFFICIAL:
-        alpha = ctx.settings["alpha"]
-        h = _official_mixed_product(ctx, result.quiz_grads, exact=objective == "official_exact")
-        factor = -float(ctx.teacher_optimizer.param_groups[0]["lr"]) * (1.0 - alpha)
-        influence = {name: factor * value for name, value in h.items()}
+    grads = ctx.grad(aux, [p for _, p in params])
+    alpha = ctx.settings["alpha"]
+    h = _official_mixed_product(ctx, result.quiz_grads, exact=objective == "official_exact")
+    factor = -float(ctx.teacher_optimizer.param_groups[0]["lr"]) * (1.0 - alpha)
+    influence = {name: factor * value for name, value in h.items()}
     teacher_grads = {}
     for (name, _), g in zip(params, grads):
         term = influence.get(name)

@@ -123,18 +123,22 @@ class Options:
     student_tangent: str = "jvp"
     teacher_graph: str = "keep"
     # An algorithm's own loss on the teacher's logits, added to the teacher's gradient by the SAME teacher
-    # backward (LGTM's auxiliary loss): called as ``teacher_loss(zt, zs)`` with the teacher's aligned logits
-    # on x (from the engine's one teacher forward) and the student's at θS (the pilot forward's, detached);
-    # returns a 0-dim loss.  teacher_grads is then ``m·∇θT LQ + ∇θT teacher_loss`` (m = meta_weight: IKD's γ)
-    # and MetaGradient.teacher_loss its value.  Not public arguments.
+    # backward (LGTM's auxiliary loss): called as ``teacher_loss(zt, zs, influences)`` with the teacher's
+    # aligned logits on x (from the engine's one teacher forward), the student's at θS (the pilot forward's,
+    # detached) and the step's influences (``[B]``, detached; None unless compute_influence: LGTM's
+    # "weighted" objective is built from them); returns a 0-dim loss.  teacher_grads is then
+    # ``m·∇θT LQ + ∇θT teacher_loss`` (m = meta_weight: IKD's γ; 0: the own loss's gradient alone, and no
+    # meta term is computed) and MetaGradient.teacher_loss its value.  Not public arguments.
     teacher_loss: Optional[Callable] = None
     meta_weight: float = 1.0
 
     @property
     def takes_tangent(self) -> bool:
-        """Whether the reverse sweep takes a student tangent: it feeds the teacher's gradient (through the KD
-        term: none without it, or with ``compute_teacher_grads=False``) and the influences."""
-        return (self.kd_weight != 0.0 and self.compute_teacher_grads) or self.compute_influence
+        """Whether the reverse sweep takes a student tangent: it feeds the teacher's meta-gradient (through the
+        KD term: none without it, with ``compute_teacher_grads=False`` or with ``meta_weight=0``) and the
+        influences."""
+        return (self.kd_weight != 0.0 and self.compute_teacher_grads and self.meta_weight != 0.0) \
+            or self.compute_influence
 
 
 # --------------------------------------------------------------------------- checks
@@ -339,24 +343,25 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
                 with context:  # the student tangent in fp32 under a low-precision autocast
                     # (reverse_sweep consumes v and the trajectory's snapshots: each freed after its last use)
                     cotangent, influences = reverse_sweep(problem, trajectory, v, step, options.compute_influence)
+            if options.compute_influence and influences is None:  # none from the sweep (no KD term): all zero
+                influences = torch.zeros(split_x.size, dtype=problem.zt.dtype, device=device)
             if need_teacher:
                 if recompute:  # under the caller's autocast, as the first forward ran
                     problem.teacher_aligned = recomputed_teacher_logits(problem)
                 with timer.phase("teacher_backward"):
                     scaled = None
-                    if options.kd_weight != 0.0:
+                    if options.kd_weight != 0.0 and options.meta_weight != 0.0:
                         factor = -update.lr_ref * options.kd_weight * options.meta_weight
                         scaled = factor * at_least_fp32(cotangent)
                     own = None
                     if own_loss is not None:
-                        teacher_loss, own = own_loss_cotangent(problem, trajectory.first_raw, own_loss)
+                        teacher_loss, own = own_loss_cotangent(problem, trajectory.first_raw, own_loss, influences)
                     teacher_grads = _teacher_grads(problem, teacher_params, scaled, own, options.loss_scale)
         if own_loss is not None and teacher_loss is None:  # no teacher backward ran (no trainable teacher
             # parameter): the own loss's value alone
             with torch.no_grad():
-                teacher_loss = own_loss(problem.zt, problem.align(trajectory.first_raw).detach()).detach()
-        if options.compute_influence and influences is None:
-            influences = torch.zeros(split_x.size, dtype=problem.zt.dtype, device=device)
+                teacher_loss = own_loss(problem.zt, problem.align(trajectory.first_raw).detach(),
+                                        None if influences is None else influences.detach()).detach()
         if options.compute_teacher_grads and teacher_params and not teacher_grads:
             teacher_grads = {n: torch.zeros_like(p) for n, p in teacher_params.items()}
     timer.timings["total"] = time.perf_counter() - start

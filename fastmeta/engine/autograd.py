@@ -36,9 +36,10 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
     """``(teacher_grads, LQ, v, trajectory (first step and θ_k), influences or None, own loss or None)``.
 
     ``tangent_context``: the precision context of the student tangent (influences only).
-    ``own_loss``: an algorithm's loss ``own_loss(zt, zs)`` on the teacher's logits (with their graph) and the
-    student's at θS (detached): the teacher's gradient is then ``meta_weight·∇θT LQ + ∇θT own_loss``, the
-    second by a backward of its own through the kept teacher graph (``Options.teacher_loss``).
+    ``own_loss``: an algorithm's loss ``own_loss(zt, zs, influences)`` on the teacher's logits (with their
+    graph), the student's at θS (detached) and the influences (None unless ``compute_influence``): the
+    teacher's gradient is then ``meta_weight·∇θT LQ + ∇θT own_loss``, the second by a backward of its own
+    through the kept teacher graph, after the influences (``Options.teacher_loss``).
     """
     timer, names, update = problem.timer, problem.names, problem.update
     zt = problem.teacher_aligned
@@ -66,11 +67,7 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
         theta = {name: out[0] for name, out in stepped.items()}
         states = {name: out[1] for name, out in stepped.items()}
     wanted = list(problem.teacher_params.values()) if need_teacher else []
-    own = None
-    if own_loss is not None:
-        with torch.enable_grad():
-            own = own_loss(zt, first[4])
-    keep = own is not None and bool(wanted)  # the teacher's graph serves the own loss's backward afterwards
+    keep = own_loss is not None and bool(wanted)  # the teacher's graph serves the own loss's backward afterwards
     with timer.phase("quiz_forward_backward"), torch.enable_grad():
         current = quiz_point == "current"
         point = problem.student_params if current else theta
@@ -90,10 +87,6 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
             outs = scaled_grad(lq, wanted + point_tensors, problem.loss_scale, allow_unused=True, retain_graph=keep)
             teacher = grads_or_zeros(outs[: len(wanted)], wanted)
             v = [g.detach() for g in grads_or_zeros(outs[len(wanted):], point_tensors)]
-        if keep:
-            extra = grads_or_zeros(scaled_grad(own, wanted, problem.loss_scale, allow_unused=True), wanted)
-            teacher = [meta_weight * t + e for t, e in zip(teacher, extra)]
-    teacher_grads = {name: g.detach() for name, g in zip(problem.teacher_params, teacher)}
     v = dict(zip(names, v))
     raw0, ls0, grads0, rng0, zs0 = first
     trajectory = Trajectory([], {name: t.detach() for name, t in theta.items()}, raw0, ls0, grads0)
@@ -103,6 +96,14 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
             direction = _step_direction(problem, grads0, v)
             u = _double_vjp_tangent(problem, direction, rng0)
             _, influences = problem.cotangent_and_influence(zs0, u, True, with_cotangent=False)
+    own = None
+    if own_loss is not None:  # after the influences (an own loss may be built from them)
+        with timer.phase("teacher_backward"), torch.enable_grad():
+            own = own_loss(zt, zs0, None if influences is None else influences.detach())
+            if keep:
+                extra = grads_or_zeros(scaled_grad(own, wanted, problem.loss_scale, allow_unused=True), wanted)
+                teacher = [meta_weight * t + e for t, e in zip(teacher, extra)]
+    teacher_grads = {name: g.detach() for name, g in zip(problem.teacher_params, teacher)}
     return teacher_grads, lq.detach(), v, trajectory, influences, None if own is None else own.detach()
 
 

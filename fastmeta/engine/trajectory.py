@@ -170,9 +170,11 @@ def recomputed_teacher_logits(problem: Problem) -> torch.Tensor:
     return aligned
 
 
-def own_loss_cotangent(problem: Problem, student_raw: torch.Tensor, loss_fn: Callable):
-    """``(L, ∂L/∂zt)`` for an algorithm's own loss ``L = loss_fn(zt, zs)`` on the teacher's logits (``zt``:
-    those of the engine's teacher forward; ``zs``: the student's at θS, detached).
+def own_loss_cotangent(problem: Problem, student_raw: torch.Tensor, loss_fn: Callable,
+                       influences: Optional[torch.Tensor] = None):
+    """``(L, ∂L/∂zt)`` for an algorithm's own loss ``L = loss_fn(zt, zs, influences)`` on the teacher's logits
+    (``zt``: those of the engine's teacher forward; ``zs``: the student's at θS, detached; ``influences``:
+    the step's ``[B]`` influences, detached, or None).
 
     The derivative is taken at a leaf of ``zt``'s dtype, as a backward into the logits
     would meet it (through ``S·L`` with ``S = loss_scale``, then divided back in fp32),
@@ -181,7 +183,7 @@ def own_loss_cotangent(problem: Problem, student_raw: torch.Tensor, loss_fn: Cal
     """
     leaf = problem.zt.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = loss_fn(leaf, problem.align(student_raw).detach())
+        loss = loss_fn(leaf, problem.align(student_raw).detach(), None if influences is None else influences.detach())
         scale = problem.loss_scale
         (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, leaf)
     grad = at_least_fp32(grad)
