@@ -157,6 +157,7 @@ AUTOCAST_CASES = [(a, h, {}) for a, h in CASES] + [
     ("metadistil", "finite_diff", {"jvp_precision": "autocast"}),  # perturbed forwards under autocast
     ("lgtm", "finite_diff", {"jvp_precision": "autocast"}),
     ("lgtm", "exact", {"influence_objective": "official"}),  # the official objectives restore weights in place
+    ("lgtm", "exact", {"influence_objective": "weighted"}),  # its objective on the engine's bf16 teacher logits
 ]
 
 
