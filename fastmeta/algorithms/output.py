@@ -41,9 +41,10 @@ class StepOutput:
             ``"meta_gradient.<phase>"`` (teacher_forward, student_forward_backward,
             pilot_update, quiz_forward_backward, student_jvp, teacher_backward, total);
             ``"pilot.teacher_forward"``, ``"pilot.forward_backward"``, ``"pilot.update"``
-            (reptile); ``"teacher_gradient"`` (work beyond the engine: LGTM's auxiliary
-            loss and official mixed product, Reptile's differences, IKD's teacher CE, kd's
-            teacher CE);
+            (reptile); ``"teacher_gradient"`` (work beyond the engine: LGTM's official
+            objectives' own teacher pass and mixed product, Reptile's differences, kd's
+            teacher CE; LGTM's mixed and weighted objectives and IKD's teacher CE ride on
+            the engine's ``teacher_backward``);
             ``"teacher_update"`` / ``"student_update"`` (optimizer steps, snapshot
             included); ``"student_step.teacher_forward"`` and
             ``"student_step.forward_backward"`` (the real student step); ``"total"``.
