@@ -10,7 +10,9 @@ alone, on the bench's own models, optimizers and their state:
 
 * student: the AdamW step as configured (the floor's ``student_update``), for-loop, foreach and
   fused; the engine's pilot (``OptimizerUpdate.pilot``) and adjoint (``OptimizerUpdate.adjoint``),
-  each by the fused op (as the engine runs them) and by its plain-PyTorch twin;
+  each by the fused op (as the engine runs them) and by its plain-PyTorch twin; both again over
+  the student's parameters outside its ``nn.Embedding`` tables (side ``student_dense``): what a
+  row-sparse pilot, which would update only the rows a quiz batch reads, could not avoid (not built);
 * teacher: the AdamW step as configured (the floor's ``teacher_update``); the finite check of
   the meta-gradient; ``optimizer.state_dict()`` alone (host work only); the undo snapshot alone
   (parameters + optimizer state copied, then released); ``Transaction.apply`` with and without
@@ -41,6 +43,8 @@ ROWS = {
     "pilot: θ' (twin)": ("student", 5),
     "pilot: adjoint a (engine adjoint, fused op)": ("student", 6),
     "pilot: adjoint a (twin)": ("student", 6),
+    "pilot: θ' without the embedding tables (fused op)": ("student_dense", 5),
+    "pilot: adjoint a without the embedding tables (fused op)": ("student_dense", 6),
     "teacher: AdamW step, as configured (floor's teacher_update)": ("teacher", 7),
     "teacher: finite check of the meta-gradient": ("teacher", 1),
     "teacher: optimizer.state_dict() (host only)": ("teacher", 0),
@@ -114,6 +118,13 @@ def update_rows(teacher, student, teacher_opt, student_opt, *, device: str, seed
     rows["pilot: θ' (twin)"] = pilot("torch")
     rows["pilot: adjoint a (engine adjoint, fused op)"] = adjoint("auto")
     rows["pilot: adjoint a (twin)"] = adjoint("torch")
+    dense = dense_parameters(s_copy)
+    dense_update = optimizer_update(dense, s_opt, inner_lr=None)
+    theta_d, grads_d, vectors_d = ({n: d[n] for n in dense} for d in (theta, s_grads, s_vectors))
+    rows["pilot: θ' without the embedding tables (fused op)"] = \
+        lambda: dense_update.pilot(theta_d, grads_d, dense_update.states)[0]
+    rows["pilot: adjoint a without the embedding tables (fused op)"] = \
+        lambda: dense_update.adjoint(theta_d, grads_d, dense_update.states, vectors_d, full=False)[1]
 
     t_opt = common.copy_optimizer(teacher_opt, teacher, t_copy)
     t_params = list(t_named.items())
@@ -135,6 +146,16 @@ def update_rows(teacher, student, teacher_opt, student_opt, *, device: str, seed
     return rows
 
 
+def dense_parameters(model) -> dict:
+    """``{name: parameter}`` of the trainable parameters that are not the weight of an ``nn.Embedding``."""
+    import torch
+
+    from fastmeta.algorithms._common import trainable
+
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return {n: p for n, p in trainable(model) if id(p) not in tables}
+
+
 def time_rows(rows: dict[str, Callable[[], Any] | str], *, device: str, rounds: int, warmup: int = 1
               ) -> dict[str, list[float] | str]:
     """Seconds of every runnable row in ``rounds`` interleaved rounds (after ``warmup`` calls each)."""
@@ -151,13 +172,17 @@ def time_rows(rows: dict[str, Callable[[], Any] | str], *, device: str, rounds: 
 
 
 def report_rows(times: dict[str, list[float] | str], *, teacher_bytes: int, student_bytes: int,
-                copy_bytes_per_s: float | None) -> list[dict[str, Any]]:
-    """One dict per row: median, minimum bytes, GB/s, fraction of copy bandwidth, x the optimizer step of its side."""
+                copy_bytes_per_s: float | None, student_dense_bytes: int | None = None) -> list[dict[str, Any]]:
+    """One dict per row: median, minimum bytes, GB/s, fraction of copy bandwidth, x the optimizer step of its side
+    (``student_dense`` rows: x the whole student's step; their bytes, ``student_dense_bytes``, default the
+    student's)."""
     from bench import common
 
-    side_bytes = {"teacher": teacher_bytes, "student": student_bytes}
+    side_bytes = {"teacher": teacher_bytes, "student": student_bytes,
+                  "student_dense": student_bytes if student_dense_bytes is None else student_dense_bytes}
     reference = {"student": "student: AdamW step, as configured (floor's student_update)",
                  "teacher": "teacher: AdamW step, as configured (floor's teacher_update)"}
+    reference["student_dense"] = reference["student"]
     medians = {name: common.median(t) for name, t in times.items() if not isinstance(t, str)}
     out = []
     for name, t in times.items():
@@ -183,21 +208,24 @@ def measure(teacher, student, teacher_opt, student_opt, *, device: str, rounds: 
     def nbytes(model):
         return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
+    dense_bytes = sum(p.numel() * p.element_size() for p in dense_parameters(student).values())
+
     rows = update_rows(teacher, student, teacher_opt, student_opt, device=device, seed=seed)
     times = time_rows(rows, device=device, rounds=rounds)
     del rows  # the copies
     copy_bw = common.copy_bandwidth(device, lambda fn: common.median(
         common.time_calls(fn, repeats=max(rounds, 3), warmup=1, device=device)))
     return {"rounds": rounds, "teacher_param_bytes": nbytes(teacher), "student_param_bytes": nbytes(student),
-            "copy_bandwidth_bytes_per_s": copy_bw,
+            "student_dense_param_bytes": dense_bytes, "copy_bandwidth_bytes_per_s": copy_bw,
             "rows": report_rows(times, teacher_bytes=nbytes(teacher), student_bytes=nbytes(student),
-                                copy_bytes_per_s=copy_bw)}
+                                copy_bytes_per_s=copy_bw, student_dense_bytes=dense_bytes)}
 
 
 def format_rows(result: dict[str, Any]) -> str:
     bw = result["copy_bandwidth_bytes_per_s"]
     lines = [f"copy bandwidth {bw / 1e9:.1f} GB/s; teacher {result['teacher_param_bytes'] / 2**20:.0f} MiB, "
-             f"student {result['student_param_bytes'] / 2**20:.0f} MiB of trainable parameters; median of "
+             f"student {result['student_param_bytes'] / 2**20:.0f} MiB of trainable parameters "
+             f"({result.get('student_dense_param_bytes', 0) / 2**20:.0f} MiB outside its embedding tables); median of "
              f"{result['rounds']} interleaved rounds",
              f"  {'row':62s} {'ms':>9s} {'x step':>7s} {'GB/s':>7s} {'% copy':>7s}"]
     for r in result["rows"]:

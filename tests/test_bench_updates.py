@@ -132,11 +132,33 @@ def test_pilot_row_is_the_point_of_a_real_adamw_step():
         torch.testing.assert_close(theta_new[n], p.detach(), rtol=1e-6, atol=1e-9)
 
 
+def test_rows_without_the_embedding_tables_are_the_full_rows_restricted():
+    """The ``student_dense`` rows step every trainable student parameter except the ``nn.Embedding`` weights,
+    with the values the full rows give those parameters."""
+    teacher, student, t_opt, s_opt = _models("cpu")
+    rows = updates.update_rows(teacher, student, t_opt, s_opt, device="cpu", seed=3)
+    tables = {n for n, m in student.named_modules() if isinstance(m, torch.nn.Embedding)}
+    embedding_weights = {f"{n}.weight" for n in tables}
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert embedding_weights and embedding_weights <= set(names)
+    for full, dense in (("pilot: θ' (engine pilot, fused op)", "pilot: θ' without the embedding tables (fused op)"),
+                        ("pilot: adjoint a (engine adjoint, fused op)",
+                         "pilot: adjoint a without the embedding tables (fused op)")):
+        whole, part = rows[full](), rows[dense]()
+        assert set(part) == set(names) - embedding_weights
+        for n in part:
+            torch.testing.assert_close(part[n], whole[n], rtol=0, atol=0)
+    dense_bytes = sum(p.numel() * 4 for n, p in student.named_parameters() if n not in embedding_weights)
+    assert sum(p.numel() * 4 for p in updates.dense_parameters(student).values()) == dense_bytes
+
+
 def test_report_rows_bytes_and_ratios():
     times = {name: [0.002, 0.001, 0.003] for name in updates.ROWS}
     times["student: AdamW step, fused"] = "RuntimeError: not here"
-    rows = updates.report_rows(times, teacher_bytes=1000, student_bytes=400, copy_bytes_per_s=1e6)
+    rows = updates.report_rows(times, teacher_bytes=1000, student_bytes=400, copy_bytes_per_s=1e6,
+                               student_dense_bytes=100)
     by = {r["row"]: r for r in rows}
+    assert by["pilot: θ' without the embedding tables (fused op)"]["bytes_min"] == 5 * 100
     assert by["teacher: Transaction.apply, atomic (teacher_update phase)"]["bytes_min"] == 13 * 1000
     assert by["pilot: adjoint a (engine adjoint, fused op)"]["bytes_min"] == 6 * 400
     assert by["pilot: θ' (twin)"]["bytes_min"] == 5 * 400
