@@ -846,3 +846,28 @@ def test_inner_steps_2_finite_diff(name, device):
                               quiz if name != "cnn" else (quiz[0].float(), quiz[1]), hypergrad="finite_diff", **kwargs)
     assert rel_err(fd64, exact) <= 1e-2
     assert rel_err(fd32, fd64) <= 1e-3
+
+
+@pytest.mark.parametrize("hypergrad", ["exact", "autograd"])
+def test_meta_weight_scales_the_meta_gradient_alone(hypergrad):
+    """``Options.meta_weight`` (internal; IKD's γ) weights the meta-gradient with or without an own loss, in the
+    exact path as in the double-backward reference; 0 gives zeros (no meta term is computed, none crashes)."""
+    from fastmeta.batching import split_batch
+    from fastmeta.engine import api
+
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(5, 3).double(), torch.nn.Linear(5, 3).double()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
+    quiz = (torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
+
+    def grads(weight):
+        options = api.Options(inner_lr=0.1, temperature=2.0, hypergrad=hypergrad, meta_weight=weight)
+        out = api.run(teacher, student, split_batch(batch), split_batch(quiz), torch.device("cpu"), None, options)
+        return torch.cat([t.flatten() for t in out.teacher_grads.values()])
+
+    full = grads(1.0)
+    assert float(full.abs().max()) > 1e-4
+    torch.testing.assert_close(grads(0.5), 0.5 * full, rtol=1e-12, atol=1e-15)
+    zero = grads(0.0)
+    assert zero.shape == full.shape and not zero.any()

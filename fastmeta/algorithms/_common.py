@@ -429,7 +429,7 @@ class StepContext:
         ``keep_student_grads``: return the pilot gradient (``result.student_grads``; else it is
         freed inside the engine once used, and None); ``keep_quiz_grads``: return ``v`` alone
         (``result.quiz_grads``, without the pilot point); ``teacher_loss``, ``meta_weight``: the
-        algorithm's own loss ``teacher_loss(zt, zs)`` on the teacher's logits, whose gradient the
+        algorithm's own loss ``teacher_loss(zt, zs, influences)`` on the teacher's logits, whose gradient the
         engine's one teacher backward adds to ``meta_weight`` times the meta-gradient
         (``Options.teacher_loss``).  Only what ``meta_step`` could not check alone (the combination
         of options, the student optimizer) is checked here, once, before the engine runs

@@ -343,7 +343,7 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
                 with context:  # the student tangent in fp32 under a low-precision autocast
                     # (reverse_sweep consumes v and the trajectory's snapshots: each freed after its last use)
                     cotangent, influences = reverse_sweep(problem, trajectory, v, step, options.compute_influence)
-            if options.compute_influence and influences is None:  # none from the sweep (no KD term): all zero
+            if options.compute_influence and influences is None:  # (defensive: the sweep returns them when asked)
                 influences = torch.zeros(split_x.size, dtype=problem.zt.dtype, device=device)
             if need_teacher:
                 if recompute:  # under the caller's autocast, as the first forward ran
@@ -356,7 +356,8 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
                     own = None
                     if own_loss is not None:
                         teacher_loss, own = own_loss_cotangent(problem, trajectory.first_raw, own_loss, influences)
-                    teacher_grads = _teacher_grads(problem, teacher_params, scaled, own, options.loss_scale)
+                    if scaled is not None or own is not None:  # else zeros, below (meta_weight 0, no own loss)
+                        teacher_grads = _teacher_grads(problem, teacher_params, scaled, own, options.loss_scale)
         if own_loss is not None and teacher_loss is None:  # no teacher backward ran (no trainable teacher
             # parameter): the own loss's value alone
             with torch.no_grad():

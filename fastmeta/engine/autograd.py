@@ -97,12 +97,15 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
             u = _double_vjp_tangent(problem, direction, rng0)
             _, influences = problem.cotangent_and_influence(zs0, u, True, with_cotangent=False)
     own = None
-    if own_loss is not None:  # after the influences (an own loss may be built from them)
-        with timer.phase("teacher_backward"), torch.enable_grad():
+    if meta_weight != 1.0:  # (0: no meta term at all, as in the exact path; not 0·∇, which keeps a NaN)
+        teacher = [torch.zeros_like(t) if meta_weight == 0.0 else meta_weight * t for t in teacher]
+    if own_loss is not None:  # after the influences (an own loss may be built from them); its backward is
+        # timed with the quiz pass's, as before
+        with timer.phase("quiz_forward_backward"), torch.enable_grad():
             own = own_loss(zt, zs0, None if influences is None else influences.detach())
             if keep:
                 extra = grads_or_zeros(scaled_grad(own, wanted, problem.loss_scale, allow_unused=True), wanted)
-                teacher = [meta_weight * t + e for t, e in zip(teacher, extra)]
+                teacher = [t + e for t, e in zip(teacher, extra)]
     teacher_grads = {name: g.detach() for name, g in zip(problem.teacher_params, teacher)}
     return teacher_grads, lq.detach(), v, trajectory, influences, None if own is None else own.detach()
 
