@@ -328,3 +328,57 @@ def test_own_teacher_loss_keeps_the_meta_gradient_under_autocast(dtype, device):
     for name, ref in reference.items():
         meta = both[name].double() - own_only[name].double()
         assert float((meta - ref).norm() / ref.norm()) <= 0.05, name
+
+
+def _parts_teacher_grads(teacher, student, batch, quiz, dtype, parts, device):
+    """``fastmeta.engine`` (exact) with meta_weight 0 and an own loss made of ``parts`` of (CE(y, zt), a term
+    ~1000x smaller): "both" the tuple (the engine's parts), "sum" one loss, "large"/"small" either alone."""
+    import dataclasses
+
+    from fastmeta.batching import split_batch
+    from fastmeta.engine import api
+
+    labels = batch[1]
+    weights = torch.randn(labels.shape[0], 50, generator=torch.Generator().manual_seed(7)).to(device)
+
+    def loss(zt, zs, influences):
+        large = torch.nn.functional.cross_entropy(zt.float(), labels)
+        small = 1e-3 * (weights.to(zt.dtype).float() * torch.log_softmax(zt.float(), -1)).sum() / labels.shape[0]
+        return {"both": (large, small), "sum": large + small, "large": large, "small": small}[parts]
+
+    options = dataclasses.replace(api.Options(inner_lr=None, temperature=2.0, kd_weight=0.5, hypergrad="exact"),
+                                  meta_weight=0.0, teacher_loss=loss)
+    optimizer = torch.optim.SGD(student.parameters(), lr=1e-4)
+    region = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
+                                                                                                enabled=False)
+    with region:
+        return api.run(teacher, student, split_batch(batch), split_batch(quiz), device, optimizer, options).teacher_grads
+
+
+def test_own_loss_parts_take_a_backward_each_under_autocast(device):
+    """An own loss given as parts (LGTM's "weighted": L_aux and the ~1000x smaller weighted term) takes one
+    teacher backward per part under bf16: the small part of the teacher's gradient (the gradient with both
+    parts minus the one with the large part alone) stays within bf16's error of float64's.  Summed into one
+    loss, and so into one bf16 backward, it is lost (checked: the same measure is far off)."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+
+    def mlp(width, seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Tanh(), torch.nn.Linear(width, 50)).to(device)
+
+    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 50, (32,), generator=g)
+    xq, yq = torch.randn(16, 16, generator=g), torch.randint(0, 50, (16,), generator=g)
+    teacher, student = mlp(32, 1), mlp(8, 2)
+    batch, quiz = (x.to(device), y.to(device)), (xq.to(device), yq.to(device))
+    t64, s64 = copy.deepcopy(teacher).double(), copy.deepcopy(student).double()
+    reference = _parts_teacher_grads(t64, s64, (batch[0].double(), batch[1]), (quiz[0].double(), quiz[1]), None,
+                                     "small", device)
+    large = _parts_teacher_grads(teacher, student, batch, quiz, torch.bfloat16, "large", device)
+    errors = {}
+    for parts in ("both", "sum"):
+        got = _parts_teacher_grads(teacher, student, batch, quiz, torch.bfloat16, parts, device)
+        errors[parts] = max(float(((got[n].double() - large[n].double()) - ref).norm() / ref.norm())
+                            for n, ref in reference.items())
+    assert errors["both"] <= 0.05, errors
+    assert errors["sum"] > 0.2, errors  # what the parts avoid (if bf16 kept it, this test would prove nothing)

@@ -135,7 +135,8 @@ def _auxiliary_loss(ctx: StepContext, alpha: float):
 
 def _weighted_objective(ctx: StepContext, aux_loss, reported: dict):
     """``L_aux − (1/B)·Σ_i w_i·ℓ_i(zs, zt)`` with the influences ``w_i`` held constant (their gradient on the
-    teacher is Eq. 9's influence term, with the official code's sign); ``reported["aux"]``: ``L_aux``."""
+    teacher is Eq. 9's influence term, with the official code's sign), as its two parts;
+    ``reported["aux"]``: ``L_aux``."""
     mask = ctx.labels() != batching.IGNORE_INDEX
 
     def loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, influences) -> torch.Tensor:
@@ -145,7 +146,9 @@ def _weighted_objective(ctx: StepContext, aux_loss, reported: dict):
         rows = torch.where(mask, rows, rows.new_zeros(()))
         per_sample = batching.per_sample_sum(rows)
         weighted_term = (influences.to(per_sample.dtype) * per_sample).sum() / per_sample.shape[0]
-        return aux - weighted_term.to(aux.dtype)  # descends the quiz loss
+        # two parts (their sum is the objective): under fp16/bf16 each takes a teacher backward of its own, the
+        # weighted term being far smaller than L_aux's; the minus sign descends the quiz loss
+        return aux, -weighted_term.to(aux.dtype)
 
     return loss
 

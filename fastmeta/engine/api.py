@@ -25,6 +25,7 @@ from .trajectory import (
     Problem,
     Timer,
     own_loss_cotangent,
+    own_loss_parts,
     pilot_trajectory,
     quiz_gradient,
     recomputed_teacher_logits,
@@ -126,7 +127,8 @@ class Options:
     # backward (LGTM's auxiliary loss): called as ``teacher_loss(zt, zs, influences)`` with the teacher's
     # aligned logits on x (from the engine's one teacher forward), the student's at θS (the pilot forward's,
     # detached) and the step's influences (``[B]``, detached; None unless compute_influence: LGTM's
-    # "weighted" objective is built from them); returns a 0-dim loss.  teacher_grads is then
+    # "weighted" objective is built from them); returns a 0-dim loss, or a tuple of 0-dim parts whose sum is
+    # the loss (parts of very different sizes: in fp16/bf16 each takes a teacher backward of its own).  teacher_grads is then
     # ``m·∇θT LQ + ∇θT teacher_loss`` (m = meta_weight: IKD's γ; 0: the own loss's gradient alone, and no
     # meta term is computed) and MetaGradient.teacher_loss its value.  Not public arguments.
     teacher_loss: Optional[Callable] = None
@@ -268,21 +270,23 @@ def _kept(options: Options, theta: dict, v: dict):
             dict(v) if options.keep_pilot or options.keep_quiz_grads else None)
 
 
-def _teacher_grads(problem: Problem, teacher_params: dict, meta, own, loss_scale: float) -> dict:
-    """``J_Tᵀ(meta + own)``: the meta-gradient's cotangent on the teacher's logits plus the gradient of the
-    algorithm's own loss on them (either may be None), by ONE teacher backward (it is linear in its
-    cotangent).  With fp16/bf16 logits, two backwards through the same graph instead: the meta term is
-    about η times smaller than the own loss's, and the sum, rounded to the logits' dtype, would lose it
-    (measured: 80-100% of the meta-gradient gone under bf16/fp16 autocast at η = 1e-2..1e-4).
+def _teacher_grads(problem: Problem, teacher_params: dict, meta, own: list, loss_scale: float) -> dict:
+    """``J_Tᵀ(meta + Σ own)``: the meta-gradient's cotangent on the teacher's logits (None: none) plus the
+    gradients of the algorithm's own loss parts on them, by ONE teacher backward (it is linear in its
+    cotangent).  With fp16/bf16 logits, one backward per term through the same graph instead: the meta term
+    is about η times smaller than an own loss's, and the sum, rounded to the logits' dtype, would lose it
+    (measured: 80-100% of the meta-gradient gone under bf16/fp16 autocast at η = 1e-2..1e-4); the same holds
+    between own loss parts of different sizes (LGTM's weighted term beside L_aux).
     """
     logits = problem.teacher_aligned
-    if meta is None or own is None:
-        return teacher_backward(logits, teacher_params, own if meta is None else meta, loss_scale)
-    if logits.dtype not in (torch.float16, torch.bfloat16):
-        return teacher_backward(logits, teacher_params, meta + own, loss_scale)
-    first = teacher_backward(logits, teacher_params, own, loss_scale, retain_graph=True)
-    second = teacher_backward(logits, teacher_params, meta, loss_scale)
-    return {name: first[name] + second[name] for name in first}
+    terms = ([] if meta is None else [meta]) + list(own)
+    if logits.dtype not in (torch.float16, torch.bfloat16) or len(terms) == 1:
+        return teacher_backward(logits, teacher_params, sum(terms[1:], terms[0]), loss_scale)
+    grads = None
+    for k, term in enumerate(terms):
+        part = teacher_backward(logits, teacher_params, term, loss_scale, retain_graph=k + 1 < len(terms))
+        grads = part if grads is None else {name: grads[name] + part[name] for name in grads}
+    return grads
 
 
 # --------------------------------------------------------------------------- the internal entry
@@ -353,16 +357,16 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
                     if options.kd_weight != 0.0 and options.meta_weight != 0.0:
                         factor = -update.lr_ref * options.kd_weight * options.meta_weight
                         scaled = factor * at_least_fp32(cotangent)
-                    own = None
+                    own = []
                     if own_loss is not None:
                         teacher_loss, own = own_loss_cotangent(problem, trajectory.first_raw, own_loss, influences)
-                    if scaled is not None or own is not None:  # else zeros, below (meta_weight 0, no own loss)
+                    if scaled is not None or own:  # else zeros, below (meta_weight 0, no own loss)
                         teacher_grads = _teacher_grads(problem, teacher_params, scaled, own, options.loss_scale)
         if own_loss is not None and teacher_loss is None:  # no teacher backward ran (no trainable teacher
             # parameter): the own loss's value alone
             with torch.no_grad():
-                teacher_loss = own_loss(problem.zt, problem.align(trajectory.first_raw).detach(),
-                                        None if influences is None else influences.detach()).detach()
+                teacher_loss = sum(own_loss_parts(own_loss(problem.zt, problem.align(trajectory.first_raw).detach(),
+                                                           None if influences is None else influences.detach())))
         if options.compute_teacher_grads and teacher_params and not teacher_grads:
             teacher_grads = {n: torch.zeros_like(p) for n, p in teacher_params.items()}
     timer.timings["total"] = time.perf_counter() - start

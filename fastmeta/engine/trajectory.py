@@ -170,24 +170,34 @@ def recomputed_teacher_logits(problem: Problem) -> torch.Tensor:
     return aligned
 
 
+def own_loss_parts(value) -> tuple:
+    """An own loss's value as a tuple of 0-dim parts (``Options.teacher_loss`` returns one loss or a tuple)."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def own_loss_cotangent(problem: Problem, student_raw: torch.Tensor, loss_fn: Callable,
                        influences: Optional[torch.Tensor] = None):
-    """``(L, ∂L/∂zt)`` for an algorithm's own loss ``L = loss_fn(zt, zs, influences)`` on the teacher's logits
-    (``zt``: those of the engine's teacher forward; ``zs``: the student's at θS, detached; ``influences``:
-    the step's ``[B]`` influences, detached, or None).
+    """``(L, [∂L_k/∂zt])`` for an algorithm's own loss ``L = Σ_k L_k``, ``loss_fn(zt, zs, influences)`` returning
+    ``L`` or its parts ``(L_1, ...)`` (``zt``: the logits of the engine's teacher forward; ``zs``: the
+    student's at θS, detached; ``influences``: the step's ``[B]`` influences, detached, or None).
 
-    The derivative is taken at a leaf of ``zt``'s dtype, as a backward into the logits
-    would meet it (through ``S·L`` with ``S = loss_scale``, then divided back in fp32),
-    and returned in at least fp32: the teacher backward adds it to the meta-gradient's
-    cotangent and runs once for both.
+    Each derivative is taken at a leaf of ``zt``'s dtype, as a backward into the logits
+    would meet it (through ``S·L_k`` with ``S = loss_scale``, then divided back in fp32),
+    and returned in at least fp32: the teacher backward adds them to the meta-gradient's
+    cotangent and runs once for all (fp32/fp64 logits) or once per term (fp16/bf16: parts of
+    very different sizes must not be rounded to the logits' dtype together).
     """
     leaf = problem.zt.detach().requires_grad_(True)
+    scale = problem.loss_scale
+    cotangents = []
     with torch.enable_grad():
-        loss = loss_fn(leaf, problem.align(student_raw).detach(), None if influences is None else influences.detach())
-        scale = problem.loss_scale
-        (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, leaf)
-    grad = at_least_fp32(grad)
-    return loss.detach(), grad if scale == 1.0 else grad * (1.0 / scale)
+        parts = own_loss_parts(loss_fn(leaf, problem.align(student_raw).detach(),
+                                       None if influences is None else influences.detach()))
+        for k, part in enumerate(parts):
+            (grad,) = torch.autograd.grad(part * scale if scale != 1.0 else part, leaf, retain_graph=k + 1 < len(parts))
+            grad = at_least_fp32(grad)
+            cotangents.append(grad if scale == 1.0 else grad * (1.0 / scale))
+    return sum(part.detach() for part in parts), cotangents
 
 
 @dataclass
