@@ -301,15 +301,8 @@ def _own_loss_teacher_grads(teacher, student, batch, quiz, dtype, meta_weight, o
         return api.run(teacher, student, split_batch(batch), split_batch(quiz), device, optimizer, options).teacher_grads
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_own_teacher_loss_keeps_the_meta_gradient_under_autocast(dtype, device):
-    """The own loss's gradient on the logits (about 1/rows per entry) is η times larger than the meta term's:
-    in bf16/fp16 they take a backward each, and the meta part of the teacher's gradient (recovered as the
-    gradient with meta_weight 1 minus the one with 0) stays within the dtype's error of float64.  Summed
-    into one low-precision backward it lost 80-100% of the meta-gradient."""
-    device = torch.device(device)
-    if dtype == torch.float16 and device.type == "cpu":
-        pytest.skip("fp16 autocast on CPU: bf16 covers the path there")
+def _own_loss_problem(device):
+    """``(teacher, student, batch, quiz, teacher in fp64, student in fp64)``: MLPs with 50 classes, fp32."""
     g = torch.Generator().manual_seed(0)
 
     def mlp(width, seed):
@@ -320,7 +313,19 @@ def test_own_teacher_loss_keeps_the_meta_gradient_under_autocast(dtype, device):
     xq, yq = torch.randn(16, 16, generator=g), torch.randint(0, 50, (16,), generator=g)
     teacher, student = mlp(32, 1), mlp(8, 2)
     batch, quiz = (x.to(device), y.to(device)), (xq.to(device), yq.to(device))
-    t64, s64 = copy.deepcopy(teacher).double(), copy.deepcopy(student).double()
+    return teacher, student, batch, quiz, copy.deepcopy(teacher).double(), copy.deepcopy(student).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_own_teacher_loss_keeps_the_meta_gradient_under_autocast(dtype, device):
+    """The own loss's gradient on the logits (about 1/rows per entry) is η times larger than the meta term's:
+    in bf16/fp16 they take a backward each, and the meta part of the teacher's gradient (recovered as the
+    gradient with meta_weight 1 minus the one with 0) stays within the dtype's error of float64.  Summed
+    into one low-precision backward it lost 80-100% of the meta-gradient."""
+    device = torch.device(device)
+    if dtype == torch.float16 and device.type == "cpu":
+        pytest.skip("fp16 autocast on CPU: bf16 covers the path there")
+    teacher, student, batch, quiz, t64, s64 = _own_loss_problem(device)
     reference = _own_loss_teacher_grads(t64, s64, (batch[0].double(), batch[1]), (quiz[0].double(), quiz[1]),
                                         None, 1.0, None, device)
     both = _own_loss_teacher_grads(teacher, student, batch, quiz, dtype, 1.0, 0.5, device)
@@ -361,17 +366,7 @@ def test_own_loss_parts_take_a_backward_each_under_autocast(device):
     parts minus the one with the large part alone) stays within bf16's error of float64's.  Summed into one
     loss, and so into one bf16 backward, it is lost (checked: the same measure is far off)."""
     device = torch.device(device)
-    g = torch.Generator().manual_seed(0)
-
-    def mlp(width, seed):
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Tanh(), torch.nn.Linear(width, 50)).to(device)
-
-    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 50, (32,), generator=g)
-    xq, yq = torch.randn(16, 16, generator=g), torch.randint(0, 50, (16,), generator=g)
-    teacher, student = mlp(32, 1), mlp(8, 2)
-    batch, quiz = (x.to(device), y.to(device)), (xq.to(device), yq.to(device))
-    t64, s64 = copy.deepcopy(teacher).double(), copy.deepcopy(student).double()
+    teacher, student, batch, quiz, t64, s64 = _own_loss_problem(device)
     reference = _parts_teacher_grads(t64, s64, (batch[0].double(), batch[1]), (quiz[0].double(), quiz[1]), None,
                                      "small", device)
     large = _parts_teacher_grads(teacher, student, batch, quiz, torch.bfloat16, "large", device)
