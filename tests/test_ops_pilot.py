@@ -241,6 +241,28 @@ def test_adam_reverse_sweep_skips_zero_strips_exactly(device, amsgrad):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(ADAM_CASES))
+def test_adam_pilot_point_alone_matches_twin(device, dtype, case):
+    """The engine's pilot call (θ' alone; on the CPU a loop straight over memory where the state exists, the
+    strips on the first step), every Adam variant, with and without state (and the amsgrad maximum), against
+    the twin; and equal, value for value, to θ' of the call that computes everything."""
+    _ext_or_skip(device)
+    flags = ADAM_CASES[case]
+    for state in (False, True):
+        x = _adam_inputs(SHAPES, dtype, device, seed=23, state=state, amsgrad=flags.get("amsgrad", False))
+        x["vectors"] = None
+        kw = dict(ADAM_HYPER, step=4 if state else 1, **flags)
+        got = ops.adam_pilot(**x, backend="extension", **kw)
+        assert got.adj_grads is None and got.new_exp_avgs is None
+        twin = ops.adam_pilot(**x, backend="torch", **kw)
+        _assert_matches_twin(got.new_params, twin.new_params, dtype, f"{case} state={state} new_params")
+        full = ops.adam_pilot(**x, backend="extension", compute_state=True, **kw)
+        for a, b in zip(got.new_params, full.new_params):
+            assert torch.equal(a, b) or _rel_err(a, b) <= TOLERANCE.get(dtype, 2e-6), (case, state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_pilot_modes_many_tensors_and_partial_outputs(device):
     """Each output alone equals the same output of the full call (to the rounding of the compiler's
     FMA contractions, which differ between the per-mode instantiations: the same expressions); lists
