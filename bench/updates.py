@@ -172,14 +172,13 @@ def time_rows(rows: dict[str, Callable[[], Any] | str], *, device: str, rounds: 
 
 
 def report_rows(times: dict[str, list[float] | str], *, teacher_bytes: int, student_bytes: int,
-                copy_bytes_per_s: float | None, student_dense_bytes: int | None = None) -> list[dict[str, Any]]:
+                copy_bytes_per_s: float | None, student_dense_bytes: int) -> list[dict[str, Any]]:
     """One dict per row: median, minimum bytes, GB/s, fraction of copy bandwidth, x the optimizer step of its side
-    (``student_dense`` rows: x the whole student's step; their bytes, ``student_dense_bytes``, default the
-    student's)."""
+    (``student_dense`` rows: x the whole student's step; their bytes from ``student_dense_bytes``, the
+    student's parameters outside its embedding tables)."""
     from bench import common
 
-    side_bytes = {"teacher": teacher_bytes, "student": student_bytes,
-                  "student_dense": student_bytes if student_dense_bytes is None else student_dense_bytes}
+    side_bytes = {"teacher": teacher_bytes, "student": student_bytes, "student_dense": student_dense_bytes}
     reference = {"student": "student: AdamW step, as configured (floor's student_update)",
                  "teacher": "teacher: AdamW step, as configured (floor's teacher_update)"}
     reference["student_dense"] = reference["student"]

@@ -14,8 +14,8 @@ before the bias correction (torch < 1.3), so higher's AdamW is compared at ``eps
 coincide there), with a warmed optimizer (at the first Adam step with ``eps = 0`` the update is
 ``lr·sign(g)``, whose derivative is 0) and the student's embeddings frozen (rows no batch touches
 have ``v = 0``: ``0/0`` with ``eps = 0``, in torch as in higher).  The student's attention key biases are
-frozen in every case (their gradient is 0 in exact arithmetic, an exact 0 on some CPUs: ``_freeze_key_biases``).  The float64 default dtype gives
-torch's step counters float64 (higher copies them) and TorchOpt's ``1 − β^t`` float64, and TorchOpt
+frozen in every case (their gradient is 0 in exact arithmetic, an exact 0 on some CPUs:
+``_freeze_key_biases``).  The float64 default dtype gives torch's step counters float64 (higher copies them) and TorchOpt's ``1 − β^t`` float64, and TorchOpt
 runs with ``eps_root=0`` (torch's arithmetic).  In the benchmark the peers run as users run them
 (eps 1e-8, fp32 counters, TorchOpt's ``eps_root=1e-16`` against NaN meta-gradients): same cost,
 slightly different numbers.

@@ -432,8 +432,8 @@ def test_mixed_and_weighted_take_their_loss_on_the_meta_gradients_teacher_forwar
     (the engine's forward, whose logits the student distils from, and the real student step's), as the
     official code computes ``t_logits`` once for the student's and the teacher's losses; ``teacher_loss`` is
     ``L_aux`` at the teacher before its update (written out here).  ``"weighted"``: the teacher steps along
-    ``∇θT [L_aux − (1/B)·Σ_i w_i·ℓ_i]`` with the step's influences ``w_i`` held constant (written out here from
-    ``out.influences``, which the per-sample reference of test_algorithms checks), and no meta term."""
+    ``∇θT [L_aux − (1/B)·Σ_i w_i·ℓ_i]`` with the step's influences ``w_i`` held constant (written out here
+    from ``out.influences``, which the per-sample reference of test_algorithms checks), and no meta term."""
     alpha, tau = 0.3, 2.0
     teacher, student, optT, optS = _models(seed=3)
     T0, S0 = copy.deepcopy(teacher), copy.deepcopy(student)

@@ -282,23 +282,29 @@ def test_no_autocast_reports_default_precision(bert_pair):
 
 
 # --------------------------------------------------------------------------- an algorithm's own teacher loss
-def _own_loss_teacher_grads(teacher, student, batch, quiz, dtype, meta_weight, own_weight, device):
-    """``fastmeta.engine`` (exact) with an own loss ``own_weight·CE(y, zt)`` (LGTM's / IKD's hook)."""
-    import dataclasses
-
+def _engine_teacher_grads(teacher, student, batch, quiz, dtype, device, **options):
+    """``fastmeta.engine`` (exact, SGD student at lr 1e-4) under a ``dtype`` autocast (None: none), with these
+    ``Options`` fields (the own-loss hook of LGTM / IKD among them): the teacher's gradients."""
     from fastmeta.batching import split_batch
     from fastmeta.engine import api
 
-    options = api.Options(inner_lr=None, temperature=2.0, kd_weight=0.5, hypergrad="exact")
-    if own_weight is not None:
-        labels = batch[1]
-        options = dataclasses.replace(options, meta_weight=meta_weight, teacher_loss=lambda zt, zs, influences: own_weight * (
-            torch.nn.functional.cross_entropy(zt.float(), labels)))
+    options = api.Options(inner_lr=None, temperature=2.0, kd_weight=0.5, hypergrad="exact", **options)
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-4)
     region = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
                                                                                                 enabled=False)
     with region:
-        return api.run(teacher, student, split_batch(batch), split_batch(quiz), device, optimizer, options).teacher_grads
+        return api.run(teacher, student, split_batch(batch), split_batch(quiz), device, optimizer,
+                       options).teacher_grads
+
+
+def _own_loss_teacher_grads(teacher, student, batch, quiz, dtype, meta_weight, own_weight, device):
+    """The engine with an own loss ``own_weight·CE(y, zt)`` (None: no own loss) and ``meta_weight``."""
+    options = {}
+    if own_weight is not None:
+        labels = batch[1]
+        options = dict(meta_weight=meta_weight, teacher_loss=lambda zt, zs, influences: own_weight * (
+            torch.nn.functional.cross_entropy(zt.float(), labels)))
+    return _engine_teacher_grads(teacher, student, batch, quiz, dtype, device, **options)
 
 
 def _own_loss_problem(device):
@@ -336,13 +342,8 @@ def test_own_teacher_loss_keeps_the_meta_gradient_under_autocast(dtype, device):
 
 
 def _parts_teacher_grads(teacher, student, batch, quiz, dtype, parts, device):
-    """``fastmeta.engine`` (exact) with meta_weight 0 and an own loss made of ``parts`` of (CE(y, zt), a term
-    ~1000x smaller): "both" the tuple (the engine's parts), "sum" one loss, "large"/"small" either alone."""
-    import dataclasses
-
-    from fastmeta.batching import split_batch
-    from fastmeta.engine import api
-
+    """The engine with meta_weight 0 and an own loss made of ``parts`` of (CE(y, zt), a term ~1000x smaller):
+    "both" the tuple (the engine's parts), "sum" one loss, "large"/"small" either alone."""
     labels = batch[1]
     weights = torch.randn(labels.shape[0], 50, generator=torch.Generator().manual_seed(7)).to(device)
 
@@ -351,13 +352,7 @@ def _parts_teacher_grads(teacher, student, batch, quiz, dtype, parts, device):
         small = 1e-3 * (weights.to(zt.dtype).float() * torch.log_softmax(zt.float(), -1)).sum() / labels.shape[0]
         return {"both": (large, small), "sum": large + small, "large": large, "small": small}[parts]
 
-    options = dataclasses.replace(api.Options(inner_lr=None, temperature=2.0, kd_weight=0.5, hypergrad="exact"),
-                                  meta_weight=0.0, teacher_loss=loss)
-    optimizer = torch.optim.SGD(student.parameters(), lr=1e-4)
-    region = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
-                                                                                                enabled=False)
-    with region:
-        return api.run(teacher, student, split_batch(batch), split_batch(quiz), device, optimizer, options).teacher_grads
+    return _engine_teacher_grads(teacher, student, batch, quiz, dtype, device, meta_weight=0.0, teacher_loss=loss)
 
 
 def test_own_loss_parts_take_a_backward_each_under_autocast(device):

@@ -128,9 +128,10 @@ class Options:
     # aligned logits on x (from the engine's one teacher forward), the student's at θS (the pilot forward's,
     # detached) and the step's influences (``[B]``, detached; None unless compute_influence: LGTM's
     # "weighted" objective is built from them); returns a 0-dim loss, or a tuple of 0-dim parts whose sum is
-    # the loss (parts of very different sizes: in fp16/bf16 each takes a teacher backward of its own).  teacher_grads is then
-    # ``m·∇θT LQ + ∇θT teacher_loss`` (m = meta_weight: IKD's γ; 0: the own loss's gradient alone, and no
-    # meta term is computed) and MetaGradient.teacher_loss its value.  Not public arguments.
+    # the loss (parts of very different sizes: in fp16/bf16 each takes a teacher backward of its own).
+    # teacher_grads is then ``m·∇θT LQ + ∇θT teacher_loss`` (m = meta_weight: IKD's γ; 0: the own loss's
+    # gradient alone, and no meta term is computed) and MetaGradient.teacher_loss its value.  Not public
+    # arguments.
     teacher_loss: Optional[Callable] = None
     meta_weight: float = 1.0
 
