@@ -65,6 +65,29 @@ def submodules(module: torch.nn.Module) -> list[torch.nn.Module]:
     return _walk(module, "modules")
 
 
+def aliases(module: torch.nn.Module) -> dict[str, str]:
+    """``{alias: name}`` for every tied parameter or buffer: ``alias`` is a further name of the tensor that
+    ``named_parameters()`` / ``named_buffers()`` list as ``name`` (e.g. a language model's output
+    projection tied to its input embedding); empty when nothing is tied.  Kept inside
+    :func:`walked_once` like the walks (it is one: ``remove_duplicate=False``)."""
+    kept = _KEPT.get()
+    key = (id(module), "aliases")
+    if kept is not None and key in kept:
+        return kept[key][1]
+    found: dict[str, str] = {}
+    for walk in (module.named_parameters, module.named_buffers):
+        first: dict[int, str] = {}
+        for name, tensor in walk(remove_duplicate=False):
+            if tensor is None:
+                continue
+            seen = first.setdefault(id(tensor), name)
+            if seen != name:
+                found[name] = seen
+    if kept is not None:
+        kept[key] = (module, found)
+    return found
+
+
 def walking_once(fn):
     """Decorator: ``fn`` runs inside :func:`walked_once` (the public entry points)."""
 

@@ -205,6 +205,10 @@ def test_kept_snapshot_buffer_is_never_shared_by_two_live_snapshots():
     first = _Snapshot(params, opt_t)
     second = _Snapshot(params, opt_t)
     assert first.data[0].data_ptr() != second.data[0].data_ptr()
+    # the copies are taken from the parameters themselves (no .detach() each), without autograd: plain
+    # tensors, no history linking them to the parameters; fresh (second) and kept (third, below) alike
+    for copies in (first.data, second.data):
+        assert all(not c.requires_grad and c.grad_fn is None for c in copies)
     with torch.no_grad():
         for p in params:
             p.add_(1.0)
@@ -213,6 +217,7 @@ def test_kept_snapshot_buffer_is_never_shared_by_two_live_snapshots():
     assert all(torch.equal(p, d) for p, d in zip(params, second.data))
     third = _Snapshot(params, opt_t)
     assert third.data[0].data_ptr() == first.data[0].data_ptr()  # the kept params buffer, reused
+    assert all(not c.requires_grad and c.grad_fn is None for c in third.data)
     state_views = [v for st in opt_t.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     kept_state = _KEPT[opt_t].get("state")
     assert kept_state is None or all(v.data_ptr() != c.data_ptr() for v in state_views for c in kept_state[1])

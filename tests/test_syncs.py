@@ -88,6 +88,13 @@ def test_step_counts_reads_every_kind_of_step():
     opt.step()
     opt.state[params[3]]["step"] = 5  # an int, as older optimizers and checkpoints keep it
     assert step_counts(opt, params) == [3, 2, 1, 5]
+    # tensors of other dtypes and shapes (read in groups of one dtype and shape): a float64 count beyond
+    # float32's exact integers, a shape-(1,) one as some checkpoints keep it
+    opt.state[params[1]]["step"] = torch.tensor(2.0 ** 24 + 1, dtype=torch.float64)
+    opt.state[params[3]]["step"] = torch.tensor([7.0])
+    assert step_counts(opt, params) == [3, 2 ** 24 + 1, 1, 7]
+    assert len(opt.state) == 4 and step_counts(opt, [torch.nn.Parameter(torch.zeros(1))]) == [0]
+    assert len(opt.state) == 4  # a parameter without state is read as 0 and gets no state entry
     assert step_counts(opt, []) == []
 
 

@@ -108,3 +108,42 @@ def test_meta_gradient_walks_each_model_at_most_once_per_kind():
         meta_gradient(teacher, student, batch, quiz, inner_lr=None, student_optimizer=opt_s)
     ours = {key: n for key, n in c.counts.items() if key[1] in ("named_parameters", "named_buffers", "modules")}
     assert ours and max(ours.values()) == 1, ours
+
+
+class _Tied(torch.nn.Module):
+    """An embedding and an output projection sharing one weight, plus a buffer registered twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(7, 4)
+        self.head = torch.nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+        scale = torch.ones(4)
+        self.register_buffer("scale", scale)
+        self.head.register_buffer("scale_again", scale)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids) * self.scale * self.head.scale_again)
+
+
+def test_aliases_name_every_further_name_of_a_tied_tensor():
+    tied = _Tied()
+    assert [n for n, _ in tied.named_parameters()] == ["embed.weight"]  # listed once, as the engine keys it
+    assert _walks.aliases(tied) == {"head.weight": "embed.weight", "head.scale_again": "scale"}
+    assert _walks.aliases(_net()) == {}
+    with _walks.walked_once():
+        first = _walks.aliases(tied)
+        assert _walks.aliases(tied) is first  # walked once inside the block
+
+
+def test_functional_logits_replaces_every_alias_of_a_tied_weight():
+    """The replacement given for a tied weight's listed name reaches all its aliases (the output projection
+    too), as ``functional_call``'s own re-tying does, and the module keeps its own weight."""
+    tied = _Tied()
+    ids = torch.tensor([[1, 2, 3]])
+    new = torch.randn(7, 4)
+    got = fastmeta.functional.functional_logits(tied, {"embed.weight": new}, ids)
+    expected = torch.func.functional_call(tied, {"embed.weight": new}, (ids,), tie_weights=True)
+    by_hand = (new[ids] @ new.T)  # both uses of the weight replaced
+    assert torch.equal(got, expected) and torch.allclose(got, by_hand)
+    assert tied.head.weight is tied.embed.weight and not torch.equal(tied.embed.weight, new)

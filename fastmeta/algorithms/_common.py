@@ -116,16 +116,18 @@ def _restored(saved):
 _KEPT: "weakref.WeakKeyDictionary[torch.optim.Optimizer, dict]" = weakref.WeakKeyDictionary()
 
 
+@torch.no_grad()
 def _kept_copies(optimizer: torch.optim.Optimizer, kind: str, tensors: List[torch.Tensor]):
     """``(copies of tensors, token)``: in the kept buffers of ``(optimizer, kind)`` when free and of the
     same layout, else fresh (:func:`fastmeta.ops.clone_all`), which become the kept ones when none is
     in use.  Only CPU tensors are kept (see ``_KEPT``).  ``token`` (None for copies not kept) is handed
-    to :func:`_release`."""
+    to :func:`_release`.  ``tensors`` may require grad: the copies are taken without autograd (no
+    ``.detach()`` per tensor, a host cost paid hundreds of times per step)."""
     from fastmeta.ops import clone_all
 
-    if not tensors or any(t.device.type != "cpu" for t in tensors):
+    signature = [(t.shape, t.dtype, t.device) for t in tensors]
+    if not tensors or any(device.type != "cpu" for _, _, device in signature):
         return clone_all(tensors), None  # nothing to keep, or not on the CPU
-    signature = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
     kept = _KEPT.setdefault(optimizer, {})
     entry = kept.get(kind)
     if entry is not None and entry[2]:
@@ -161,11 +163,11 @@ class _Snapshot:
     def __init__(self, params: List[torch.nn.Parameter], optimizer: torch.optim.Optimizer):
         self.params = params
         self.optimizer = optimizer
-        self.data, self._param_token = _kept_copies(optimizer, "params", [p.detach() for p in params])
+        self.data, self._param_token = _kept_copies(optimizer, "params", params)
         self.grads = [p.grad for p in params]  # references: apply() replaces .grad, never writes into it
         state = optimizer.state_dict()  # references the live state tensors: copied right here, before the step
         live = [v for st in state["state"].values() for v in st.values() if isinstance(v, torch.Tensor)]
-        copied, self._state_token = _kept_copies(optimizer, "state", [v.detach() for v in live])
+        copied, self._state_token = _kept_copies(optimizer, "state", live)
         copies = iter(copied)
         self.optimizer_state = {
             "state": {key: {name: next(copies) if isinstance(v, torch.Tensor) else copy.deepcopy(v)

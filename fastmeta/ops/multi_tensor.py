@@ -123,13 +123,17 @@ def all_finite(tensors) -> bool:
     22.7M gradients of a MiniLM teacher (CPU, 1 thread): 13 ms, against 185 ms for
     ``isfinite().all()`` per tensor (which materialises boolean tensors).
     """
-    present = [t for t in tensors if t is not None]
-    fast = [t for t in present if t.is_floating_point() and t.layout == torch.strided]
+    present, rest = [], []
     groups: dict = {}
-    for t in fast:
-        groups.setdefault((t.device, t.dtype), []).append(t)
+    for t in tensors:  # one pass: this runs on every gradient of both models at every step
+        if t is None:
+            continue
+        present.append(t)
+        if t.is_floating_point() and t.layout == torch.strided:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        else:
+            rest.append(torch.isfinite(t).all())
     norms = [torch.stack(torch._foreach_norm(group, 2)).to(torch.float32) for group in groups.values()]
-    rest = [torch.isfinite(t).all() for t in present if not (t.is_floating_point() and t.layout == torch.strided)]
     flags = [torch.isfinite(n).all() for n in norms] + rest
     if not flags:
         return True
@@ -183,17 +187,14 @@ def clone_all(tensors) -> List[torch.Tensor]:
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     for (device, dtype), idx in groups.items():
-        total = sum(tensors[i].numel() for i in idx)
+        sizes = [tensors[i].numel() for i in idx]
+        total = sum(sizes)
         pad = _HUGE_PAGE // max(1, torch.empty((), dtype=dtype).element_size()) if device.type == "cpu" else 0
         buffer = torch.empty(total + pad, dtype=dtype, device=device)
         if device.type == "cpu" and total * buffer.element_size() >= 2 * _HUGE_PAGE:
             _advise_huge_pages(buffer)
-        offset = 0
-        views = []
-        for i in idx:
-            n = tensors[i].numel()
-            out[i] = buffer[offset:offset + n].view(tensors[i].shape)
-            views.append(out[i])
-            offset += n
+        views = [flat.view(tensors[i].shape) for i, flat in zip(idx, buffer[:total].split(sizes))]
+        for i, view in zip(idx, views):
+            out[i] = view
         torch._foreach_copy_(views, [tensors[i] for i in idx])
     return out

@@ -83,19 +83,28 @@ def read_rule(optimizer: torch.optim.Optimizer, group: dict, lr: Optional[float]
 
 
 def step_counts(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list:
-    """Each parameter's Adam step count (0 without state), the tensor ones read in ONE host transfer per device.
+    """Each parameter's Adam step count (0 without state), the tensor ones read in ONE host transfer per
+    device, dtype and shape (one for torch's optimizers).
 
     ``fused=True`` / ``capturable=True`` Adam keeps ``state["step"]`` on the parameter's
-    device, where one ``.item()`` per parameter would synchronise once per parameter.
+    device, where one ``.item()`` per parameter would synchronise once per parameter.  The
+    tensors of a group are stacked as they are (float32 and float64 hold every count exactly):
+    one op per group, not a conversion per parameter (a host cost paid at every step).
     """
-    steps = [optimizer.state.get(p, {}).get("step", 0) for p in params]
-    counts = [None if isinstance(s, torch.Tensor) else int(s) for s in steps]
-    by_device: dict = {}
-    for i, s in enumerate(steps):
+    state = optimizer.state
+    counts: list = []
+    groups: dict = {}
+    for i, p in enumerate(params):
+        s = state[p].get("step", 0) if p in state else 0  # ``state`` is a defaultdict: no insertion
         if isinstance(s, torch.Tensor):
-            by_device.setdefault(s.device, []).append(i)
-    for indices in by_device.values():  # float64 holds every count a float32 step tensor can
-        values = torch.stack([steps[i].detach().to(torch.float64).reshape(()) for i in indices]).tolist()
+            counts.append(None)
+            indices, tensors = groups.setdefault((s.device, s.dtype, s.shape), ([], []))
+            indices.append(i)
+            tensors.append(s)
+        else:
+            counts.append(int(s))
+    for indices, tensors in groups.values():
+        values = torch.stack(tensors).detach().reshape(len(tensors), -1)[:, 0].tolist()
         for i, value in zip(indices, values):
             counts[i] = int(value)
     return counts
