@@ -65,24 +65,21 @@ def submodules(module: torch.nn.Module) -> list[torch.nn.Module]:
     return _walk(module, "modules")
 
 
-def aliases(module: torch.nn.Module) -> dict[str, str]:
-    """``{alias: name}`` for every tied parameter or buffer: ``alias`` is a further name of the tensor that
-    ``named_parameters()`` / ``named_buffers()`` list as ``name`` (e.g. a language model's output
-    projection tied to its input embedding); empty when nothing is tied.  Kept inside
-    :func:`walked_once` like the walks (it is one: ``remove_duplicate=False``)."""
+def tied_names(module: torch.nn.Module) -> list[tuple[str, ...]]:
+    """The names of each tensor that ``module`` registers under more than one name, one tuple per tensor
+    (``named_parameters()`` / ``named_buffers()`` order, parameters first): a language model's output
+    projection tied to its input embedding, a parameter also registered as a buffer; empty when nothing
+    is tied.  Kept inside :func:`walked_once` like the walks (it is one: ``remove_duplicate=False``)."""
     kept = _KEPT.get()
-    key = (id(module), "aliases")
+    key = (id(module), "tied_names")
     if kept is not None and key in kept:
         return kept[key][1]
-    found: dict[str, str] = {}
+    names: dict[int, list[str]] = {}
     for walk in (module.named_parameters, module.named_buffers):
-        first: dict[int, str] = {}
         for name, tensor in walk(remove_duplicate=False):
-            if tensor is None:
-                continue
-            seen = first.setdefault(id(tensor), name)
-            if seen != name:
-                found[name] = seen
+            if tensor is not None:
+                names.setdefault(id(tensor), []).append(name)
+    found = [tuple(group) for group in names.values() if len(group) > 1]
     if kept is not None:
         kept[key] = (module, found)
     return found

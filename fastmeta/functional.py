@@ -11,7 +11,7 @@ Conventions
 -----------
 * Parameters are dicts ``{name: Tensor}`` keyed as in ``module.named_parameters()``
   (tied weights appear once, as ``named_parameters`` lists them; :func:`functional_logits`
-  gives every alias of a tied tensor its replacement).  Parameters with ``requires_grad=False`` are *frozen*: they get no
+  gives every name of a tied tensor its replacement, :func:`with_ties`).  Parameters with ``requires_grad=False`` are *frozen*: they get no
   gradient, no pilot update and no tangent; the module's own value is used.
 * Buffers are the module's own (``functional_call`` falls back to them); a
   forward in train mode may update running statistics (BatchNorm): the engine
@@ -40,7 +40,7 @@ from typing import Any, Iterator
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._walks import aliases, named_buffers, named_parameters
+from ._walks import named_buffers, named_parameters, tied_names
 from .batching import SplitBatch, extract_logits
 
 __all__ = [
@@ -185,15 +185,29 @@ def functional_logits(
     if params is None:
         output = model(*split.args, **split.kwargs)
     else:
-        # tied weights: each alias gets its tensor's replacement here, from the model's aliases walked once
-        # per public call, instead of functional_call's re-tying (tie_weights=True walks the whole model
-        # again at every call: ~0.4 ms per call at a BERT-base-shaped student, several calls per step)
-        params = dict(params)
-        for alias, named in aliases(model).items():
-            if named in params and alias not in params:
-                params[alias] = params[named]
-        output = torch.func.functional_call(model, params, split.args, split.kwargs, tie_weights=False)
+        output = torch.func.functional_call(model, with_ties(model, params), split.args, split.kwargs,
+                                            tie_weights=False)
     return extract_logits(output, name=name)
+
+
+def with_ties(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``params`` with every name of a tied tensor given the replacement of whichever of its names
+    ``params`` has: ``functional_call``'s re-tying, from the model's tied names walked once per public call
+    (``tie_weights=True`` walks the whole model again at every call: ~0.4 ms per call at a BERT-base-shaped
+    student, several calls per step).  Two names of one tensor given different tensors: ``ValueError``."""
+    params = dict(params)
+    for group in tied_names(model):
+        given = [name for name in group if name in params]
+        if not given:
+            continue
+        value = params[given[0]]
+        for name in given[1:]:
+            if params[name] is not value:
+                raise ValueError(f"{given[0]!r} and {name!r} name one tied tensor of the model but were given "
+                                 "different tensors")
+        for name in group:
+            params[name] = value
+    return params
 
 
 def transform_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:

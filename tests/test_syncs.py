@@ -95,6 +95,9 @@ def test_step_counts_reads_every_kind_of_step():
     assert step_counts(opt, params) == [3, 2 ** 24 + 1, 1, 7]
     assert len(opt.state) == 4 and step_counts(opt, [torch.nn.Parameter(torch.zeros(1))]) == [0]
     assert len(opt.state) == 4  # a parameter without state is read as 0 and gets no state entry
+    opt.state[params[2]]["step"] = torch.tensor([1.0, 2.0])  # not a count: refused, not read as its first entry
+    with pytest.raises(ValueError, match="parameter 2 has shape"):
+        step_counts(opt, params)
     assert step_counts(opt, []) == []
 
 

@@ -111,7 +111,8 @@ def test_meta_gradient_walks_each_model_at_most_once_per_kind():
 
 
 class _Tied(torch.nn.Module):
-    """An embedding and an output projection sharing one weight, plus a buffer registered twice."""
+    """An embedding and an output projection sharing one weight, a buffer registered twice, and a
+    parameter also registered as a buffer."""
 
     def __init__(self):
         super().__init__()
@@ -121,29 +122,50 @@ class _Tied(torch.nn.Module):
         scale = torch.ones(4)
         self.register_buffer("scale", scale)
         self.head.register_buffer("scale_again", scale)
+        self.mix = torch.nn.Linear(4, 4, bias=False)
+        self.register_buffer("mix_copy", self.mix.weight)  # a parameter tied to a buffer
 
     def forward(self, ids):
-        return self.head(self.embed(ids) * self.scale * self.head.scale_again)
+        h = self.mix(self.embed(ids) * self.scale * self.head.scale_again)
+        return self.head(h @ self.mix_copy)
 
 
-def test_aliases_name_every_further_name_of_a_tied_tensor():
+def test_tied_names_list_every_name_of_a_tied_tensor():
     tied = _Tied()
-    assert [n for n, _ in tied.named_parameters()] == ["embed.weight"]  # listed once, as the engine keys it
-    assert _walks.aliases(tied) == {"head.weight": "embed.weight", "head.scale_again": "scale"}
-    assert _walks.aliases(_net()) == {}
+    assert [n for n, _ in tied.named_parameters()] == ["embed.weight", "mix.weight"]  # listed once each
+    assert _walks.tied_names(tied) == [("embed.weight", "head.weight"), ("mix.weight", "mix_copy"),
+                                       ("scale", "head.scale_again")]
+    assert _walks.tied_names(_net()) == []
     with _walks.walked_once():
-        first = _walks.aliases(tied)
-        assert _walks.aliases(tied) is first  # walked once inside the block
+        first = _walks.tied_names(tied)
+        assert _walks.tied_names(tied) is first  # walked once inside the block
 
 
-def test_functional_logits_replaces_every_alias_of_a_tied_weight():
-    """The replacement given for a tied weight's listed name reaches all its aliases (the output projection
-    too), as ``functional_call``'s own re-tying does, and the module keeps its own weight."""
+def _by_hand(new_embed, new_mix, ids):
+    """_Tied's forward written out with both uses of each tied weight replaced."""
+    return ((new_embed[ids] @ new_mix.T) @ new_mix) @ new_embed.T
+
+
+@pytest.mark.parametrize("keys", ["listed", "aliases", "both"])
+def test_functional_logits_replaces_every_name_of_a_tied_tensor(keys):
+    """The replacement given under any name of a tied tensor reaches all its names (the output projection,
+    the buffer copy of a parameter too), as ``functional_call``'s own re-tying does; the module keeps its
+    own tensors."""
     tied = _Tied()
     ids = torch.tensor([[1, 2, 3]])
-    new = torch.randn(7, 4)
-    got = fastmeta.functional.functional_logits(tied, {"embed.weight": new}, ids)
-    expected = torch.func.functional_call(tied, {"embed.weight": new}, (ids,), tie_weights=True)
-    by_hand = (new[ids] @ new.T)  # both uses of the weight replaced
-    assert torch.equal(got, expected) and torch.allclose(got, by_hand)
-    assert tied.head.weight is tied.embed.weight and not torch.equal(tied.embed.weight, new)
+    new_embed, new_mix = torch.randn(7, 4), torch.randn(4, 4)
+    given = {"listed": {"embed.weight": new_embed, "mix.weight": new_mix},
+             "aliases": {"head.weight": new_embed, "mix_copy": new_mix},
+             "both": {"embed.weight": new_embed, "head.weight": new_embed, "mix.weight": new_mix}}[keys]
+    got = fastmeta.functional.functional_logits(tied, given, ids)
+    expected = torch.func.functional_call(tied, given, (ids,), tie_weights=True)
+    assert torch.equal(got, expected) and torch.allclose(got, _by_hand(new_embed, new_mix, ids))
+    assert tied.head.weight is tied.embed.weight and not torch.equal(tied.embed.weight, new_embed)
+    assert tied.mix_copy is tied.mix.weight
+
+
+def test_functional_logits_refuses_two_tensors_for_one_tied_weight():
+    tied = _Tied()
+    with pytest.raises(ValueError, match="'embed.weight' and 'head.weight' name one tied tensor"):
+        fastmeta.functional.functional_logits(
+            tied, {"embed.weight": torch.randn(7, 4), "head.weight": torch.randn(7, 4)}, torch.tensor([[1]]))

@@ -103,8 +103,11 @@ def step_counts(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
             tensors.append(s)
         else:
             counts.append(int(s))
-    for indices, tensors in groups.values():
-        values = torch.stack(tensors).detach().reshape(len(tensors), -1)[:, 0].tolist()
+    for (_, _, shape), (indices, tensors) in groups.items():
+        if shape.numel() != 1:
+            raise ValueError(f"the optimizer's state['step'] of parameter {indices[0]} has shape {tuple(shape)}: "
+                             "a step count is one number")
+        values = torch.stack(tensors).detach().reshape(len(tensors)).tolist()
         for i, value in zip(indices, values):
             counts[i] = int(value)
     return counts
