@@ -39,14 +39,16 @@ def walked_once() -> Iterator[None]:
         _KEPT.reset(token)
 
 
-def _walk(module: torch.nn.Module, kind: str) -> list:
+def _walk(module: torch.nn.Module, kind: str, walk=None) -> list:
+    """``walk(module)`` (default: ``list(module.<kind>())``), kept per module and kind inside :func:`walked_once`."""
+    walk = walk or (lambda m: list(getattr(m, kind)()))
     kept = _KEPT.get()
     if kept is None:
-        return list(getattr(module, kind)())
+        return walk(module)
     key = (id(module), kind)
     entry = kept.get(key)
     if entry is None:  # the entry keeps the module alive, so its id is not reused while the block lasts
-        entry = kept[key] = (module, list(getattr(module, kind)()))
+        entry = kept[key] = (module, walk(module))
     return entry[1]
 
 
@@ -70,19 +72,16 @@ def tied_names(module: torch.nn.Module) -> list[tuple[str, ...]]:
     (``named_parameters()`` / ``named_buffers()`` order, parameters first): a language model's output
     projection tied to its input embedding, a parameter also registered as a buffer; empty when nothing
     is tied.  Kept inside :func:`walked_once` like the walks (it is one: ``remove_duplicate=False``)."""
-    kept = _KEPT.get()
-    key = (id(module), "tied_names")
-    if kept is not None and key in kept:
-        return kept[key][1]
+    return _walk(module, "tied_names", _tied_names)
+
+
+def _tied_names(module: torch.nn.Module) -> list[tuple[str, ...]]:
     names: dict[int, list[str]] = {}
     for walk in (module.named_parameters, module.named_buffers):
         for name, tensor in walk(remove_duplicate=False):
             if tensor is not None:
                 names.setdefault(id(tensor), []).append(name)
-    found = [tuple(group) for group in names.values() if len(group) > 1]
-    if kept is not None:
-        kept[key] = (module, found)
-    return found
+    return [tuple(group) for group in names.values() if len(group) > 1]
 
 
 def walking_once(fn):

@@ -125,9 +125,9 @@ def _kept_copies(optimizer: torch.optim.Optimizer, kind: str, tensors: List[torc
     ``.detach()`` per tensor, a host cost paid hundreds of times per step)."""
     from fastmeta.ops import clone_all
 
-    signature = [(t.shape, t.dtype, t.device) for t in tensors]
-    if not tensors or any(device.type != "cpu" for _, _, device in signature):
+    if not tensors or any(t.device.type != "cpu" for t in tensors):  # stops at the first CUDA tensor
         return clone_all(tensors), None  # nothing to keep, or not on the CPU
+    signature = [(t.shape, t.dtype, t.device) for t in tensors]
     kept = _KEPT.setdefault(optimizer, {})
     entry = kept.get(kind)
     if entry is not None and entry[2]:

@@ -366,8 +366,8 @@ def run(teacher, student, split_x, split_q, device: torch.device, student_optimi
         if own_loss is not None and teacher_loss is None:  # no teacher backward ran (no trainable teacher
             # parameter): the own loss's value alone
             with torch.no_grad():
-                teacher_loss = sum(own_loss_parts(own_loss(problem.zt, problem.align(trajectory.first_raw).detach(),
-                                                           None if influences is None else influences.detach())))
+                zs = problem.align(trajectory.first_raw)
+                teacher_loss = sum(own_loss_parts(own_loss, problem.zt, zs, influences))
         if options.compute_teacher_grads and teacher_params and not teacher_grads:
             teacher_grads = {n: torch.zeros_like(p) for n, p in teacher_params.items()}
     timer.timings["total"] = time.perf_counter() - start

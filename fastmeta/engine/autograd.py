@@ -102,7 +102,7 @@ def autograd_meta_gradient(problem: Problem, steps: int, quiz_point: str, comput
     if own_loss is not None:  # after the influences (an own loss may be built from them); its backward is
         # timed with the quiz pass's, as before
         with timer.phase("quiz_forward_backward"), torch.enable_grad():
-            own = sum(own_loss_parts(own_loss(zt, zs0, None if influences is None else influences.detach())))
+            own = sum(own_loss_parts(own_loss, zt, zs0, influences))
             if keep:
                 extra = grads_or_zeros(scaled_grad(own, wanted, problem.loss_scale, allow_unused=True), wanted)
                 teacher = [t + e for t, e in zip(teacher, extra)]

@@ -170,8 +170,11 @@ def recomputed_teacher_logits(problem: Problem) -> torch.Tensor:
     return aligned
 
 
-def own_loss_parts(value) -> tuple:
-    """An own loss's value as a tuple of 0-dim parts (``Options.teacher_loss`` returns one loss or a tuple)."""
+def own_loss_parts(loss_fn: Callable, zt: torch.Tensor, zs: torch.Tensor,
+                   influences: Optional[torch.Tensor]) -> tuple:
+    """An algorithm's own loss ``loss_fn(zt, zs, influences)`` (``Options.teacher_loss``; ``zs`` and the
+    influences passed detached) as a tuple of 0-dim parts (it returns one loss or a tuple)."""
+    value = loss_fn(zt, zs.detach(), None if influences is None else influences.detach())
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
@@ -191,8 +194,7 @@ def own_loss_cotangent(problem: Problem, student_raw: torch.Tensor, loss_fn: Cal
     scale = problem.loss_scale
     cotangents = []
     with torch.enable_grad():
-        parts = own_loss_parts(loss_fn(leaf, problem.align(student_raw).detach(),
-                                       None if influences is None else influences.detach()))
+        parts = own_loss_parts(loss_fn, leaf, problem.align(student_raw), influences)
         for k, part in enumerate(parts):
             (grad,) = torch.autograd.grad(part * scale if scale != 1.0 else part, leaf, retain_graph=k + 1 < len(parts))
             grad = at_least_fp32(grad)
