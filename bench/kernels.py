@@ -12,7 +12,17 @@ Implementations:
 
 * ``fastmeta``: ``fastmeta.kd_loss`` (Triton kernels on CUDA);
 * ``eager``: plain PyTorch, ``τ²·F.kl_div(log_softmax(zs/τ), log_softmax(zt/τ), log_target=True, reduction="batchmean")``;
-* ``compile``: the same function under ``torch.compile`` (default inductor backend).
+* ``compile``: the same function under ``torch.compile`` (default inductor backend);
+* ``--sweep 4096x8,8192x16,...``: the fastmeta kernels in other launch configurations
+  (``BLOCK_V`` x ``num_warps``; the default is ``block_size``/``num_warps_for``), one row
+  ``kernels BLOCK_VxWARPS`` each: the forward and backward launchers called directly
+  (``kd_loss_forward``/``kd_loss_backward`` under a minimal autograd.Function, batchmean;
+  no custom-op dispatch, no argument checks; list the default configuration too for a
+  like-for-like row).  Each configuration's loss and gradients are first checked
+  against the default configuration's (``max_rel_diff_vs_default`` in the row; a
+  configuration whose outputs differ by more than 1e-4 relative is reported, not timed).
+  It picks the configuration per dtype: a bf16 row moves half the bytes of an fp32 row
+  per loop iteration at the same ``BLOCK_V``.
 
 Timing: ``triton.testing.do_bench`` (warm-up then median, L2 flushed) when
 available on CUDA, else CUDA events around each call after warm-up (median).
@@ -74,7 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time.time() after which no new case starts (the rest is reported as skipped, "
                         "what ran is kept); torch.compile cases run last")
     p.add_argument("--time-budget-s", type=float, default=None, help="the same, relative to the start")
+    p.add_argument("--sweep", default="", help="comma list of BLOCK_VxWARPS launch configurations of the "
+                   "fastmeta kernels to time as well (e.g. 4096x8,8192x16; see the module docstring)")
+    p.add_argument("--sweep-dtypes", default=None, help="dtypes of the --sweep rows (default: --dtypes)")
     args = p.parse_args(argv)
+    try:
+        args.sweep = parse_sweep(args.sweep)
+    except ValueError as exc:
+        p.error(f"--sweep: {exc}")
+    args.sweep_dtypes = (args.sweep_dtypes or args.dtypes).split(",")
+    for d in args.sweep_dtypes:
+        if d not in DTYPES:
+            p.error(f"--sweep-dtypes: unknown dtype {d!r} (choose from {sorted(DTYPES)})")
     for d in args.dtypes.split(","):
         if d not in DTYPES:
             p.error(f"--dtypes: unknown dtype {d!r} (choose from {sorted(DTYPES)})")
@@ -85,6 +106,70 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cpu is a smoke run of the plumbing only: use it with --sizes tiny "
                 "(the kernel benchmark needs a CUDA GPU)")
     return args
+
+
+def parse_sweep(text: str) -> list[tuple[int, int]]:
+    """``"4096x8,8192x16"`` -> ``[(4096, 8), (8192, 16)]`` (BLOCK_V a power of two >= 16, warps 1..32)."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            block, warps = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"{item!r} is not BLOCK_VxWARPS (e.g. 8192x16)") from None
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"{item!r}: BLOCK_V must be a power of two >= 16")
+        if warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"{item!r}: warps must be one of 1, 2, 4, 8, 16, 32")
+        out.append((block, warps))
+    return out
+
+
+def sweep_name(block: int, warps: int) -> str:
+    return f"kernels {block}x{warps}"
+
+
+def launched_kd_loss(kind: str, temperature: float, block: int, warps: int) -> Callable:
+    """batchmean KD loss by the fastmeta launchers in one launch configuration (see ``--sweep``)."""
+    import torch
+
+    from fastmeta.kernels.kd_loss import kd_loss_backward, kd_loss_forward
+
+    class Launched(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, zs, zt):
+            loss, stats = kd_loss_forward(zs, zt, None, temperature, kind, True, block, warps)
+            ctx.save_for_backward(zs, zt, stats)
+            return loss.sum() / zs.shape[0]
+
+        @staticmethod
+        def backward(ctx, grad):
+            zs, zt, stats = ctx.saved_tensors
+            rows = (grad.float() / zs.shape[0]).expand(zs.shape[0])
+            return kd_loss_backward(rows, zs, zt, stats, None, temperature, kind, True, True, True, block, warps)
+
+    return Launched.apply
+
+
+def check_against_default(fn: Callable, kind: str, temperature: float, rows: int, vocab: int, dtype, device) -> float:
+    """Largest relative difference of ``fn``'s loss and gradients from the default configuration's."""
+    import torch
+
+    from fastmeta.kernels.kd_loss import block_size, num_warps_for
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    zs = torch.randn(rows, vocab, device=device, dtype=dtype, generator=gen).mul_(4).requires_grad_(True)
+    zt = torch.randn(rows, vocab, device=device, dtype=dtype, generator=gen).mul_(4).requires_grad_(True)
+    block = block_size(vocab, torch.device(device))
+    default = launched_kd_loss(kind, temperature, block, num_warps_for(block))
+    worst = 0.0
+    outputs = []
+    for f in (default, fn):
+        loss = f(zs, zt)
+        outputs.append((loss.detach(), *torch.autograd.grad(loss, (zs, zt))))
+    for ref, got in zip(*outputs):
+        scale = ref.float().abs().max().clamp_min(1e-30)
+        worst = max(worst, float((got.float() - ref.float()).abs().max() / scale))
+    return worst
 
 
 def eager_kd_loss(kind: str, temperature: float) -> Callable:
@@ -208,16 +293,20 @@ def report_markdown(env: dict, copy_bw: float | None, rows: list[dict]) -> str:
         table.append([
             f"{r['rows']}x{r['vocab']}", r["dtype"], r["mode"], r["impl"], f"{r['median_ms']:.3f}",
             f"{r['gb_per_s']:.1f}", frac, None if peak is None else f"{peak / 2**20:.0f}",
+            None if r.get("max_rel_diff_vs_default") is None else f"{r['max_rel_diff_vs_default']:.1e}",
         ])
     lines.append(markdown_table(
-        ["size", "dtype", "mode", "impl", "median ms", "GB/s", "% of copy BW", "peak extra MiB (fwd+bwd)"], table))
+        ["size", "dtype", "mode", "impl", "median ms", "GB/s", "% of copy BW", "peak extra MiB (fwd+bwd)",
+         "rel. diff vs default config"], table))
     return "\n".join(lines)
 
 
-def plan_cases(sizes, dtypes, impls) -> list[tuple[int, int, str, str]]:
+def plan_cases(sizes, dtypes, impls, sweep=(), sweep_dtypes=None) -> list[tuple[int, int, str, str]]:
     """(rows, vocab, dtype name, impl): every size and dtype for the fastmeta and eager
-    implementations first, then torch.compile's (each one compiles first: the slowest cases)."""
+    implementations first, then the ``--sweep`` configurations (``sweep_dtypes``, default
+    ``dtypes``), then torch.compile's (each one compiles first: the slowest cases)."""
     cases = [(n, v, d, i) for i in impls if i != "compile" for (n, v) in sizes for d in dtypes]
+    cases += [(n, v, d, sweep_name(b, w)) for (b, w) in sweep for (n, v) in sizes for d in (sweep_dtypes or dtypes)]
     cases += [(n, v, d, "compile") for (n, v) in sizes for d in dtypes if "compile" in impls]
     return cases
 
@@ -242,6 +331,9 @@ def main(argv=None) -> int:
     if device == "cpu" and "compile" in impls:
         impls.remove("compile")  # smoke run: keep it fast
     dtypes = args.dtypes.split(",")
+    sweep = {sweep_name(b, w): (b, w) for b, w in args.sweep}
+    order_impls = [i for i in impls if i != "compile"] + list(sweep) + [i for i in impls if i == "compile"]
+    order_dtypes = dtypes + [d for d in args.sweep_dtypes if d not in dtypes]
     sizes = SIZES[args.sizes]
     env = environment_info(device)
     copy_bw = copy_bandwidth(device, timed) if device == "cuda" else None
@@ -250,7 +342,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
 
     def write(final: bool) -> None:
-        ordered = sorted(rows, key=_sort_key(sizes, dtypes, impls))
+        ordered = sorted(rows, key=_sort_key(sizes, order_dtypes, order_impls))
         data = {"environment": env, "kind": args.kind, "temperature": args.temperature,
                 "warmup": args.warmup, "repeats": args.repeats,
                 "copy_bandwidth_bytes_per_s": copy_bw, "results": ordered}
@@ -265,7 +357,7 @@ def main(argv=None) -> int:
             md += "\nNot measured:\n\n" + "\n".join(notes) + "\n"
         md_path.write_text(md)
 
-    for (n, v, dname, impl) in plan_cases(sizes, dtypes, impls):
+    for (n, v, dname, impl) in plan_cases(sizes, dtypes, impls, args.sweep, args.sweep_dtypes):
         if deadline is not None and time.time() >= deadline:
             rows.append({"impl": impl, "rows": n, "vocab": v, "dtype": DTYPES[dname], "dtype_name": dname,
                          "mode": "all", "skipped": "time"})
@@ -273,8 +365,17 @@ def main(argv=None) -> int:
         dtype = getattr(torch, DTYPES[dname])
         t0 = time.perf_counter()
         try:
-            fn = make_impl(impl, args.kind, args.temperature, device)
-            got = bench_case(impl, fn, n, v, dtype, device, timed)
+            if impl in sweep:
+                fn = launched_kd_loss(args.kind, args.temperature, *sweep[impl])
+                diff = check_against_default(fn, args.kind, args.temperature, min(n, 64), v, dtype, device)
+                if not diff <= 1e-4:
+                    raise RuntimeError(f"outputs differ from the default configuration's by {diff:.3g} (relative)")
+                got = bench_case(impl, fn, n, v, dtype, device, timed)
+                for r in got:
+                    r["max_rel_diff_vs_default"] = diff
+            else:
+                fn = make_impl(impl, args.kind, args.temperature, device)
+                got = bench_case(impl, fn, n, v, dtype, device, timed)
         except Exception as exc:  # noqa: BLE001 - out of memory, a kernel or compile failure: report, go on
             what = "out of memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else type(exc).__name__
             got = [{"impl": impl, "rows": n, "vocab": v, "dtype": DTYPES[dname], "mode": "all",

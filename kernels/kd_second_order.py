@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kd_loss import block_size, num_warps_for
+from .kd_loss import block_size, fast_exp, num_warps_for
 
 KIND_IDS = {"kl": 0, "reverse_kl": 1, "softmax_mse": 2, "logit_mse": 3}
 
@@ -94,10 +94,10 @@ def _kd_second_order_kernel(
             u = tl.load(u_row + idx, mask=inb, other=0.0).to(tl.float32)
             ms_new = tl.maximum(ms, tl.max(tl.where(inb, s, float("-inf")), axis=0))
             mt_new = tl.maximum(mt, tl.max(tl.where(inb, t, float("-inf")), axis=0))
-            alpha_s = tl.exp(ms - ms_new)
-            alpha_t = tl.exp(mt - mt_new)
-            es = tl.where(inb, tl.exp(s - ms_new), 0.0)
-            et = tl.where(inb, tl.exp(t - mt_new), 0.0)
+            alpha_s = fast_exp(ms - ms_new)
+            alpha_t = fast_exp(mt - mt_new)
+            es = tl.where(inb, fast_exp(s - ms_new), 0.0)
+            et = tl.where(inb, fast_exp(t - mt_new), 0.0)
             if KIND == 1:
                 started = ss > 0.0
                 shift = (ms_new - tl.where(started, ms, ms_new)) - (mt_new - tl.where(started, mt, mt_new))
@@ -133,8 +133,8 @@ def _kd_second_order_kernel(
                 s = tl.load(zs_row + idx, mask=inb, other=0.0).to(tl.float32) * inv_tau
                 t = tl.load(zt_row + idx, mask=inb, other=0.0).to(tl.float32) * inv_tau
                 u = tl.load(u_row + idx, mask=inb, other=0.0).to(tl.float32)
-                ps = tl.where(inb, tl.exp((s - ms) - log_ss), 0.0)
-                pt = tl.where(inb, tl.exp((t - mt) - log_st), 0.0)
+                ps = tl.where(inb, fast_exp((s - ms) - log_ss), 0.0)
+                pt = tl.where(inb, fast_exp((t - mt) - log_st), 0.0)
                 r = ps * (u - ps_u)
                 d_r += tl.sum((ps - pt) * r, axis=0)
                 pt_r += tl.sum(pt * r, axis=0)
@@ -147,17 +147,17 @@ def _kd_second_order_kernel(
                 u = tl.load(u_row + idx, mask=ld, other=0.0).to(tl.float32)
                 if KIND == 0:
                     t = tl.load(zt_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
-                    pt = tl.exp((t - mt) - log_st)
+                    pt = fast_exp((t - mt) - log_st)
                     c = -c_scale * (pt * (u - pt_u))
                 elif KIND == 1:
                     s = tl.load(zs_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
-                    ps = tl.exp((s - ms) - log_ss)
+                    ps = fast_exp((s - ms) - log_ss)
                     c = -c_scale * (ps * (u - ps_u))
                 else:
                     s = tl.load(zs_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
                     t = tl.load(zt_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
-                    ps = tl.exp((s - ms) - log_ss)
-                    pt = tl.exp((t - mt) - log_st)
+                    ps = fast_exp((s - ms) - log_ss)
+                    pt = fast_exp((t - mt) - log_st)
                     r = ps * (u - ps_u)
                     c = -c_scale * (pt * (r - pt_r))
                 c = tl.where(ld, c, 0.0)
@@ -178,11 +178,13 @@ def kd_second_order(
     need_cotangent: bool = True,
     need_influence: bool = True,
     block_v: Optional[int] = None,
+    num_warps: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(c [N, V] in zt's dtype, w [N] fp32)`` for ``[N, V]`` rows (unit stride along V).
 
     ``cotangent_scale`` is the reduction's row scale ρ (1/n_counted for
-    batchmean).  Outputs not requested come back as None.
+    batchmean).  Outputs not requested come back as None.  ``block_v`` /
+    ``num_warps``: the launch configuration (default ``block_size`` / ``num_warps_for``).
     """
     assert zs.dim() == 2 and zs.shape == zt.shape == u.shape
     assert zs.stride(-1) == 1 and zt.stride(-1) == 1 and u.stride(-1) == 1
@@ -212,6 +214,6 @@ def kd_second_order(
         zs, zt, u, mask_arg, c_arg, w_arg,
         zs.stride(0), zt.stride(0), u.stride(0), c_arg.stride(0), v, 1.0 / tau, c_scale, w_scale,
         KIND=kind_id, HAS_MASK=has_mask, NEED_C=need_cotangent, NEED_W=need_influence,
-        BLOCK_V=block, num_warps=num_warps_for(block),
+        BLOCK_V=block, num_warps=num_warps or num_warps_for(block),
     )
     return c, w

@@ -263,26 +263,31 @@ def _rows(scenario: Scenario, dtype: torch.dtype) -> torch.Tensor:
     return torch.as_strided(storage, (_N_ROWS, v), (stride, 1), scenario.offset)
 
 
-def launch(scenario: Scenario) -> List[LaunchConfig]:
-    """Run ``scenario``'s launcher on meta tensors; the configurations it launches."""
+def launch(scenario: Scenario, block_v: Optional[int] = None, num_warps: Optional[int] = None) -> List[LaunchConfig]:
+    """Run ``scenario``'s launcher on meta tensors; the configurations it launches.
+
+    ``block_v`` / ``num_warps``: passed to the launcher (None: its defaults, the
+    configurations the API launches); other values are the candidates that
+    ``bench.kernels --sweep`` times (:func:`sweep_configurations`)."""
     zs = _rows(scenario, scenario.dtype)
     zt = _rows(scenario, scenario.dtype)
     mask = torch.ones(_N_ROWS, dtype=torch.bool, device="meta") if scenario.has_mask else None
+    config = {k: v for k, v in (("block_v", block_v), ("num_warps", num_warps)) if v is not None}
     with _recording() as calls:
         if scenario.launcher == "kd_loss_forward":
-            _kd_loss.kd_loss_forward(zs, zt, mask, 2.0, scenario.kind)
+            _kd_loss.kd_loss_forward(zs, zt, mask, 2.0, scenario.kind, **config)
         elif scenario.launcher == "kd_loss_backward":
             grad_rows = torch.empty(_N_ROWS, dtype=torch.float32, device="meta")
             stats = torch.empty(_N_ROWS, _kd_loss.STATS_PER_ROW, dtype=torch.float32, device="meta")
             _kd_loss.kd_loss_backward(
                 grad_rows, zs, zt, stats, mask, 2.0, scenario.kind,
-                need_student=scenario.need[0], need_teacher=scenario.need[1],
+                need_student=scenario.need[0], need_teacher=scenario.need[1], **config,
             )
         elif scenario.launcher == "kd_second_order":
             u = _rows(scenario, scenario.u_dtype or scenario.dtype)
             _kd_second_order.kd_second_order(
                 zs, zt, u, mask, 2.0, scenario.kind,
-                need_cotangent=scenario.need[0], need_influence=scenario.need[1],
+                need_cotangent=scenario.need[0], need_influence=scenario.need[1], **config,
             )
         else:
             raise ValueError(f"unknown launcher {scenario.launcher!r}")
@@ -367,6 +372,17 @@ def configurations(subset: str = "full") -> List[LaunchConfig]:
     return list(seen)
 
 
+def sweep_configurations(sweep: Sequence[Tuple[int, int]], dtype: torch.dtype = torch.bfloat16,
+                         kind: str = "kl", vocabs: Sequence[int] = (32000, 128256)) -> List[LaunchConfig]:
+    """The forward and backward (both gradients) launches of ``bench.kernels --sweep``: each
+    ``(BLOCK_V, num_warps)`` of ``sweep`` at the benchmark's vocabularies, distinct."""
+    seen: Dict[LaunchConfig, None] = {}
+    for (block, warps), vocab, launcher in itertools.product(sweep, vocabs, ("kd_loss_forward", "kd_loss_backward")):
+        for config in launch(Scenario(launcher, kind, dtype=dtype, vocab=vocab), block, warps):
+            seen.setdefault(config, None)
+    return list(seen)
+
+
 def uncovered(launched: Iterable[LaunchConfig], compiled: Optional[Sequence[LaunchConfig]] = None) -> List[str]:
     """Launches whose flags or shape no configuration of ``compiled`` (default: "full") has."""
     compiled = configurations("full") if compiled is None else compiled
@@ -392,11 +408,10 @@ def _jit_kernel(name: str):
     return kernel
 
 
-def compile_configuration(config: LaunchConfig, arch: int = 90) -> Tuple[int, float]:
-    """Compile ``config`` for ``sm_<arch>`` (no GPU needed); ``(cubin bytes, seconds)``.
-
-    Raises on any compiler error, or when no cubin comes out.
-    """
+def compiled_configuration(config: LaunchConfig, arch: int = 90):
+    """Triton's compiled kernel of ``config`` for ``sm_<arch>`` (no GPU needed): its ``asm`` holds
+    ``ttir`` ... ``ptx`` and ``cubin`` (``bench.kernel_sass`` disassembles the cubin).  Raises on any
+    compiler error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -410,8 +425,16 @@ def compile_configuration(config: LaunchConfig, arch: int = 90) -> Tuple[int, fl
     kernel = _jit_kernel(config.kernel)
     attrs = {(kernel.arg_names.index(name),): divisible for name in config.divisible_by_16}
     source = ASTSource(fn=kernel, signature=dict(config.signature), constexprs=dict(config.constants), attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps})
+
+
+def compile_configuration(config: LaunchConfig, arch: int = 90) -> Tuple[int, float]:
+    """Compile ``config`` for ``sm_<arch>`` (no GPU needed); ``(cubin bytes, seconds)``.
+
+    Raises on any compiler error, or when no cubin comes out.
+    """
     start = time.perf_counter()
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps})
+    compiled = compiled_configuration(config, arch)
     seconds = time.perf_counter() - start
     cubin = compiled.asm.get("cubin")
     if not cubin:

@@ -537,3 +537,42 @@ def test_table4_parallel_peer_cap_and_teacher_reuse(tmp_path):
     assert "closest stand-in for the official recipe" in md and "stopped by the time cap" in md
     again = table4.main(common_args + ["--methods", "kd", "--isolation", "inprocess", "--out-dir", str(out)])
     assert again["teacher"]["reused_from"] == str(state)
+
+
+def test_kernels_sweep_parsing_and_order():
+    from bench import kernels
+
+    assert kernels.parse_sweep("4096x8, 8192X16,") == [(4096, 8), (8192, 16)]
+    for bad, why in (("4096", "BLOCK_VxWARPS"), ("1000x8", "power of two"), ("8x4", "power of two"),
+                     ("4096x3", "warps must be")):
+        with pytest.raises(ValueError, match=why):
+            kernels.parse_sweep(bad)
+    with pytest.raises(SystemExit):
+        kernels.parse_args(["--sweep", "4096x12"])
+    order = kernels.plan_cases(kernels.SIZES["full"], ["bf16", "fp32"], ["fastmeta", "eager", "compile"],
+                               [(8192, 16)], ["bf16"])
+    impls = [c[3] for c in order]
+    assert impls[-4:] == ["compile"] * 4 and impls[8:10] == ["kernels 8192x16"] * 2
+    assert [c[2] for c in order if c[3] == "kernels 8192x16"] == ["bf16", "bf16"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run interprets the kernels (TRITON_INTERPRET=1)")
+def test_kernels_sweep_rows_are_checked_against_the_default_configuration(tmp_path):
+    """A ``--sweep`` row runs the launchers in its configuration; its outputs agree with the default
+    configuration's (a different reduction order only), and a configuration whose outputs differ is
+    reported, not timed."""
+    from bench import kernels
+
+    assert kernels.main(["--device", "cpu", "--sizes", "tiny", "--impls", "eager", "--out-dir", str(tmp_path),
+                         "--warmup", "0", "--repeats", "1", "--sweep", "16x4,64x2", "--sweep-dtypes", "fp32"]) == 0
+    data = json.loads((tmp_path / "kernels_cpu.json").read_text())
+    swept = [r for r in data["results"] if r["impl"].startswith("kernels ")]
+    assert {(r["impl"], r["rows"], r["mode"]) for r in swept} == {
+        (f"kernels {c}", n, m) for c in ("16x4", "64x2") for n in (8, 4) for m in kernels.MODES}
+    assert all(r["dtype_name"] == "fp32" and 0.0 <= r["max_rel_diff_vs_default"] < 1e-6 for r in swept)
+    assert "rel. diff vs default config" in (tmp_path / "kernels_cpu.md").read_text()
+    # the check itself: a loss 0.1% off is caught (the launchers' own output passes above)
+    launched = kernels.launched_kd_loss("kl", 2.0, 16, 4)
+    diff = kernels.check_against_default(lambda zs, zt: launched(zs, zt) * 1.001, "kl", 2.0, 4, 33,
+                                         torch.float32, "cpu")
+    assert 5e-4 < diff < 2e-3

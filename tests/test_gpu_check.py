@@ -70,6 +70,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert len({round(fp32[k]["median_s"], 12) for k in ("metadistil/exact", "metadistil/exact+double_vjp",
                                                           "metadistil/exact+teacher_recompute")}) == 3
     assert steps["kernels"]["summary"]["fwd_bwd"] and not steps["kernels"]["summary"]["not_measured"]
+    # the launch-configuration sweep (--sweep): its row, in the summary and the markdown
+    assert "kernels 16x4" in steps["kernels"]["summary"]["fwd"]["8x33 fp32"]
     assert {"hvp/backward", "mixed/exact"} <= set(steps["hvp"]["summary"])
     # 4 tiny cells x 8 methods (kd, exact, autograd, finite_diff, exact+double_vjp, exact+teacher_recompute, 2 peers)
     growth = steps["growth"]["summary"]
@@ -92,6 +94,7 @@ def test_dry_run_end_to_end(tmp_path):
     log = (out / "gpu_check.log").read_text()
     assert "=== meta_step (ok) ===" in log and "passed" in log
     md = (out / "gpu_check_cpu.md").read_text()
+    assert "launch configurations, forward, 8x33 fp32: 16x4 " in md
     assert "| meta_step | ok |" in md and "| growth | ok |" in md and "## Key figures" in md
     assert "the larger of KD + teacher optimizer state" in md and "with both optimizers' states" in md
     assert "growth: " in md and "peers: " in md
