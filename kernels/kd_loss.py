@@ -127,9 +127,10 @@ def _online_block(zs_row, zt_row, idx, V, k2, ms, mt, ss, st, w, WITH_GAP: tl.co
         # (first block: st == 0, nothing to correct; avoid inf - inf)
         shift = ((mt_new - tl.where(st > 0.0, mt, mt_new)) - (ms_new - tl.where(st > 0.0, ms, ms_new))) * k2
         correction = st * shift
-        gap = dt - ds
-        if MASKED:
-            gap = tl.where(inb, gap, 0.0)  # -inf - -inf
+        if MASKED:  # out-of-range lanes: 0 - 0, not -inf - -inf
+            gap = tl.where(inb, dt, 0.0) - tl.where(inb, ds, 0.0)
+        else:
+            gap = dt - ds
         w = alpha_t * (w - correction) + tl.sum(et * gap, axis=0)
     ss = ss * alpha_s + tl.sum(es, axis=0)
     st = st * alpha_t + tl.sum(et, axis=0)

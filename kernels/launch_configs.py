@@ -74,7 +74,7 @@ _CUDA = torch.device("cuda")
 _N_ROWS = 2
 _I64_STRIDE = 2**31 + 16
 # fp32 statistics, scales and outputs of every launch: left out of labels
-_ALWAYS_FP32 = {"loss_ptr", "stats_ptr", "grad_rows_ptr", "w_ptr", "inv_tau", "loss_scale", "grad_scale",
+_ALWAYS_FP32 = {"loss_ptr", "stats_ptr", "grad_rows_ptr", "w_ptr", "inv_tau", "k2", "loss_scale", "grad_scale",
                 "c_scale", "w_scale"}
 
 

@@ -573,6 +573,49 @@ def test_kernels_sweep_rows_are_checked_against_the_default_configuration(tmp_pa
     assert "rel. diff vs default config" in (tmp_path / "kernels_cpu.md").read_text()
     # the check itself: a loss 0.1% off is caught (the launchers' own output passes above)
     launched = kernels.launched_kd_loss("kl", 2.0, 16, 4)
-    diff = kernels.check_against_default(lambda zs, zt: launched(zs, zt) * 1.001, "kl", 2.0, 4, 33,
-                                         torch.float32, "cpu")
-    assert 5e-4 < diff < 2e-3
+    diffs = kernels.check_against_default(lambda zs, zt: launched(zs, zt) * 1.001, "kl", 2.0, 4, 33,
+                                          torch.float32, "cpu")
+    assert 5e-4 < diffs["loss"] < 2e-3 and 5e-4 < diffs["gradients"] < 2e-3 and diffs["loss_vs_public"] < 1e-6
+    assert not kernels.default_agreement(diffs, torch.float32)
+    ok = {"loss": 1e-7, "loss_vs_public": 1e-7, "gradients": 1e-7}
+    assert kernels.default_agreement(ok, torch.float32)
+    assert not kernels.default_agreement({**ok, "gradients": 1e-3}, torch.float32)  # gradients 0.1% off
+    assert kernels.default_agreement({**ok, "gradients": 7e-3, "loss_vs_public": 3e-3}, torch.bfloat16)  # rounding
+    assert not kernels.default_agreement({**ok, "gradients": 5e-2}, torch.bfloat16)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run interprets the kernels (TRITON_INTERPRET=1)")
+def test_kernels_sweep_wrapper_is_checked_against_the_public_loss(monkeypatch):
+    """The sweep's wrapper (``launched_kd_loss``) is checked against ``fastmeta.kd_loss``, not only against
+    itself in the default configuration, and launches the configuration it is given, forward and backward."""
+    from bench import kernels
+    from fastmeta.kernels import kd_loss as kernel_module
+
+    import inspect
+
+    seen = []
+    for name in ("kd_loss_forward", "kd_loss_backward"):
+        real = getattr(kernel_module, name)
+
+        def recording(*args, _real=real, _name=name, **kwargs):
+            bound = inspect.signature(_real).bind(*args, **kwargs).arguments
+            seen.append((_name, bound.get("block_v"), bound.get("num_warps")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernel_module, name, recording)
+    diffs = kernels.check_against_default(kernels.launched_kd_loss("kl", 2.0, 32, 2), "kl", 2.0, 4, 33,
+                                          torch.float32, "cpu")
+    assert kernels.default_agreement(diffs, torch.float32), diffs
+    assert ("kd_loss_forward", 32, 2) in seen and ("kd_loss_backward", 32, 2) in seen
+    # a wrapper that forgets batchmean's 1/n: the default configuration, run by the same wrapper, then
+    # disagrees with the public loss, which the check reports (a comparison with itself alone would not)
+    real_launched = kernels.launched_kd_loss
+
+    def forgets_the_mean(kind, temperature, block, warps):
+        launched = real_launched(kind, temperature, block, warps)
+        return lambda zs, zt: launched(zs, zt) * zs.shape[0]
+
+    monkeypatch.setattr(kernels, "launched_kd_loss", forgets_the_mean)
+    broken = kernels.check_against_default(forgets_the_mean("kl", 2.0, 32, 2), "kl", 2.0, 4, 33, torch.float32, "cpu")
+    assert broken["loss"] < 1e-6 and broken["loss_vs_public"] > 1.0 and broken["gradients"] > 1.0
+    assert not kernels.default_agreement(broken, torch.float32)
