@@ -13,7 +13,9 @@ Per row, with ``s = zs/τ``, ``t = zt/τ``, ``ps``, ``pt`` their softmaxes,
                  with r = ps ⊙ (u − ⟨ps, u⟩)
     logit_mse    c = −ρ (2a/(τ²V)) u                          w = (2a/(τ²V)) ⟨zs − zt, u⟩
 
-One program per row, the vocabulary in blocks, fp32 accumulation:
+One program per row, the vocabulary in blocks, fp32 accumulation, base-2 exponentials of
+``(z − max z)·log2(e)/τ`` as in ``kd_loss`` (its module docstring: one ``ex2`` each, the
+difference before the scale; sums, ``log S``, ``R`` and ``G`` in log2 units):
 
 * pass 1 (all kinds but logit_mse): online max-subtracted softmax statistics
   of both rows plus ``Σ e^{s−ms} u`` and ``Σ e^{t−mt} u``; for reverse_kl also
@@ -39,15 +41,46 @@ import torch
 import triton
 import triton.language as tl
 
-from .kd_loss import block_size, fast_exp, num_warps_for
+from .kd_loss import LN2, LOG2E, block_size, num_warps_for
 
 KIND_IDS = {"kl": 0, "reverse_kl": 1, "softmax_mse": 2, "logit_mse": 3}
 
 
 @triton.jit
+def _pass1_block(zs_row, zt_row, u_row, idx, V, k2, ms, mt, ss, st, us, ut, rr, gg, REVERSE: tl.constexpr):
+    """One block of pass 1 (module docstring), in log2 units as ``kd_loss``'s forward: maxima of the
+    raw logits, sums of ``2^((z − m)·k2)`` with ``k2 = log2(e)/τ`` (the difference before the scale),
+    ``R``, ``G`` with the gap in log2 units.  Out-of-range logits load as -inf (they add nothing),
+    ``u`` as 0."""
+    inb = idx < V
+    zs = tl.load(zs_row + idx, mask=inb, other=float("-inf")).to(tl.float32)
+    zt = tl.load(zt_row + idx, mask=inb, other=float("-inf")).to(tl.float32)
+    u = tl.load(u_row + idx, mask=inb, other=0.0).to(tl.float32)
+    ms_new = tl.maximum(ms, tl.max(zs, axis=0))
+    mt_new = tl.maximum(mt, tl.max(zt, axis=0))
+    alpha_s = tl.exp2((ms - ms_new) * k2)
+    alpha_t = tl.exp2((mt - mt_new) * k2)
+    ds = (zs - ms_new) * k2
+    dt = (zt - mt_new) * k2
+    es = tl.exp2(ds)
+    et = tl.exp2(dt)
+    if REVERSE:
+        started = ss > 0.0
+        shift = ((ms_new - tl.where(started, ms, ms_new)) - (mt_new - tl.where(started, mt, mt_new))) * k2
+        gap = tl.where(inb, ds, 0.0) - tl.where(inb, dt, 0.0)  # out-of-range lanes: 0 - 0, not -inf - -inf
+        rr = alpha_s * (rr - ss * shift) + tl.sum(es * gap, axis=0)
+        gg = alpha_s * (gg - us * shift) + tl.sum(es * u * gap, axis=0)
+    ss = ss * alpha_s + tl.sum(es, axis=0)
+    st = st * alpha_t + tl.sum(et, axis=0)
+    us = us * alpha_s + tl.sum(es * u, axis=0)
+    ut = ut * alpha_t + tl.sum(et * u, axis=0)
+    return ms_new, mt_new, ss, st, us, ut, rr, gg
+
+
+@triton.jit
 def _kd_second_order_kernel(
     zs_ptr, zt_ptr, u_ptr, mask_ptr, c_ptr, w_ptr,
-    stride_zs, stride_zt, stride_u, stride_c, V, inv_tau, c_scale, w_scale,
+    stride_zs, stride_zt, stride_u, stride_c, V, k2, c_scale, w_scale,
     KIND: tl.constexpr, HAS_MASK: tl.constexpr, NEED_C: tl.constexpr, NEED_W: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -86,55 +119,37 @@ def _kd_second_order_kernel(
         ut = 0.0  # Σ e^{t-mt} u
         rr = 0.0  # reverse_kl: Σ e^{s-ms} g'
         gg = 0.0  # reverse_kl: Σ e^{s-ms} u g'
+        # every block masked: splitting off the unmasked full blocks (as kd_loss's forward does) took the
+        # fp32 kernel from 73 to 92 registers per thread (3 -> 2 programs per SM) for a loop that is
+        # memory-bound (12 bytes per element: ~36 of the 128 instructions an SM issues per cycle)
         for start in range(0, v_end, BLOCK_V):
-            idx = start + offs
-            inb = idx < V
-            s = tl.load(zs_row + idx, mask=inb, other=0.0).to(tl.float32) * inv_tau
-            t = tl.load(zt_row + idx, mask=inb, other=0.0).to(tl.float32) * inv_tau
-            u = tl.load(u_row + idx, mask=inb, other=0.0).to(tl.float32)
-            ms_new = tl.maximum(ms, tl.max(tl.where(inb, s, float("-inf")), axis=0))
-            mt_new = tl.maximum(mt, tl.max(tl.where(inb, t, float("-inf")), axis=0))
-            alpha_s = fast_exp(ms - ms_new)
-            alpha_t = fast_exp(mt - mt_new)
-            es = tl.where(inb, fast_exp(s - ms_new), 0.0)
-            et = tl.where(inb, fast_exp(t - mt_new), 0.0)
-            if KIND == 1:
-                started = ss > 0.0
-                shift = (ms_new - tl.where(started, ms, ms_new)) - (mt_new - tl.where(started, mt, mt_new))
-                gap = tl.where(inb, (s - ms_new) - (t - mt_new), 0.0)
-                rr = alpha_s * (rr - ss * shift) + tl.sum(es * gap, axis=0)
-                gg = alpha_s * (gg - us * shift) + tl.sum(es * u * gap, axis=0)
-            ss = ss * alpha_s + tl.sum(es, axis=0)
-            st = st * alpha_t + tl.sum(et, axis=0)
-            us = us * alpha_s + tl.sum(es * u, axis=0)
-            ut = ut * alpha_t + tl.sum(et * u, axis=0)
-            ms = ms_new
-            mt = mt_new
+            ms, mt, ss, st, us, ut, rr, gg = _pass1_block(zs_row, zt_row, u_row, start + offs, V, k2,
+                                                          ms, mt, ss, st, us, ut, rr, gg, KIND == 1)
         ss_safe = tl.where(kept, ss, 1.0)
         st_safe = tl.where(kept, st, 1.0)
-        # p = exp((z/τ − m) − log S): max and log-normaliser kept apart (m + log S rounded to
+        # p = 2^((z − m)·k2 − log2 S): max and log-normaliser kept apart (m + log S rounded to
         # fp32 would move every probability by ~eps32·|m|, 1e-3 at |m| = 2e4); masked rows: finite dummies
         ms = tl.where(kept, ms, 0.0)
         mt = tl.where(kept, mt, 0.0)
-        log_ss = tl.log(ss_safe)
-        log_st = tl.log(st_safe)
+        log_ss = tl.log2(ss_safe)  # log2 units, as the exponents
+        log_st = tl.log2(st_safe)
         ps_u = us / ss_safe
         pt_u = ut / st_safe
         pt_r = 0.0
         if KIND == 0:
             w = (ps_u - pt_u) * w_scale
         elif KIND == 1:
-            w = (gg - ps_u * rr) / ss_safe * w_scale
+            w = (gg - ps_u * rr) / ss_safe * (w_scale * LN2)  # R, G in log2 units
         else:  # softmax_mse: <d, r> and <pt, r> from the final probabilities
             d_r = 0.0
             for start in range(0, v_end, BLOCK_V):
                 idx = start + offs
                 inb = idx < V
-                s = tl.load(zs_row + idx, mask=inb, other=0.0).to(tl.float32) * inv_tau
-                t = tl.load(zt_row + idx, mask=inb, other=0.0).to(tl.float32) * inv_tau
+                zs = tl.load(zs_row + idx, mask=inb, other=0.0).to(tl.float32)
+                zt = tl.load(zt_row + idx, mask=inb, other=0.0).to(tl.float32)
                 u = tl.load(u_row + idx, mask=inb, other=0.0).to(tl.float32)
-                ps = tl.where(inb, fast_exp((s - ms) - log_ss), 0.0)
-                pt = tl.where(inb, fast_exp((t - mt) - log_st), 0.0)
+                ps = tl.where(inb, tl.exp2((zs - ms) * k2 - log_ss), 0.0)
+                pt = tl.where(inb, tl.exp2((zt - mt) * k2 - log_st), 0.0)
                 r = ps * (u - ps_u)
                 d_r += tl.sum((ps - pt) * r, axis=0)
                 pt_r += tl.sum(pt * r, axis=0)
@@ -146,18 +161,18 @@ def _kd_second_order_kernel(
                 ld = idx < v_end
                 u = tl.load(u_row + idx, mask=ld, other=0.0).to(tl.float32)
                 if KIND == 0:
-                    t = tl.load(zt_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
-                    pt = fast_exp((t - mt) - log_st)
+                    zt = tl.load(zt_row + idx, mask=ld, other=0.0).to(tl.float32)
+                    pt = tl.exp2((zt - mt) * k2 - log_st)
                     c = -c_scale * (pt * (u - pt_u))
                 elif KIND == 1:
-                    s = tl.load(zs_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
-                    ps = fast_exp((s - ms) - log_ss)
+                    zs = tl.load(zs_row + idx, mask=ld, other=0.0).to(tl.float32)
+                    ps = tl.exp2((zs - ms) * k2 - log_ss)
                     c = -c_scale * (ps * (u - ps_u))
                 else:
-                    s = tl.load(zs_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
-                    t = tl.load(zt_row + idx, mask=ld, other=0.0).to(tl.float32) * inv_tau
-                    ps = fast_exp((s - ms) - log_ss)
-                    pt = fast_exp((t - mt) - log_st)
+                    zs = tl.load(zs_row + idx, mask=ld, other=0.0).to(tl.float32)
+                    zt = tl.load(zt_row + idx, mask=ld, other=0.0).to(tl.float32)
+                    ps = tl.exp2((zs - ms) * k2 - log_ss)
+                    pt = tl.exp2((zt - mt) * k2 - log_st)
                     r = ps * (u - ps_u)
                     c = -c_scale * (pt * (r - pt_r))
                 c = tl.where(ld, c, 0.0)
@@ -212,7 +227,7 @@ def kd_second_order(
     block = block_v or block_size(v, zs.device)
     _kd_second_order_kernel[(n,)](
         zs, zt, u, mask_arg, c_arg, w_arg,
-        zs.stride(0), zt.stride(0), u.stride(0), c_arg.stride(0), v, 1.0 / tau, c_scale, w_scale,
+        zs.stride(0), zt.stride(0), u.stride(0), c_arg.stride(0), v, LOG2E.value / tau, c_scale, w_scale,
         KIND=kind_id, HAS_MASK=has_mask, NEED_C=need_cotangent, NEED_W=need_influence,
         BLOCK_V=block, num_warps=num_warps or num_warps_for(block),
     )

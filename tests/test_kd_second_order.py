@@ -356,6 +356,24 @@ def test_triton_large_logits_finite(kind, dtype, monkeypatch):
             assert e_tri <= 2 * e_ref + floor, (tau, block, tri_errs, ref_errs, floor)
 
 
+@needs_triton
+@pytest.mark.parametrize("tau", [3.0, 0.7])
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "softmax_mse"])
+def test_triton_large_logits_at_any_temperature(kind, tau, monkeypatch):
+    """Logits of ±1e4 at temperatures whose inverse is not a power of two: pass 1 takes ``z − max``
+    before scaling by ``log2(e)/τ``, so the cotangent and the influences stay within 1e-5 of float64.
+    Scaling first (``z/τ − m``, the kernel until d1f7853) rounds at ``|z|/τ``: 1e-4 here."""
+    from fastmeta.kernels import kd_second_order as kernel_module
+
+    zs, zt, u, mask = _large_logit_inputs(torch.float32, tau, kind, seed=11)
+    _assert_non_degenerate(zs, zt, u, tau, kind, mask)
+    for block in (None, 64):  # the row in one block, then in 5 (online rescaling)
+        if block is not None:
+            monkeypatch.setattr(kernel_module, "block_size", lambda vocab, device, block=block: block)
+        errors = _errors(zs, zt, u, tau, kind, "batchmean", mask, "triton")
+        assert max(errors) < 1e-5, (tau, block, errors)
+
+
 # ----------------------------------------------------------------------------- native CUDA, LLM vocabularies
 NATIVE_VOCABS = [32000, 128256]
 NATIVE_DEVICE = "cuda"
