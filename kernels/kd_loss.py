@@ -39,7 +39,8 @@ while fp32 reached 94%):
   ``tl.exp2`` is one ``ex2.approx.ftz.f32``, where ``tl.exp`` adds a multiply and a
   3-instruction subnormal fix-up.  The maxima are those of the RAW logits (``mzs``,
   ``mzt``; ``τ > 0`` keeps the argmax), the difference is taken before the scale
-  (exact for logits of ±1e4 at any τ; ``zs·k2 − m`` would round at ``|z|·k2``), and
+  (``z − m`` is exact where the terms matter, so ±1e4 logits stay at fp32 rounding for any τ;
+  ``zs·k2 − m`` would round at ``|z|·k2``), and
   ``log S``, ``E`` are in log2 units (the loss and the teacher gradient times ln 2).
   The saved stats are these: ``mzs, mzt, log2 Ss, log2 St, E₂`` — the backward
   recomputes ``(z − m)·k2`` exactly as the forward did (bitwise the same values).
@@ -110,7 +111,7 @@ def _online_block(zs_row, zt_row, idx, V, k2, ms, mt, ss, st, w, WITH_GAP: tl.co
     mt_new = tl.maximum(mt, tl.max(zt, axis=0))
     alpha_s = tl.exp2((ms - ms_new) * k2)
     alpha_t = tl.exp2((mt - mt_new) * k2)
-    ds = (zs - ms_new) * k2  # the difference first, then the scale: exact for |z| up to 1e4 and any τ
+    ds = (zs - ms_new) * k2  # the difference first, then the scale (±1e4 logits at any τ: see the docstring)
     dt = (zt - mt_new) * k2
     es = tl.exp2(ds)
     et = tl.exp2(dt)
