@@ -36,7 +36,10 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, environment_info, markdown_table, write_json
 
-BYTES_PER_ELEMENT_PAIR = {"kd_loss_forward": 2, "kd_loss_backward": 4, "kd_second_order": 4}  # x element size
+# tensors read or written per vocabulary position in each launcher's hottest loop (x element size): the
+# forward reads zs, zt; the backward reads both and writes both gradients; the second order's pass 1 reads
+# zs, zt and the tangent u (its cotangent pass, when asked for, is a separate, shorter loop)
+TENSORS_PER_POSITION = {"kd_loss_forward": 2, "kd_loss_backward": 4, "kd_second_order": 3}
 ISSUE_PER_SM_CYCLE = 128  # thread-instructions: 4 schedulers x 32 lanes (Hopper)
 H200 = {"copy_bandwidth_bytes_per_s": 4.25e12, "sms": 132, "clock_hz": 1.755e9}
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -112,9 +115,9 @@ def measure(launcher: str, dtype_name: str, block: int | None, warps: int | None
     per_thread = block_v / (32 * num_warps)
     per_element = n / per_thread if n else None
     element_size = torch.empty((), dtype=dtype).element_size()
-    pairs_per_cycle = H200["copy_bandwidth_bytes_per_s"] / (
-        BYTES_PER_ELEMENT_PAIR[launcher] * element_size * H200["sms"] * H200["clock_hz"])
-    bound = None if not per_element else min(1.0, ISSUE_PER_SM_CYCLE / (pairs_per_cycle * per_element))
+    positions_per_cycle = H200["copy_bandwidth_bytes_per_s"] / (
+        TENSORS_PER_POSITION[launcher] * element_size * H200["sms"] * H200["clock_hz"])
+    bound = None if not per_element else min(1.0, ISSUE_PER_SM_CYCLE / (positions_per_cycle * per_element))
     return {
         "launcher": launcher, "kind": kind, "dtype": dtype_name, "block_v": block_v, "num_warps": num_warps,
         "default_config": block is None and warps is None, "loop_instructions": n,

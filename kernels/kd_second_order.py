@@ -121,7 +121,8 @@ def _kd_second_order_kernel(
         gg = 0.0  # reverse_kl: Σ e^{s-ms} u g'
         # every block masked: splitting off the unmasked full blocks (as kd_loss's forward does) took the
         # fp32 kernel from 73 to 92 registers per thread (3 -> 2 programs per SM) for a loop that is
-        # memory-bound (12 bytes per element: ~36 of the 128 instructions an SM issues per cycle)
+        # memory-bound (fp32: 12 bytes per position, ~41 of the 128 instructions an SM issues per cycle at
+        # the copy bandwidth; bf16: ~89)
         for start in range(0, v_end, BLOCK_V):
             ms, mt, ss, st, us, ut, rr, gg = _pass1_block(zs_row, zt_row, u_row, start + offs, V, k2,
                                                           ms, mt, ss, st, us, ut, rr, gg, KIND == 1)
