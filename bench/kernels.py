@@ -94,12 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as exc:
         p.error(f"--sweep: {exc}")
     args.sweep_dtypes = (args.sweep_dtypes or args.dtypes).split(",")
-    for d in args.sweep_dtypes:
-        if d not in DTYPES:
-            p.error(f"--sweep-dtypes: unknown dtype {d!r} (choose from {sorted(DTYPES)})")
-    for d in args.dtypes.split(","):
-        if d not in DTYPES:
-            p.error(f"--dtypes: unknown dtype {d!r} (choose from {sorted(DTYPES)})")
+    for flag, names in (("--dtypes", args.dtypes.split(",")), ("--sweep-dtypes", args.sweep_dtypes)):
+        for d in names:
+            if d not in DTYPES:
+                p.error(f"{flag}: unknown dtype {d!r} (choose from {sorted(DTYPES)})")
     for impl in args.impls.split(","):
         if impl not in ("fastmeta", "eager", "compile"):
             p.error(f"--impls: unknown implementation {impl!r}")

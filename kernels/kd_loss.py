@@ -26,10 +26,11 @@ Forward (``kd_loss_forward``): per-row loss and 4 fp32 statistics per row.
   (no ``Σps² − 2Σps·pt + Σpt²`` cancellation when the student matches the teacher).
 * logit_mse — one pass, ``Σ (zs − zt)²`` times ``a/(τ²V)``.
 
-Saved per row (fp32 ``stats[N, 6]``): the maxima ``ms, mt``, ``log Ss``,
-``log St`` and ``E = E_pt[(t − mt) − (s − ms)]`` (kl / reverse_kl; then
-``log pt − log ps − KL = ((t − mt) − (s − ms)) − E`` in the backward, with no
-large log-sum-exp terms to cancel) or ``⟨ps, d⟩, ⟨pt, d⟩`` (softmax_mse).
+Saved per row (fp32 ``stats[N, 6]``), in the units of the computation below: the
+maxima ``mzs, mzt`` of the raw logits, ``log2 Ss``, ``log2 St`` and ``E = E_pt[(t − mt) −
+(s − ms)]`` in log2 units (kl / reverse_kl; then ``log pt − log ps − KL = ((t − mt) −
+(s − ms)) − E`` in the backward, with no large log-sum-exp terms to cancel) or
+``⟨ps, d⟩, ⟨pt, d⟩`` (softmax_mse).
 
 How the kernels compute it (instruction count, checked in SASS for sm_90: the bf16
 forward was instruction-bound, 60% of the copy bandwidth at 4096x8 on an H200
@@ -42,8 +43,8 @@ while fp32 reached 94%):
   (``z − m`` is exact where the terms matter, so ±1e4 logits stay at fp32 rounding for any τ;
   ``zs·k2 − m`` would round at ``|z|·k2``), and
   ``log S``, ``E`` are in log2 units (the loss and the teacher gradient times ln 2).
-  The saved stats are these: ``mzs, mzt, log2 Ss, log2 St, E₂`` — the backward
-  recomputes ``(z − m)·k2`` exactly as the forward did (bitwise the same values).
+  The backward recomputes ``(z − m)·k2`` exactly as the forward did (bitwise the
+  same values).  ``online_terms`` is this step, shared with ``kd_second_order``.
 * the online pass walks the row's full blocks without masks and its last, partial
   block with them (``_online_block``): no selects in the hot loop.
 * ``kd_second_order`` computes its statistics the same way.
@@ -93,6 +94,21 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 @triton.jit
+def online_terms(zs, zt, k2, ms, mt):
+    """The online softmax step of both rows for one block of raw logits ``zs``, ``zt`` (fp32), shared by
+    this forward and ``kd_second_order``'s pass 1: ``(ms', mt', αs, αt, ds, dt, 2^ds, 2^dt)`` with the new
+    maxima of the RAW logits, the rescale factors of the old sums ``αs = 2^((ms − ms')·k2)`` and the
+    exponents ``d = (z − m')·k2`` (the difference before the scale; ``k2 = log2(e)/τ``)."""
+    ms_new = tl.maximum(ms, tl.max(zs, axis=0))
+    mt_new = tl.maximum(mt, tl.max(zt, axis=0))
+    alpha_s = tl.exp2((ms - ms_new) * k2)
+    alpha_t = tl.exp2((mt - mt_new) * k2)
+    ds = (zs - ms_new) * k2  # the difference first, then the scale (±1e4 logits at any τ: see the docstring)
+    dt = (zt - mt_new) * k2
+    return ms_new, mt_new, alpha_s, alpha_t, ds, dt, tl.exp2(ds), tl.exp2(dt)
+
+
+@triton.jit
 def _online_block(zs_row, zt_row, idx, V, k2, ms, mt, ss, st, w, WITH_GAP: tl.constexpr, MASKED: tl.constexpr):
     """One block of the forward's online pass: ``(ms, mt, Ss, St, W)`` updated (module docstring):
     maxima of the raw logits, sums of ``2^((z − m)·k2)`` with ``k2 = log2(e)/τ``, W in log2 units.
@@ -107,14 +123,7 @@ def _online_block(zs_row, zt_row, idx, V, k2, ms, mt, ss, st, w, WITH_GAP: tl.co
     else:
         zs = tl.load(zs_row + idx).to(tl.float32)
         zt = tl.load(zt_row + idx).to(tl.float32)
-    ms_new = tl.maximum(ms, tl.max(zs, axis=0))
-    mt_new = tl.maximum(mt, tl.max(zt, axis=0))
-    alpha_s = tl.exp2((ms - ms_new) * k2)
-    alpha_t = tl.exp2((mt - mt_new) * k2)
-    ds = (zs - ms_new) * k2  # the difference first, then the scale (±1e4 logits at any τ: see the docstring)
-    dt = (zt - mt_new) * k2
-    es = tl.exp2(ds)
-    et = tl.exp2(dt)
+    ms_new, mt_new, alpha_s, alpha_t, ds, dt, es, et = online_terms(zs, zt, k2, ms, mt)
     if WITH_GAP:
         # keep W = Σ 2^dt (dt - ds) relative to the CURRENT maxima
         # (first block: st == 0, nothing to correct; avoid inf - inf)

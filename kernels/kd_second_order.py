@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kd_loss import LN2, LOG2E, block_size, num_warps_for
+from .kd_loss import LN2, LOG2E, block_size, num_warps_for, online_terms
 
 KIND_IDS = {"kl": 0, "reverse_kl": 1, "softmax_mse": 2, "logit_mse": 3}
 
@@ -56,14 +56,7 @@ def _pass1_block(zs_row, zt_row, u_row, idx, V, k2, ms, mt, ss, st, us, ut, rr, 
     zs = tl.load(zs_row + idx, mask=inb, other=float("-inf")).to(tl.float32)
     zt = tl.load(zt_row + idx, mask=inb, other=float("-inf")).to(tl.float32)
     u = tl.load(u_row + idx, mask=inb, other=0.0).to(tl.float32)
-    ms_new = tl.maximum(ms, tl.max(zs, axis=0))
-    mt_new = tl.maximum(mt, tl.max(zt, axis=0))
-    alpha_s = tl.exp2((ms - ms_new) * k2)
-    alpha_t = tl.exp2((mt - mt_new) * k2)
-    ds = (zs - ms_new) * k2
-    dt = (zt - mt_new) * k2
-    es = tl.exp2(ds)
-    et = tl.exp2(dt)
+    ms_new, mt_new, alpha_s, alpha_t, ds, dt, es, et = online_terms(zs, zt, k2, ms, mt)
     if REVERSE:
         started = ss > 0.0
         shift = ((ms_new - tl.where(started, ms, ms_new)) - (mt_new - tl.where(started, mt, mt_new))) * k2
